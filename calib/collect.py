@@ -1,0 +1,167 @@
+"""Timestep-uniform calibration, as in Q-Diffusion.
+
+Activation ranges of a diffusion denoiser drift with the timestep, so calibrating on inputs
+from one part of the trajectory clips the others. Q-Diffusion runs the model's own sampler from
+noise and keeps denoiser inputs at timesteps spread uniformly over the whole trajectory. Here
+the statistics are collected on the fly: hooks on the quantized layers are switched on only at
+the chosen steps, so the inputs never have to be stored, and each trajectory stops after the
+last step that is needed. With classifier-free guidance the denoiser sees the unconditional and
+the conditional batch, as it will at inference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qdiff.calib.observers import ActivationRecorder, weight_amax
+from qdiff.calib.recipe import Recipe
+from qdiff.calib.table import CalibrationTable, LayerRanges
+from qdiff.calib.targets import select_targets
+from qdiff.conditioning import Conditioning
+from qdiff.errors import CalibrationError
+
+
+def calibration_step_indices(total_steps: int, num_timesteps: int, window: tuple[float, float] = (0.0, 1.0)) -> list[int]:
+    """Step indices spread uniformly over `window` of a `total_steps` trajectory (0 = noisiest)."""
+    lo, hi = window[0] * (total_steps - 1), window[1] * (total_steps - 1)
+    indices = np.unique(np.round(np.linspace(lo, hi, num_timesteps)).astype(int))
+    if len(indices) < num_timesteps:
+        raise CalibrationError(
+            f"the window {window} of a {total_steps}-step trajectory holds only {len(indices)} distinct steps, fewer than num_timesteps={num_timesteps}",
+            hint="raise calibration_steps or lower num_timesteps",
+        )
+    return indices.tolist()
+
+
+def layer_macs(model: nn.Module, example: dict[str, torch.Tensor], names: list[str]) -> dict[str, int]:
+    """Multiply-accumulates per sample of each named Conv/Linear layer, from one forward pass."""
+    macs: dict[str, int] = {}
+    handles = []
+    wanted = set(names)
+    for name, module in model.named_modules():
+        if name not in wanted:
+            continue
+
+        def hook(mod: nn.Module, _inp: Any, out: torch.Tensor, name: str = name) -> None:
+            per_output = mod.weight[0].numel() if not isinstance(mod, nn.ConvTranspose2d) else mod.weight.shape[0] * mod.weight[0, 0].numel() // max(1, mod.groups)
+            if isinstance(mod, nn.Linear):
+                per_output = mod.in_features
+            macs[name] = macs.get(name, 0) + out.numel() // out.shape[0] * per_output
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return macs
+
+
+DenoiseFn = Callable[..., torch.Tensor]
+
+
+def collect_ranges(
+    unet: nn.Module,
+    denoiser: Callable[..., torch.Tensor],
+    scheduler,
+    recipe: Recipe,
+    denoise_fn: DenoiseFn,
+    *,
+    sample_shape: tuple[int, int, int],
+    conditioning: Conditioning | None,
+    model_sha256: str,
+    scheduler_name: str,
+    progress: Callable | None = None,
+) -> CalibrationTable:
+    """Run the sampler over `unet` and return the calibration table.
+
+    `denoise_fn` is the sampling loop (`qdiff.runtime.sampler.denoise`) and `denoiser` a backend
+    that calls `unet`; both are passed in so that calibration drives exactly the loop that
+    inference uses, while calib itself stays independent of the runtime package.
+    """
+
+    targets, skipped = select_targets(unet, recipe)
+    if not targets:
+        raise CalibrationError("the recipe selects no layer to quantize", hint="check the recipe's exclude and quantize_ops")
+    steps = calibration_step_indices(recipe.calibration_steps, recipe.num_timesteps, recipe.timestep_window)
+    keep = set(steps)
+    last = max(steps)
+    total = recipe.samples_per_timestep
+    recorded_timesteps: list[float] = []
+    batches = list(range(0, total, recipe.batch_size))
+    bar = progress(total=len(batches) * (last + 1), desc="calibrate", unit="step") if progress else None
+    with ActivationRecorder(targets, recipe) as recorder:
+
+        def before_step(i: int, t: float) -> None:
+            recorder.enabled = i in keep
+            if recorder.enabled and len(recorded_timesteps) < len(steps):
+                recorded_timesteps.append(t)
+            if bar:
+                bar.update(1)
+
+        for start in batches:
+            n = min(recipe.batch_size, total - start)
+            gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + start)
+            noise = torch.randn((n, *sample_shape), generator=gen)
+            denoise_fn(
+                denoiser,
+                scheduler,
+                noise,
+                recipe.calibration_steps,
+                conditioning=conditioning.select(start, start + n) if conditioning else None,
+                guidance_scale=recipe.guidance_scale if conditioning else 1.0,
+                seed=recipe.seed + start,
+                before_step=before_step,
+                stop_after_step=last,
+            )
+        if bar:
+            bar.close()
+        observers = recorder.observers
+        never_ran = [name for name, obs in observers.items() if obs.batches == 0]
+        table = CalibrationTable(model_sha256=model_sha256, recipe=recipe.to_json())
+        example = _example_call(unet, sample_shape, conditioning)
+        macs = layer_macs(unet, example, [t.name for t in targets] + [s.name for s in skipped])
+        for target in targets:
+            observer = observers[target.name]
+            if observer.batches == 0:
+                continue  # the layer is not on the forward path (and not in the export)
+            amax = observer.amax()
+            if amax <= 0:
+                table.degenerate.append(f"{target.name}:input")
+            weights = weight_amax(target, recipe)
+            table.degenerate += [f"{target.name}:weight[{c}]" for c, w in enumerate(weights) if w <= 0]
+            table.layers[target.name] = LayerRanges(op=target.op, input=amax, weight=weights, macs=macs.get(target.name))
+    table.provenance = {
+        "scheduler": scheduler_name,
+        "scheduler_class": type(scheduler).__name__,
+        "calibration_steps": recipe.calibration_steps,
+        "step_indices": steps,
+        "timesteps": recorded_timesteps,
+        "samples_per_timestep": total,
+        "denoiser_inputs": total * len(steps) * (2 if conditioning and recipe.guidance_scale != 1.0 else 1),
+        "seed": recipe.seed,
+        "calibrator": recipe.activation_calibrator,
+        "weight_calibrator": recipe.weight_calibrator,
+        "conditioning": conditioning.source if conditioning else "none (unconditional model)",
+        "sample_shape": list(sample_shape),
+        "layers_never_run": never_ran,
+        "float_layers": [{"module": s.name, "op": s.op, "reason": s.reason, "macs": macs.get(s.name, 0)} for s in skipped],
+    }
+    return table
+
+
+def _example_call(unet: nn.Module, sample_shape: tuple[int, int, int], conditioning: Conditioning | None) -> dict[str, torch.Tensor]:
+    example: dict[str, Any] = {"sample": torch.zeros(1, *sample_shape), "timestep": torch.tensor([500.0])}
+    if conditioning is not None:
+        cond = conditioning.select(0, 1).cond
+        example["encoder_hidden_states"] = cond["encoder_hidden_states"]
+        added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
+        if added:
+            example["added_cond_kwargs"] = added
+    return example

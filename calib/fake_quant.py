@@ -1,0 +1,71 @@
+"""The PyTorch fake-quant reference: the same function the Q/DQ ONNX graph computes.
+
+Built from a calibration table, it replaces every quantized layer's forward with
+"fake-quantize the input per tensor, fake-quantize the weight per output channel, then run the
+float op". Tests hold this model and the Q/DQ graph under ONNX Runtime together at tight
+tolerance, which is how we know the graph pass put the right scales on the right tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdiff.calib.quant_math import fake_quantize, scale_from_amax
+from qdiff.calib.recipe import Recipe
+from qdiff.calib.table import CalibrationTable
+from qdiff.calib.targets import select_targets
+from qdiff.errors import CalibrationError
+
+
+class FakeQuantLayer(nn.Module):
+    """Wraps one Conv/Linear layer with input and weight fake quantization."""
+
+    def __init__(self, layer: nn.Module, input_scale: float, weight_scale: torch.Tensor, weight_axis: int, weight_qmax: int):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float32))
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.weight_axis = weight_axis
+        self.weight_qmax = weight_qmax
+
+    def quantized_weight(self) -> torch.Tensor:
+        return fake_quantize(self.layer.weight, self.weight_scale, axis=self.weight_axis, qmax=self.weight_qmax)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        x = fake_quantize(x, self.input_scale)
+        weight = self.quantized_weight()
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, weight, layer.bias)
+        if isinstance(layer, nn.ConvTranspose2d):
+            output_padding = layer._output_padding(x, kwargs.get("output_size"), layer.stride, layer.padding, layer.kernel_size, 2, layer.dilation)
+            return F.conv_transpose2d(x, weight, layer.bias, layer.stride, layer.padding, output_padding, layer.groups, layer.dilation)
+        return layer._conv_forward(x, weight, layer.bias)
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Recipe | None = None) -> nn.Module:
+    """A deep copy of `model` with every layer the table quantizes wrapped in `FakeQuantLayer`."""
+    recipe = recipe or Recipe.from_json(table.recipe)
+    quantized = copy.deepcopy(model).eval()
+    targets, _ = select_targets(quantized, recipe)
+    for target in targets:
+        ranges = table.layers.get(target.name)
+        if ranges is None:
+            continue  # the layer never ran during calibration (and so is not in the export either)
+        if ranges.input is None or ranges.weight is None:
+            raise CalibrationError(f"layer {target.name!r} has no input or weight range in the table")
+        input_scale = float(scale_from_amax(ranges.input, recipe.activation_qmax))
+        weight_scale = torch.from_numpy(scale_from_amax(ranges.weight, recipe.weight_qmax))
+        wrapper = FakeQuantLayer(target.module, input_scale, weight_scale, target.weight_axis, recipe.weight_qmax)
+        _set_submodule(quantized, target.name, wrapper)
+    return quantized

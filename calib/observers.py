@@ -1,0 +1,158 @@
+"""Range observers: pytorch-quantization's calibrators behind forward hooks, plus weight ranges.
+
+Activation statistics are collected with pytorch-quantization's own calibrators (max, and the
+histogram calibrator for percentile, MSE and entropy). Its histogram MSE search calls `.cuda()`
+and fails on a CPU, so `mse_amax_from_histogram` reimplements that one search on whatever device
+the histogram lives on, with the same candidate grid and quantizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from pytorch_quantization import calib as pq_calib
+from torch import nn
+
+from qdiff.calib.recipe import Recipe
+from qdiff.calib.targets import Target
+from qdiff.errors import CalibrationError
+
+
+def mse_amax_from_histogram(
+    hist: torch.Tensor | np.ndarray,
+    bin_edges: torch.Tensor | np.ndarray,
+    num_bits: int = 8,
+    start_bin: int = 128,
+    stride: int = 1,
+) -> float:
+    """The amax whose fake-quantized histogram has the least squared error.
+
+    Same search as pytorch_quantization.calib.histogram._compute_amax_mse (candidates are bin
+    centres from `start_bin` on; error is weighted by bin counts), vectorized and device-neutral.
+    """
+    counts = torch.as_tensor(np.asarray(hist), dtype=torch.float64)
+    edges = torch.as_tensor(np.asarray(bin_edges), dtype=torch.float64)
+    centers = (edges[1:] + edges[:-1]) / 2
+    if centers.numel() <= start_bin:
+        start_bin = 0
+    candidates = centers[start_bin::stride]
+    max_bound = 2 ** (num_bits - 1) - 1
+    best_amax, best_mse = float(candidates[-1]), float("inf")
+    # Chunked so a long histogram (grown bins) does not build a huge matrix at once.
+    for chunk in torch.split(candidates, 256):
+        scale = max_bound / chunk.clamp_min(1e-30)
+        q = torch.clamp(torch.round(centers[None, :] * scale[:, None]), -max_bound - 1, max_bound) / scale[:, None]
+        mse = (((q - centers[None, :]) ** 2) * counts[None, :]).mean(dim=1)
+        idx = int(torch.argmin(mse))
+        if float(mse[idx]) < best_mse:
+            best_mse, best_amax = float(mse[idx]), float(chunk[idx])
+    return best_amax
+
+
+class ActivationObserver:
+    """Collects the input statistics of one layer with a pytorch-quantization calibrator."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.method = recipe.activation_calibrator
+        self.percentile = recipe.percentile
+        self.num_bits = recipe.activation_bits
+        if self.method == "max":
+            self.calibrator = pq_calib.MaxCalibrator(self.num_bits, None, False)
+        else:
+            self.calibrator = pq_calib.HistogramCalibrator(
+                self.num_bits, None, False, num_bins=recipe.histogram_bins, torch_hist=True
+            )
+        self.batches = 0
+        self.absmax = 0.0
+
+    def collect(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        self.absmax = max(self.absmax, float(x.abs().max()))
+        self.calibrator.collect(x)
+        self.batches += 1
+
+    def amax(self) -> float:
+        if self.batches == 0:
+            raise CalibrationError("observer saw no data")
+        if self.method == "max":
+            value = self.calibrator.compute_amax()
+        elif self.method == "percentile":
+            value = self.calibrator.compute_amax("percentile", percentile=self.percentile)
+        elif self.method == "entropy":
+            value = self.calibrator.compute_amax("entropy")
+        else:
+            value = mse_amax_from_histogram(
+                self.calibrator._calib_hist, self.calibrator._calib_bin_edges, self.num_bits
+            )
+        value = float(value.item() if isinstance(value, torch.Tensor) else value)
+        # Histogram methods may land on a bin centre slightly beyond the data; never exceed it.
+        return min(value, self.absmax) if self.absmax > 0 else value
+
+
+class ActivationRecorder:
+    """Forward pre-hooks on the target layers; observers collect only while `enabled` is set.
+
+    The sampling loop runs every step, but calibration keeps only the chosen timesteps: the
+    caller flips `enabled` around the denoiser calls it wants recorded.
+    """
+
+    def __init__(self, targets: Iterable[Target], recipe: Recipe) -> None:
+        self.enabled = False
+        self.observers: dict[str, ActivationObserver] = {}
+        self._handles = []
+        for target in targets:
+            observer = ActivationObserver(recipe)
+            self.observers[target.name] = observer
+            self._handles.append(target.module.register_forward_pre_hook(self._hook(observer)))
+
+    def _hook(self, observer: ActivationObserver):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if self.enabled and args:
+                observer.collect(args[0])
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> ActivationRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def weight_amax(target: Target, recipe: Recipe) -> list[float]:
+    """Per-output-channel weight range: absolute max, or the MSE-optimal clip per channel."""
+    weight = target.module.weight.detach().float()
+    axis = target.weight_axis
+    per_channel = weight.transpose(0, axis).reshape(weight.shape[axis], -1)
+    if recipe.weight_calibrator == "max":
+        calibrator = pq_calib.MaxCalibrator(recipe.weight_bits, 0, False)
+        calibrator.collect(per_channel)
+        return calibrator.compute_amax().reshape(-1).tolist()
+    return mse_weight_amax(per_channel, 2 ** (recipe.weight_bits - 1) - 1).tolist()
+
+
+def mse_weight_amax(per_channel: torch.Tensor, qmax: int, grid: int = 100) -> torch.Tensor:
+    """Per channel, the clip in [0.3, 1] x absmax that minimizes the weight's quantization MSE.
+
+    Weights are few and fully known, so the search runs on the values themselves rather than on
+    a histogram; it matters most for 4-bit weights, where clipping outliers pays.
+    """
+    absmax = per_channel.abs().amax(dim=1)
+    best = absmax.clone()
+    best_err = torch.full_like(absmax, float("inf"))
+    for frac in torch.linspace(0.3, 1.0, grid):
+        amax = (absmax * frac).clamp_min(1e-12)
+        scale = (amax / qmax)[:, None]
+        q = torch.clamp(torch.round(per_channel / scale), -qmax - 1, qmax) * scale
+        err = ((q - per_channel) ** 2).mean(dim=1)
+        better = err < best_err
+        best = torch.where(better, absmax * frac, best)
+        best_err = torch.where(better, err, best_err)
+    return best

@@ -1,0 +1,147 @@
+"""Quantization recipes: every setting that changes the numbers, in one serializable dataclass.
+
+A recipe is the single source of truth for a quantized artifact (torchao's habit: one config
+object per method, JSON in and out). The calibration table and the Q/DQ graph both record the
+recipe they were made with, so an artifact made with other settings is never silently reused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from qdiff.errors import RecipeError
+
+CALIBRATORS = ("max", "percentile", "mse", "entropy")
+WEIGHT_CALIBRATORS = ("max", "mse")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to quantize a denoiser, after Q-Diffusion.
+
+    Timestep-uniform calibration: `num_timesteps` timesteps spread uniformly over the part of
+    the trajectory given by `timestep_window` (0 = the first, noisiest step, 1 = the last),
+    `samples_per_timestep` denoiser inputs at each (the paper: 20 x 256 on CIFAR-10).
+    """
+
+    name: str = "w8a8"
+    weight_bits: int = 8
+    activation_bits: int = 8
+    activation_calibrator: str = "max"
+    percentile: float = 99.99
+    weight_calibrator: str = "max"
+    num_timesteps: int = 20
+    samples_per_timestep: int = 256
+    calibration_steps: int = 100
+    timestep_window: tuple[float, float] = (0.0, 1.0)
+    scheduler: str = "ddim"
+    guidance_scale: float = 3.0
+    batch_size: int = 64
+    seed: int = 0
+    exclude: tuple[str, ...] = ("conv_in", "conv_out")
+    quantize_ops: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    split_shortcut: bool = False
+    histogram_bins: int = 2048
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.weight_bits not in (4, 8):
+            problems.append(f"weight_bits={self.weight_bits} (use 4 or 8)")
+        if self.activation_bits != 8:
+            problems.append(f"activation_bits={self.activation_bits} (only 8 is supported)")
+        if self.activation_calibrator not in CALIBRATORS:
+            problems.append(f"activation_calibrator={self.activation_calibrator!r} (one of {', '.join(CALIBRATORS)})")
+        if self.weight_calibrator not in WEIGHT_CALIBRATORS:
+            problems.append(f"weight_calibrator={self.weight_calibrator!r} (one of {', '.join(WEIGHT_CALIBRATORS)})")
+        if not 0.0 < self.percentile <= 100.0:
+            problems.append(f"percentile={self.percentile} (must be in (0, 100])")
+        if self.num_timesteps < 1 or self.samples_per_timestep < 1 or self.batch_size < 1:
+            problems.append("num_timesteps, samples_per_timestep and batch_size must be >= 1")
+        if self.calibration_steps < self.num_timesteps:
+            problems.append(
+                f"calibration_steps={self.calibration_steps} < num_timesteps={self.num_timesteps}: "
+                "the trajectory must have at least as many steps as timesteps to keep"
+            )
+        lo, hi = self.timestep_window
+        if not 0.0 <= lo < hi <= 1.0:
+            problems.append(f"timestep_window={self.timestep_window} (need 0 <= start < end <= 1)")
+        if problems:
+            raise RecipeError(f"recipe {self.name!r} is invalid: " + "; ".join(problems))
+
+    @property
+    def weight_qmax(self) -> int:
+        """Largest quantized weight magnitude: 127 for INT8, 7 for INT4 values (symmetric)."""
+        return 2 ** (self.weight_bits - 1) - 1
+
+    @property
+    def activation_qmax(self) -> int:
+        return 2 ** (self.activation_bits - 1) - 1
+
+    def is_excluded(self, module_name: str) -> str | None:
+        """The exclusion pattern that keeps `module_name` in float, or None."""
+        for pattern in self.exclude:
+            if module_name == pattern or fnmatch.fnmatchcase(module_name, pattern):
+                return pattern
+        return None
+
+    def with_overrides(self, **overrides: Any) -> Recipe:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise RecipeError(f"unknown recipe setting(s): {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+        return replace(self, **overrides)
+
+    def to_json(self) -> dict[str, Any]:
+        obj = asdict(self)
+        obj["timestep_window"] = list(self.timestep_window)
+        obj["exclude"] = list(self.exclude)
+        obj["quantize_ops"] = list(self.quantize_ops)
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Recipe:
+        if not isinstance(obj, dict):
+            raise RecipeError(f"a recipe must be a JSON object, got {type(obj).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise RecipeError(f"unknown recipe setting(s): {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+        kwargs = dict(obj)
+        for key in ("timestep_window", "exclude", "quantize_ops"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise RecipeError(f"recipe has a setting of the wrong type: {exc}") from exc
+
+
+PRESETS: dict[str, Recipe] = {
+    "w8a8": Recipe(name="w8a8"),
+    "w4a8": Recipe(name="w4a8", weight_bits=4, weight_calibrator="mse"),
+}
+
+
+def load_recipe(spec: str | Path | Recipe, **overrides: Any) -> Recipe:
+    """A preset name (`w8a8`, `w4a8`) or a path to a recipe JSON file, plus overrides."""
+    if isinstance(spec, Recipe):
+        recipe = spec
+    elif str(spec) in PRESETS:
+        recipe = PRESETS[str(spec)]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise RecipeError(
+                f"recipe {str(spec)!r} is neither a preset nor a file",
+                hint=f"use one of {', '.join(PRESETS)} or a path to a recipe .json",
+            )
+        try:
+            recipe = Recipe.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"{path}: not valid JSON ({exc})") from exc
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return recipe.with_overrides(**overrides) if overrides else recipe

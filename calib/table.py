@@ -1,0 +1,170 @@
+"""The calibration table: activation and weight ranges keyed by PyTorch module name and role.
+
+Keys are module names (`down_blocks.0.resnets.0.conv1`) and roles (`input`, `weight`, later the
+split-shortcut branches), never ONNX node names, so one table serves every export of the same
+model. Parsing is strict: a table is refused if its schema is unknown, if a range is not a
+finite positive number (or list of them), or if it was made for another model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qdiff.artifacts import write_json_atomic
+from qdiff.errors import CalibrationError
+
+TABLE_SCHEMA = 1
+ROLES = ("input", "weight", "shortcut_a", "shortcut_b")
+
+
+@dataclass
+class LayerRanges:
+    """Ranges of one quantized layer. `weight` is per output channel; the rest are per tensor."""
+
+    op: str
+    input: float | None = None
+    weight: list[float] | None = None
+    shortcut_a: float | None = None
+    shortcut_b: float | None = None
+    # Input channels of the first concat branch, for split-shortcut layers.
+    split_channels: int | None = None
+    # Multiply-accumulates per sample at the calibration resolution (for coverage reports).
+    macs: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"op": self.op}
+        for role in ROLES:
+            value = getattr(self, role)
+            if value is not None:
+                obj[role] = value
+        for key in ("split_channels", "macs"):
+            if getattr(self, key) is not None:
+                obj[key] = getattr(self, key)
+        return obj
+
+
+@dataclass
+class CalibrationTable:
+    """Ranges (amax) per layer plus the provenance that says what they were measured on."""
+
+    model_sha256: str
+    recipe: dict[str, Any]
+    layers: dict[str, LayerRanges] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    # Ranges that were zero (always-0 tensors); see calib.quant_math.scale_from_amax.
+    degenerate: list[str] = field(default_factory=list)
+    schema: int = TABLE_SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "model_sha256": self.model_sha256,
+            "recipe": self.recipe,
+            "provenance": self.provenance,
+            "degenerate": self.degenerate,
+            "layers": {name: ranges.to_json() for name, ranges in sorted(self.layers.items())},
+        }
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationTable:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise CalibrationError(f"calibration table {path} does not exist", hint="run `qdiff calibrate` first") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CalibrationError(f"calibration table {path} cannot be read: {exc}") from exc
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"calibration table {path} is not valid JSON: {exc}", hint="rerun `qdiff calibrate`") from exc
+        return cls.from_json(obj, source=str(path))
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str = "calibration table") -> CalibrationTable:
+        if not isinstance(obj, dict):
+            raise CalibrationError(f"{source}: expected a JSON object, got {type(obj).__name__}")
+        if obj.get("schema") != TABLE_SCHEMA:
+            raise CalibrationError(
+                f"{source}: schema {obj.get('schema')!r} is not {TABLE_SCHEMA}",
+                hint="the table was made by another qdiff version; rerun `qdiff calibrate`",
+            )
+        model_sha = obj.get("model_sha256")
+        if not isinstance(model_sha, str) or not model_sha:
+            raise CalibrationError(f"{source}: 'model_sha256' must be a non-empty string")
+        for key in ("recipe", "provenance", "layers"):
+            if not isinstance(obj.get(key), dict):
+                raise CalibrationError(f"{source}: {key!r} must be a JSON object")
+        degenerate = obj.get("degenerate", [])
+        if not isinstance(degenerate, list) or not all(isinstance(d, str) for d in degenerate):
+            raise CalibrationError(f"{source}: 'degenerate' must be a list of strings")
+        layers = {name: _parse_layer(name, entry, source) for name, entry in obj["layers"].items()}
+        return cls(
+            model_sha256=model_sha,
+            recipe=obj["recipe"],
+            layers=layers,
+            provenance=obj["provenance"],
+            degenerate=list(degenerate),
+        )
+
+    def check_model(self, model_sha256: str, model_label: str) -> None:
+        if self.model_sha256 != model_sha256:
+            raise CalibrationError(
+                f"the calibration table was made for model {self.model_sha256[:12]}, "
+                f"not for {model_label} ({model_sha256[:12]})",
+                hint="calibrate this model with `qdiff calibrate`",
+            )
+
+
+def _finite_range(value: Any, where: str) -> float:
+    """Ranges are amax values: finite and >= 0 (0 is allowed and handled by the scale rule)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CalibrationError(f"{where}: range must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise CalibrationError(
+            f"{where}: range {value!r} is not a finite non-negative number",
+            hint="recalibrate; a NaN/Inf range means the model overflowed on the calibration data",
+        )
+    return value
+
+
+def _parse_layer(name: Any, entry: Any, source: str) -> LayerRanges:
+    where = f"{source}: layer {name!r}"
+    if not isinstance(name, str) or not name:
+        raise CalibrationError(f"{source}: layer names must be non-empty strings")
+    if not isinstance(entry, dict):
+        raise CalibrationError(f"{where}: expected an object")
+    unknown = set(entry) - set(ROLES) - {"op", "split_channels", "macs"}
+    if unknown:
+        raise CalibrationError(f"{where}: unknown field(s) {sorted(unknown)}")
+    op = entry.get("op")
+    if not isinstance(op, str):
+        raise CalibrationError(f"{where}: 'op' must be a string")
+    ranges = LayerRanges(op=op)
+    for role in ("input", "shortcut_a", "shortcut_b"):
+        if role in entry:
+            setattr(ranges, role, _finite_range(entry[role], f"{where} role {role!r}"))
+    if "weight" in entry:
+        weight = entry["weight"]
+        if not isinstance(weight, list) or not weight:
+            raise CalibrationError(f"{where} role 'weight': expected a non-empty list of per-channel ranges")
+        ranges.weight = [_finite_range(v, f"{where} role 'weight' channel {i}") for i, v in enumerate(weight)]
+    if "split_channels" in entry:
+        ranges.split_channels = _int_field(entry["split_channels"], f"{where}: 'split_channels'", minimum=1)
+    if "macs" in entry:
+        ranges.macs = _int_field(entry["macs"], f"{where}: 'macs'", minimum=0)
+    return ranges
+
+
+def _int_field(value: Any, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CalibrationError(f"{where} must be an integer >= {minimum}, got {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""Export: torch -> ONNX with validation, and the ONNX graph passes (Q/DQ insertion)."""

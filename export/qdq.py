@@ -1,0 +1,182 @@
+"""The Q/DQ insertion pass: turn an FP32 denoiser graph into an explicitly quantized one.
+
+Placement follows TensorRT's explicit-quantization rules, so TensorRT can fuse each
+DequantizeLinear into the INT8 kernel of the layer it feeds:
+
+- the activation input of every quantized Conv/ConvTranspose/Gemm/MatMul gets
+  QuantizeLinear -> DequantizeLinear, per tensor, symmetric (zero point 0);
+- its weight gets the same per output channel (INT4-valued weights are clipped to
+  [-8, 7] x scale first, then stored and quantized as INT8);
+- nothing goes on the outputs of weighted layers.
+
+Every layer the recipe quantizes must find its ranges in the calibration table, or the pass
+fails and names the layers. Like onnx-graphsurgeon's own passes, it ends in
+`cleanup().toposort()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qdiff.calib.quant_math import scale_from_amax
+from qdiff.calib.recipe import Recipe
+from qdiff.calib.table import CalibrationTable
+from qdiff.errors import QuantizationError
+from qdiff.export.graph_index import WeightedNode, weighted_nodes
+
+
+@dataclass
+class LayerDecision:
+    module: str
+    op: str
+    quantized: bool
+    reason: str = ""
+    macs: int = 0
+
+
+@dataclass
+class QdqReport:
+    """What the pass did: which layers are INT8 and which stayed float, with MAC shares."""
+
+    layers: list[LayerDecision] = field(default_factory=list)
+    qdq_pairs: int = 0
+    unused_table_entries: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[LayerDecision]:
+        return [d for d in self.layers if d.quantized]
+
+    @property
+    def skipped(self) -> list[LayerDecision]:
+        return [d for d in self.layers if not d.quantized]
+
+    @property
+    def mac_share(self) -> float:
+        total = sum(d.macs for d in self.layers)
+        return sum(d.macs for d in self.quantized) / total if total else 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"quantized {len(self.quantized)} of {len(self.layers)} weighted layers "
+            f"({self.mac_share:.1%} of their MACs); {self.qdq_pairs} Q/DQ pairs inserted"
+        ]
+        for d in self.skipped:
+            lines.append(f"  float: {d.module} ({d.op}, {d.macs / 1e6:.2f} MMAC): {d.reason}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "quantized_layers": len(self.quantized),
+            "weighted_layers": len(self.layers),
+            "mac_share": self.mac_share,
+            "qdq_pairs": self.qdq_pairs,
+            "float_layers": [{"module": d.module, "op": d.op, "reason": d.reason, "macs": d.macs} for d in self.skipped],
+            "unused_table_entries": self.unused_table_entries,
+        }
+
+
+class _QdqBuilder:
+    """Makes Q/DQ pairs, sharing one pair per (tensor, scale) so fan-out tensors (the shared
+    input of to_q/to_k/to_v) are quantized once, as TensorRT prefers."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.cache: dict[tuple[str, bytes], gs.Variable] = {}
+        self.pairs = 0
+
+    def quantize(self, tensor: gs.Tensor, scale: np.ndarray, axis: int | None, name: str) -> gs.Variable:
+        key = (tensor.name, scale.tobytes() + str(axis).encode())
+        if key in self.cache:
+            return self.cache[key]
+        scale_c = gs.Constant(f"{name}/scale", np.asarray(scale, dtype=np.float32))
+        zero_c = gs.Constant(f"{name}/zero_point", np.zeros(scale.shape, dtype=np.int8))
+        attrs = {"axis": axis} if axis is not None else {}
+        quantized = gs.Variable(f"{name}/quantized", dtype=np.int8)
+        dequantized = gs.Variable(f"{name}/dequantized", dtype=np.float32)
+        self.graph.nodes.append(gs.Node("QuantizeLinear", f"{name}/QuantizeLinear", attrs, [tensor, scale_c, zero_c], [quantized]))
+        self.graph.nodes.append(gs.Node("DequantizeLinear", f"{name}/DequantizeLinear", attrs, [quantized, scale_c, zero_c], [dequantized]))
+        self.cache[key] = dequantized
+        self.pairs += 1
+        return dequantized
+
+
+def _clip_weight(weight: np.ndarray, scale: np.ndarray, axis: int, qmax: int) -> np.ndarray:
+    """Clip to the integer grid [-qmax - 1, qmax] x scale; a no-op for INT8's own range."""
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    s = scale.reshape(shape).astype(np.float32)
+    return np.clip(weight, (-qmax - 1) * s, qmax * s).astype(weight.dtype)
+
+
+def _check_weight(wn: WeightedNode, amax: list[float]) -> None:
+    channels = wn.weight.values.shape[wn.weight_axis]
+    if channels != len(amax):
+        raise QuantizationError(
+            f"layer {wn.module!r} (node {wn.node.name}): weight {wn.weight.name} has {channels} output channels "
+            f"on axis {wn.weight_axis}, the calibration table has {len(amax)}",
+            hint="the table was made for a different model; recalibrate",
+        )
+
+
+def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe | None = None) -> tuple[onnx.ModelProto, QdqReport]:
+    """Return a Q/DQ copy of `model` and a report of what was quantized."""
+    recipe = recipe or Recipe.from_json(table.recipe)
+    graph = gs.import_onnx(model)
+    builder = _QdqBuilder(graph)
+    report = QdqReport()
+    missing: list[str] = []
+    seen_modules: set[str] = set()
+    macs_of = {name: entry.macs for name, entry in table.layers.items()} | {s["module"]: s.get("macs", 0) for s in table.provenance.get("float_layers", [])}
+    for wn in weighted_nodes(graph):
+        seen_modules.add(wn.module)
+        decision = LayerDecision(wn.module, wn.op, False, macs=int(macs_of.get(wn.module, 0)))
+        report.layers.append(decision)
+        pattern = recipe.is_excluded(wn.module)
+        if pattern is not None:
+            decision.reason = f"recipe excludes it (pattern {pattern!r})"
+            continue
+        if wn.op not in recipe.quantize_ops:
+            decision.reason = f"recipe does not quantize {wn.op}"
+            continue
+        ranges = table.layers.get(wn.module)
+        if ranges is None or ranges.input is None or ranges.weight is None:
+            missing.append(f"{wn.module} (node {wn.node.name})")
+            continue
+        _check_weight(wn, ranges.weight)
+        act_scale = scale_from_amax(ranges.input, recipe.activation_qmax)
+        w_scale = scale_from_amax(ranges.weight, recipe.weight_qmax)
+        wn.weight.values = _clip_weight(wn.weight.values, w_scale, wn.weight_axis, recipe.weight_qmax)
+        wn.node.inputs[0] = builder.quantize(wn.activation, act_scale, None, f"{wn.module}/input_quantizer")
+        wn.node.inputs[1] = builder.quantize(wn.weight, w_scale, wn.weight_axis, f"{wn.module}/weight_quantizer")
+        decision.quantized = True
+    if missing:
+        raise QuantizationError(
+            f"{len(missing)} layer(s) the recipe quantizes have no ranges in the calibration table: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""),
+            hint="the table may come from another model or recipe; recalibrate, or exclude these layers in the recipe",
+        )
+    report.qdq_pairs = builder.pairs
+    report.unused_table_entries = sorted(set(table.layers) - seen_modules)
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.producer_name = "qdiff"
+    out.ir_version = model.ir_version
+    return out, report
+
+
+def quantize_file(onnx_path: str | Path, table: CalibrationTable, out_path: str | Path, recipe: Recipe | None = None) -> QdqReport:
+    from qdiff.export.onnx_io import load_onnx, save_onnx
+
+    model = load_onnx(onnx_path, check=False)
+    external = bool(Path(str(onnx_path) + ".data").exists())
+    quantized, report = insert_qdq(model, table, recipe)
+    save_onnx(quantized, out_path, external_data=external or None)
+    try:
+        onnx.checker.check_model(str(out_path), full_check=True)
+    except Exception as exc:
+        raise QuantizationError(f"the Q/DQ graph {out_path} fails the ONNX checker: {exc}") from exc
+    return report

@@ -1,0 +1,196 @@
+"""Artifacts on disk: atomic writes, content hashes and the manifest beside each artifact.
+
+A stage may run for minutes and be killed at any point, so nothing is ever written in place:
+bytes go to a temporary file in the destination folder and are renamed over the target, which
+POSIX makes atomic. A reader therefore sees the previous artifact or the new one, never half.
+
+Each artifact `X` gets `X.manifest.json` saying what it was made from (input hashes, settings,
+versions). A stage compares the manifest it would write with the one on disk to decide whether
+its work can be skipped, instead of trusting file timestamps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from qdiff.errors import ArtifactMismatchError
+
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_SCHEMA = 1
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it over `target` only on success.
+
+    The temporary file lives in the same folder so the final `os.replace` never crosses a
+    file system (which would make it a copy, not an atomic rename).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
+    write_bytes_atomic(target, text.encode("utf-8"))
+
+
+def write_json_atomic(target: str | os.PathLike[str], obj: Any) -> None:
+    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_files(paths: list[Path], root: Path) -> str:
+    """One hash over several files, each keyed by its path relative to `root` (stable order)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.relative_to(root).as_posix()):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(b"\0")
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour an artifact depends on."""
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "onnx", "onnxruntime", "pytorch_quantization", "tensorrt"):
+        try:
+            module = __import__(name)
+            versions[name] = str(getattr(module, "__version__", "unknown"))
+        except Exception:  # noqa: BLE001 - a missing optional library is simply not recorded
+            continue
+    from qdiff import __version__
+
+    versions["qdiff"] = __version__
+    return versions
+
+
+def manifest_path(artifact: str | os.PathLike[str]) -> Path:
+    return Path(str(artifact) + MANIFEST_SUFFIX)
+
+
+@dataclass
+class Manifest:
+    """What an artifact was made from. `inputs` and `settings` decide reuse; the rest informs."""
+
+    kind: str
+    inputs: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    # Facts about the result (validation errors, coverage) that inform but do not decide reuse.
+    details: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    schema: int = MANIFEST_SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "kind": self.kind,
+            "created": self.created,
+            "inputs": self.inputs,
+            "settings": self.settings,
+            "outputs": self.outputs,
+            "details": self.details,
+            "versions": self.versions,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str = "manifest") -> Manifest:
+        if not isinstance(obj, dict):
+            raise ArtifactMismatchError(f"{source}: expected a JSON object, got {type(obj).__name__}")
+        if obj.get("schema") != MANIFEST_SCHEMA:
+            raise ArtifactMismatchError(
+                f"{source}: manifest schema {obj.get('schema')!r} is not {MANIFEST_SCHEMA}",
+                hint="the artifact was made by another qdiff version; rebuild it",
+            )
+        for key in ("inputs", "settings", "outputs", "details", "versions"):
+            if not isinstance(obj.get(key, {}), dict):
+                raise ArtifactMismatchError(f"{source}: field {key!r} must be an object")
+        if not isinstance(obj.get("kind"), str):
+            raise ArtifactMismatchError(f"{source}: field 'kind' must be a string")
+        return cls(
+            kind=obj["kind"],
+            inputs=dict(obj.get("inputs", {})),
+            settings=dict(obj.get("settings", {})),
+            outputs=dict(obj.get("outputs", {})),
+            details=dict(obj.get("details", {})),
+            versions=dict(obj.get("versions", {})),
+            created=str(obj.get("created", "")),
+        )
+
+    def matches(self, other: Manifest) -> bool:
+        """True when `other` describes the same recipe applied to the same inputs."""
+        return (self.kind, self.inputs, _jsonable(self.settings)) == (
+            other.kind,
+            other.inputs,
+            _jsonable(other.settings),
+        )
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def write_manifest(artifact: str | os.PathLike[str], manifest: Manifest) -> Path:
+    path = manifest_path(artifact)
+    write_json_atomic(path, manifest.to_json())
+    return path
+
+
+def read_manifest(artifact: str | os.PathLike[str]) -> Manifest | None:
+    path = manifest_path(artifact)
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactMismatchError(f"{path}: not valid JSON ({exc})", hint="delete it and rerun the stage") from exc
+    return Manifest.from_json(obj, source=str(path))
+
+
+def is_up_to_date(artifact: str | os.PathLike[str], wanted: Manifest) -> bool:
+    """An artifact can be reused when it exists, its manifest matches, and its bytes are intact."""
+    artifact = Path(artifact)
+    if not artifact.exists():
+        return False
+    try:
+        have = read_manifest(artifact)
+    except ArtifactMismatchError:
+        return False
+    if have is None or not wanted.matches(have):
+        return False
+    recorded = have.outputs.get("sha256")
+    return recorded is None or recorded == sha256_file(artifact)

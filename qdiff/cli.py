@@ -1,0 +1,143 @@
+"""`qdiff` command line: parses arguments and calls `qdiff.api`; nothing else lives here.
+
+User errors (`QdiffError`) print one or two lines on stderr and exit 1; `--verbose` adds the
+traceback. Anything else is a bug and always shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from qdiff.errors import QdiffError
+
+
+def _add_conditioning(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("conditioning (conditional UNets only)")
+    g.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", help="prompt for the folder's text encoder (repeatable)")
+    g.add_argument("--class", action="append", type=int, dest="class_labels", metavar="ID", help="class id for class-conditional models (repeatable)")
+    g.add_argument("--embeddings", type=Path, metavar="FILE", help="safetensors file with encoder_hidden_states (and optional uncond_*, text_embeds, time_ids)")
+    g.add_argument("--random-conditioning", action="store_true", help="use seeded random conditioning (bare UNet folders, benchmarking)")
+
+
+def _add_recipe(p: argparse.ArgumentParser, default: str = "w8a8") -> None:
+    g = p.add_argument_group("recipe")
+    g.add_argument("--recipe", default=default, help="preset (w8a8, w4a8) or a recipe .json file (default: %(default)s)")
+    g.add_argument("--calibrator", dest="activation_calibrator", choices=["max", "percentile", "mse", "entropy"], help="activation calibrator")
+    g.add_argument("--percentile", type=float, help="percentile for the percentile calibrator")
+    g.add_argument("--timesteps", dest="num_timesteps", type=int, help="calibration timesteps, spread uniformly over the trajectory")
+    g.add_argument("--samples", dest="samples_per_timestep", type=int, help="calibration samples per timestep")
+    g.add_argument("--calib-steps", dest="calibration_steps", type=int, help="length of the calibration trajectory")
+    g.add_argument("--calib-batch", dest="batch_size", type=int, help="trajectories per batch during calibration")
+    g.add_argument("--scheduler", help="scheduler of the calibration trajectory (default: the recipe's, ddim)")
+
+
+def _recipe_overrides(args: argparse.Namespace) -> dict:
+    keys = ("activation_calibrator", "percentile", "num_timesteps", "samples_per_timestep", "calibration_steps", "batch_size")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _conditioning(args: argparse.Namespace) -> dict:
+    return {"prompts": args.prompts, "class_labels": args.class_labels, "embeddings": args.embeddings, "random_conditioning": args.random_conditioning}
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm++", "euler", "euler-a", "pndm"], help="diffusers scheduler (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=8, help="images to generate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qdiff", description="Post-training quantization of diffusion denoisers: export -> calibrate -> quantize -> sample.")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the whole pipeline on a model (default: the built-in model), FP32 vs quantized report")
+    p.add_argument("model", nargs="?", type=Path, help="local diffusers folder (default: built-in model)")
+    p.add_argument("-o", "--out", type=Path, default=Path("qdiff-out"), help="output folder (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="redo every stage even if its artifact is up to date")
+    _add_recipe(p)
+    _sampling_args(p)
+    _add_conditioning(p)
+
+    p = sub.add_parser("export", help="export the denoiser to ONNX and check it against PyTorch")
+    p.add_argument("model", type=Path, help="local diffusers pipeline or UNet folder")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output .onnx file or folder")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--external-data", action="store_true", default=None, help="store weights in a .data file (automatic above 2 GB)")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("calibrate", help="timestep-uniform calibration; writes a calibration table")
+    p.add_argument("model", type=Path)
+    p.add_argument("-o", "--out", type=Path, required=True, help="output .json file or folder")
+    p.add_argument("--force", action="store_true")
+    _add_recipe(p)
+    _add_conditioning(p)
+
+    p = sub.add_parser("quantize", help="insert Q/DQ nodes into an exported graph")
+    p.add_argument("onnx", type=Path)
+    p.add_argument("--calib", type=Path, required=True, help="calibration table from `qdiff calibrate`")
+    p.add_argument("-o", "--out", type=Path, help="output .onnx (default: <onnx>.<recipe>.onnx)")
+    p.add_argument("--force", action="store_true")
+
+    p = sub.add_parser("sample", help="generate images with PyTorch or an ONNX graph")
+    p.add_argument("model", nargs="?", type=Path, help="local diffusers folder (default: built-in model)")
+    p.add_argument("-o", "--out", type=Path, default=Path("qdiff-samples"))
+    p.add_argument("--onnx", type=Path, help="run this ONNX graph (FP32 or Q/DQ) with ONNX Runtime instead of PyTorch")
+    p.add_argument("--allow-nonfinite", action="store_true", help="continue when a step returns NaN/Inf")
+    _sampling_args(p)
+    _add_conditioning(p)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from qdiff import api
+
+    if args.command == "run":
+        api.run(args.model, args.out, recipe=args.recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, force=args.force, **_conditioning(args), **_recipe_overrides(args))
+    elif args.command == "export":
+        result = api.export_model(args.model, args.out, opset=args.opset, external_data=args.external_data, force=args.force, check=args.check)
+        print(result.onnx_path)
+    elif args.command == "calibrate":
+        result = api.calibrate(args.model, args.out, args.recipe, scheduler=args.scheduler, force=args.force, **_conditioning(args), **_recipe_overrides(args))
+        print(result.table_path)
+    elif args.command == "quantize":
+        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force)
+        print(result.onnx_path)
+    elif args.command == "sample":
+        backend = "onnxruntime" if args.onnx else "pytorch"
+        api.sample(args.model, args.out, backend=backend, onnx=args.onnx, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, allow_nonfinite=args.allow_nonfinite, **_conditioning(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.quiet:
+        os.environ["QDIFF_QUIET"] = "1"
+    try:
+        return _dispatch(args)
+    except QdiffError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"qdiff {args.command}: error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"qdiff {args.command}: interrupted; finished artifacts are intact", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""One error hierarchy for everything qdiff raises on purpose.
+
+Every error carries a message that names the thing that is wrong (file, node, tensor, shape)
+and a `hint` that says what to do next. The CLI prints both on two lines and exits non-zero;
+`--verbose` adds the traceback. Anything that is not a `QdiffError` is a bug in qdiff.
+"""
+
+from __future__ import annotations
+
+
+class QdiffError(Exception):
+    """Base class: a problem the user can act on."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class ModelLoadError(QdiffError):
+    """A model folder is missing, incomplete, or holds something qdiff cannot load."""
+
+
+class ConditioningError(QdiffError):
+    """A conditional model was asked to run without saying where its conditioning comes from."""
+
+
+class ExportError(QdiffError):
+    """Exporting to ONNX failed, or the exported graph does not match PyTorch."""
+
+
+class OnnxModelError(QdiffError):
+    """An ONNX file is unreadable, invalid, or not what the stage expects."""
+
+
+class RecipeError(QdiffError):
+    """A quantization recipe has an unknown or inconsistent setting."""
+
+
+class CalibrationError(QdiffError):
+    """Calibration failed, or a calibration table is invalid or made for another model."""
+
+
+class QuantizationError(QdiffError):
+    """Q/DQ insertion could not give every layer the recipe quantizes its scales."""
+
+
+class ArtifactMismatchError(QdiffError):
+    """An artifact's manifest does not match what was asked for."""
+
+
+class BackendUnavailableError(QdiffError):
+    """A backend needs something this machine does not have (a GPU, TensorRT, ...)."""
+
+
+class SamplingError(QdiffError):
+    """Sampling produced non-finite values or was configured inconsistently."""

@@ -1,0 +1,46 @@
+"""Image and tensor metrics for comparing a quantized model with its FP32 original."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB between two uint8 images (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
+    """Structural similarity (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5), averaged
+    over channels and valid window positions, for HWC uint8 images."""
+    x = torch.from_numpy(a.astype(np.float64)).permute(2, 0, 1)[:, None]
+    y = torch.from_numpy(b.astype(np.float64)).permute(2, 0, 1)[:, None]
+    window = _gaussian_window(size=min(11, x.shape[-1], x.shape[-2]))
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
+    sxx = F.conv2d(x * x, window) - mu_x**2
+    syy = F.conv2d(y * y, window) - mu_y**2
+    sxy = F.conv2d(x * y, window) - mu_x * mu_y
+    value = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return float(value.mean())
+
+
+def relative_l2(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    reference = reference.double()
+    return float((actual.double() - reference).norm() / reference.norm().clamp_min(1e-12))
+
+
+def cosine(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(F.cosine_similarity(actual.double().flatten(), reference.double().flatten(), dim=0))

@@ -1,0 +1,93 @@
+"""Reports a person reads: image grids, and JSON + Markdown summaries of a quantized model's
+quality against FP32 from the same seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from qdiff.artifacts import atomic_path, write_json_atomic, write_text_atomic
+
+
+def image_grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, scale: int = 1, pad: int = 2) -> Image.Image:
+    """Rows of HWC uint8 images in one picture, with an optional label at the left of each row."""
+    h, w = rows[0][0].shape[:2]
+    h, w = h * scale, w * scale
+    label_w = 8 * max((len(label) for label in labels), default=0) + 6 if labels else 0
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (label_w + cols * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        y = pad + r * (h + pad)
+        if labels:
+            draw.text((3, y + h // 2 - 5), labels[r], fill=(0, 0, 0))
+        for c, img in enumerate(row):
+            tile = Image.fromarray(img).resize((w, h), Image.NEAREST)
+            grid.paste(tile, (label_w + pad + c * (w + pad), y))
+    return grid
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_quality_report(out_dir: Path, report: dict[str, Any], name: str = "report") -> tuple[Path, Path]:
+    """`report.json` and `report.md` from the dict that `qdiff.api.run` builds."""
+    json_path = out_dir / f"{name}.json"
+    write_json_atomic(json_path, json.loads(json.dumps(report, default=float)))
+    s = report["summary"]
+    md = [
+        f"# qdiff report: {report['model']['label']} ({report['recipe']['name']})",
+        "",
+        f"Model: `{report['model']['path']}` ({report['model']['unet_class']}, sha256 {report['model']['sha256'][:12]}).",
+        f"Sampler: {report['sampling']['scheduler']}, {report['sampling']['steps']} steps, "
+        f"{report['sampling']['num_images']} images from seeds {report['sampling']['seeds'][0]}..{report['sampling']['seeds'][-1]}"
+        + (f", guidance {report['sampling']['guidance_scale']}" if report['sampling'].get('guidance_scale', 1.0) != 1.0 else "")
+        + ".",
+        "",
+        "![FP32 (top) vs quantized (bottom)](grid.png)",
+        "",
+        "## Summary",
+        "",
+        markdown_table(["metric", "value"], [[k, v] for k, v in s.items()]),
+        "",
+        "## Per image: quantized vs FP32",
+        "",
+        markdown_table(["seed", "PSNR (dB)", "SSIM"], [[r["seed"], r["psnr"], r["ssim"]] for r in report["images"]]),
+        "",
+        "## Noise-prediction error per denoising step",
+        "",
+        "Both models see the same inputs (the FP32 trajectory); relative L2 = ||eps_q - eps_fp32|| / ||eps_fp32||.",
+        "",
+        markdown_table(["step", "timestep", "relative L2", "cosine"], [[r["step"], r["timestep"], r["rel_l2"], r["cosine"]] for r in report["steps"]]),
+        "",
+        "## Quantization coverage",
+        "",
+        report["coverage_text"],
+        "",
+    ]
+    md_path = out_dir / f"{name}.md"
+    write_text_atomic(md_path, "\n".join(md))
+    return json_path, md_path

@@ -1,0 +1,121 @@
+"""The denoising loop over a diffusers scheduler, written out plainly, for any backend.
+
+It is diffusers' own loop (set_timesteps, scale_model_input, step) with classifier-free guidance
+done by batching [unconditional, conditional] into one denoiser call, as pipelines do. Callbacks
+let calibration record activations at chosen steps and let reports compare backends step by step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from qdiff.conditioning import Conditioning
+from qdiff.errors import SamplingError
+from qdiff.runtime.backends import Denoiser
+
+
+@dataclass
+class StepRecord:
+    """What the denoiser saw and returned at one step (inputs as the backend received them)."""
+
+    index: int
+    timestep: float
+    model_input: torch.Tensor
+    denoiser_kwargs: dict[str, torch.Tensor]
+    model_output: torch.Tensor
+
+
+StepCallback = Callable[[StepRecord], None]
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Noise from a CPU generator, so every backend and device starts from the same tensor."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def _cfg_inputs(conditioning: Conditioning | None, guidance_scale: float) -> tuple[dict[str, torch.Tensor], bool]:
+    if conditioning is None:
+        return {}, False
+    if guidance_scale == 1.0:
+        return dict(conditioning.cond), False
+    return {k: torch.cat([conditioning.uncond[k], conditioning.cond[k]]) for k in conditioning.cond}, True
+
+
+def denoise(
+    denoiser: Denoiser,
+    scheduler,
+    noise: torch.Tensor,
+    num_inference_steps: int,
+    *,
+    conditioning: Conditioning | None = None,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    before_step: Callable[[int, float], None] | None = None,
+    after_step: StepCallback | None = None,
+    stop_after_step: int | None = None,
+    allow_nonfinite: bool = False,
+    progress: Callable | None = None,
+) -> torch.Tensor:
+    """Run the scheduler loop from `noise`; return the final (latent or pixel) sample."""
+    device = noise.device
+    # 1. Timesteps for this many inference steps.
+    scheduler.set_timesteps(num_inference_steps)
+    # 2. The starting sample: unit Gaussian noise scaled as the scheduler expects.
+    latents = noise * scheduler.init_noise_sigma
+    # 3. Conditioning, batched [uncond, cond] for classifier-free guidance.
+    cond_inputs, use_cfg = _cfg_inputs(conditioning, guidance_scale)
+    cond_inputs = {k: v.to(device) for k, v in cond_inputs.items()}
+    step_kwargs = {}
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        step_kwargs["generator"] = torch.Generator(device=device).manual_seed(seed + 1)
+    timesteps = scheduler.timesteps
+    iterator = progress(timesteps) if progress else timesteps
+    for i, t in enumerate(iterator):
+        if before_step:
+            before_step(i, float(t))
+        # 4. Scale the input for this timestep and duplicate it for guidance.
+        model_input = torch.cat([latents, latents]) if use_cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        # 5. Predict.
+        output = denoiser(model_input, t, **cond_inputs)
+        if not allow_nonfinite and not torch.isfinite(output).all():
+            bad = int((~torch.isfinite(output)).sum())
+            raise SamplingError(
+                f"the denoiser returned {bad} NaN/Inf values at step {i} (timestep {float(t):g})",
+                hint="the quantized model overflows here; recalibrate, or pass --allow-nonfinite to continue",
+            )
+        if after_step:
+            after_step(StepRecord(i, float(t), model_input, cond_inputs, output))
+        # 6. Classifier-free guidance.
+        if use_cfg:
+            uncond_out, cond_out = output.chunk(2)
+            output = uncond_out + guidance_scale * (cond_out - uncond_out)
+        # 7. One scheduler step: x_t -> x_{t-1}.
+        latents = scheduler.step(output, t, latents, **step_kwargs, return_dict=False)[0]
+        if stop_after_step is not None and i >= stop_after_step:
+            break
+    return latents
+
+
+@torch.no_grad()
+def decode(latents: torch.Tensor, vae: torch.nn.Module | None = None) -> torch.Tensor:
+    """Images in [0, 1], NCHW: the VAE decode for latent models, a rescale for pixel models."""
+    if vae is not None:
+        scale = getattr(vae.config, "scaling_factor", 0.18215)
+        latents = vae.decode(latents.to(next(vae.parameters()).dtype) / scale, return_dict=False)[0].float()
+    return (latents / 2 + 0.5).clamp(0, 1)
+
+
+def to_uint8(images: torch.Tensor) -> "list":
+    """NCHW [0, 1] tensors to a list of HWC uint8 numpy arrays."""
+    arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+    return list(arrays)
+
+
+def check_nonempty(num_samples: int) -> None:
+    if num_samples < 1:
+        raise SamplingError(f"asked for {num_samples} samples; need at least 1")
