@@ -1,0 +1,92 @@
+"""Tiny diffusers models, built with seeded random weights and saved as real model folders.
+
+Sizes are the smallest that still exercise every structure the exporter and the Q/DQ pass meet
+in full-size models: down/up blocks with skip concats, attention, cross-attention, linear and
+convolutional projections, per-block head counts, SDXL-style added conditions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("QDIFF_QUIET", "1")
+torch.set_num_threads(2)
+
+
+def tiny_unet2d(seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+
+
+def tiny_cond_unet(style: str = "sd", seed: int = 0):
+    """SD 1.x ('sd'), SD 2.x ('sd2': linear projections, per-block head counts) or SDXL ('sdxl')."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    kwargs = dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, norm_num_groups=8, attention_head_dim=4,
+    )
+    if style == "sd2":
+        kwargs.update(use_linear_projection=True, attention_head_dim=(2, 4))
+    if style == "sdxl":
+        kwargs.update(
+            use_linear_projection=True, attention_head_dim=(2, 4), addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8, transformer_layers_per_block=(1, 1),
+        )
+    return UNet2DConditionModel(**kwargs).eval()
+
+
+def save_pipeline(unet, folder: Path, *, class_embeddings: torch.Tensor | None = None) -> Path:
+    from diffusers import DDPMScheduler
+
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(folder / "scheduler")
+    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", type(unet).__name__], "scheduler": ["diffusers", "DDPMScheduler"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    if class_embeddings is not None:
+        from safetensors.torch import save_file
+
+        (folder / "conditioning").mkdir()
+        save_file({"embeddings": class_embeddings.contiguous()}, str(folder / "conditioning" / "class_embeddings.safetensors"))
+        names = [f"class{i}" for i in range(class_embeddings.shape[0] - 1)]
+        (folder / "conditioning" / "classes.json").write_text(json.dumps({"class_names": names, "null_class_index": len(names)}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def uncond_model_dir(tmp_path_factory) -> Path:
+    return save_pipeline(tiny_unet2d(), tmp_path_factory.mktemp("uncond"))
+
+
+@pytest.fixture(scope="session")
+def class_cond_model_dir(tmp_path_factory) -> Path:
+    unet = tiny_cond_unet("sd")
+    emb = torch.randn(4, 1, 24, generator=torch.Generator().manual_seed(1))  # 3 classes + null
+    return save_pipeline(unet, tmp_path_factory.mktemp("classcond"), class_embeddings=emb)
+
+
+@pytest.fixture(scope="session")
+def bare_cond_unet_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bare")
+    tiny_cond_unet("sdxl").save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fast_recipe():
+    from qdiff.calib.recipe import Recipe
+
+    return Recipe(name="w8a8", num_timesteps=4, samples_per_timestep=4, calibration_steps=8, batch_size=4)
