@@ -150,8 +150,8 @@ def calibrate(
     from qdiff.runtime.sampler import denoise
     from qdiff.runtime.schedulers import make_scheduler
 
+    recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)  # fail fast, before loading
     bundle = _bundle(model)
-    recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)
     out = Path(out)
     target = out if out.suffix == ".json" else out / TABLE_NAME
     conditioning = resolve_conditioning(
@@ -389,8 +389,9 @@ def run(
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    bundle = _bundle(model)
     overrides = {**RUN_CALIBRATION, **recipe_overrides}
+    load_recipe(recipe, **overrides)  # fail fast on a bad recipe, before loading the model
+    bundle = _bundle(model)
     exported = export_model(bundle, out_dir, force=force)
     calibrated = calibrate(bundle, out_dir, recipe, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning, force=force, **overrides)
     quantized = quantize_onnx(exported.onnx_path, calibrated.table_path, force=force)

@@ -1,0 +1,68 @@
+"""End to end through the CLI, as a user runs it: every stage, then `qdiff run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def qdiff(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QDIFF_QUIET": "1"}
+    return subprocess.run([sys.executable, "-m", "qdiff.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_every_stage_through_the_cli(class_cond_model_dir, tmp_path):
+    out = tmp_path / "art"
+    r = qdiff("export", class_cond_model_dir, "-o", out)
+    assert r.returncode == 0, r.stderr
+    onnx_path = Path(r.stdout.strip().splitlines()[-1])
+    assert onnx_path == out / "denoiser.onnx" and onnx_path.is_file()
+
+    r = qdiff("calibrate", class_cond_model_dir, "-o", out, "--recipe", "w8a8", "--calibrator", "percentile", "--timesteps", "3", "--samples", "4", "--calib-steps", "6")
+    assert r.returncode == 0, r.stderr
+    table = json.loads((out / "calibration.json").read_text())
+    assert table["recipe"]["activation_calibrator"] == "percentile" and table["provenance"]["step_indices"] == [0, 2, 5]
+
+    r = qdiff("quantize", onnx_path, "--calib", out / "calibration.json")
+    assert r.returncode == 0, r.stderr
+    qdq = out / "denoiser.w8a8.onnx"
+    assert qdq.is_file() and (out / "denoiser.w8a8.onnx.manifest.json").is_file()
+
+    for sampler in ("ddim", "dpm++", "euler"):
+        r = qdiff("sample", class_cond_model_dir, "--onnx", qdq, "-o", tmp_path / sampler, "--sampler", sampler, "--steps", "4", "--num-images", "2", "--class", "1")
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in (tmp_path / sampler).glob("*.png")) == ["grid.png", "sample_00000.png", "sample_00001.png"]
+
+
+def test_run_writes_grid_report_and_artifacts(uncond_model_dir, tmp_path):
+    out = tmp_path / "run"
+    r = qdiff("run", uncond_model_dir, "-o", out, "--steps", "10", "--num-images", "3", "--timesteps", "4", "--samples", "4", "--calib-steps", "8")
+    assert r.returncode == 0, r.stderr
+    for name in ("grid.png", "report.json", "report.md", "denoiser.onnx", "denoiser.onnx.manifest.json", "calibration.json", "calibration.json.manifest.json", "denoiser.w8a8.onnx", "denoiser.w8a8.onnx.manifest.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["images"]) == 3 and len(report["steps"]) == 10
+    assert all(0 < row["rel_l2"] < 1 for row in report["steps"])
+    assert all(row["psnr"] > 10 and -1 <= row["ssim"] <= 1 for row in report["images"])
+    assert "| step | timestep | relative L2 | cosine |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "/no/such/folder", "-o", "x"], "does not exist"),
+        (["quantize", "missing.onnx", "--calib", "missing.json"], "does not exist"),
+        (["calibrate", "/no/such", "-o", "x", "--recipe", "w3a3"], "neither a preset nor a file"),
+    ],
+)
+def test_user_errors_are_one_or_two_lines(tmp_path, args, message):
+    r = qdiff(*args, cwd=tmp_path)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= 2 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
