@@ -2,8 +2,12 @@
 
 Keys are module names (`down_blocks.0.resnets.0.conv1`) and roles (`input`, `weight`, later the
 split-shortcut branches), never ONNX node names, so one table serves every export of the same
-model. Parsing is strict: a table is refused if its schema is unknown, if a range is not a
-finite positive number (or list of them), or if it was made for another model.
+model. Parsing is strict: a table is refused if its schema is unknown, if it has a field qdiff
+does not know, if a range is not a finite non-negative number (or list of them), or if it was made
+for another model. A zero range (a channel that is always 0) is legal and handled by the scale
+rule in `calib.quant_math.scale_from_amax`; a NaN or infinite one (an overflow during
+calibration) is refused both when the table is saved and when it is read, naming the layer, so it
+can never become a NaN or zero scale in a graph.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from qdiff.errors import CalibrationError
 
 TABLE_SCHEMA = 1
 ROLES = ("input", "weight", "shortcut_a", "shortcut_b")
+TOP_LEVEL_FIELDS = ("schema", "model_sha256", "recipe", "provenance", "degenerate", "layers")
 
 
 @dataclass
@@ -70,7 +75,10 @@ class CalibrationTable:
         }
 
     def save(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_json())
+        """Write the table atomically, after checking it parses back (no NaN/Inf range on disk)."""
+        obj = self.to_json()
+        CalibrationTable.from_json(obj, source=f"calibration table {path}")
+        write_json_atomic(path, obj)
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationTable:
@@ -83,7 +91,7 @@ class CalibrationTable:
             raise CalibrationError(f"calibration table {path} cannot be read: {exc}") from exc
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
             raise CalibrationError(f"calibration table {path} is not valid JSON: {exc}", hint="rerun `qdiff calibrate`") from exc
         return cls.from_json(obj, source=str(path))
 
@@ -91,11 +99,14 @@ class CalibrationTable:
     def from_json(cls, obj: Any, source: str = "calibration table") -> CalibrationTable:
         if not isinstance(obj, dict):
             raise CalibrationError(f"{source}: expected a JSON object, got {type(obj).__name__}")
-        if obj.get("schema") != TABLE_SCHEMA:
+        if isinstance(obj.get("schema"), bool) or obj.get("schema") != TABLE_SCHEMA:
             raise CalibrationError(
                 f"{source}: schema {obj.get('schema')!r} is not {TABLE_SCHEMA}",
                 hint="the table was made by another qdiff version; rerun `qdiff calibrate`",
             )
+        unknown = sorted(str(k) for k in set(obj) - set(TOP_LEVEL_FIELDS))
+        if unknown:
+            raise CalibrationError(f"{source}: unknown field(s) {unknown}", hint="the table was edited or made by another tool; rerun `qdiff calibrate`")
         model_sha = obj.get("model_sha256")
         if not isinstance(model_sha, str) or not model_sha:
             raise CalibrationError(f"{source}: 'model_sha256' must be a non-empty string")
@@ -127,11 +138,15 @@ def _finite_range(value: Any, where: str) -> float:
     """Ranges are amax values: finite and >= 0 (0 is allowed and handled by the scale rule)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CalibrationError(f"{where}: range must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float
+        value = math.inf
     if not math.isfinite(value) or value < 0:
         raise CalibrationError(
             f"{where}: range {value!r} is not a finite non-negative number",
-            hint="recalibrate; a NaN/Inf range means the model overflowed on the calibration data",
+            hint="a NaN/Inf range means the model overflowed on the calibration data; check the weights, "
+            "exclude the layer in the recipe, and recalibrate",
         )
     return value
 
@@ -144,7 +159,7 @@ def _parse_layer(name: Any, entry: Any, source: str) -> LayerRanges:
         raise CalibrationError(f"{where}: expected an object")
     unknown = set(entry) - set(ROLES) - {"op", "split_channels", "macs"}
     if unknown:
-        raise CalibrationError(f"{where}: unknown field(s) {sorted(unknown)}")
+        raise CalibrationError(f"{where}: unknown field(s) {sorted(map(str, unknown))}")
     op = entry.get("op")
     if not isinstance(op, str):
         raise CalibrationError(f"{where}: 'op' must be a string")

@@ -91,7 +91,8 @@ def export_unet(unet: torch.nn.Module, out_path: str | Path, *, opset: int = OPS
     wrapper = DenoiserWrapper(unet, signature.input_names).eval()
     inputs = example_inputs(unet, batch=batch)
     args = tuple(inputs[n] for n in signature.input_names)
-    with tempfile.TemporaryDirectory(prefix=".qdiff-export-", dir=out_path.parent if out_path.parent.exists() else None) as tmp:
+    # Traced into the system temp folder: only the finished graph goes near `out_path`.
+    with tempfile.TemporaryDirectory(prefix="qdiff-export-") as tmp:
         raw = Path(tmp) / "raw.onnx"
         try:
             with warnings.catch_warnings(), torch.no_grad():

@@ -12,6 +12,11 @@ DequantizeLinear into the INT8 kernel of the layer it feeds:
 Every layer the recipe quantizes must find its ranges in the calibration table, or the pass
 fails and names the layers. Like onnx-graphsurgeon's own passes, it ends in
 `cleanup().toposort()`.
+
+Degenerate ranges (zero: a tensor or weight channel that is always 0) get scale 1 / qmax by the
+rule in `calib.quant_math.scale_from_amax`, never a zero scale that QuantizeLinear would divide
+by; the report lists each of them as `module:input` or `module:weight[channel]`. NaN and
+infinite ranges never get here: the calibration table refuses them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qdiff.calib.quant_math import scale_from_amax
+from qdiff.calib.quant_math import MIN_AMAX, scale_from_amax
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.errors import QuantizationError
@@ -46,6 +51,8 @@ class QdqReport:
     layers: list[LayerDecision] = field(default_factory=list)
     qdq_pairs: int = 0
     unused_table_entries: list[str] = field(default_factory=list)
+    # Ranges that took the degenerate-range rule (scale 1 / qmax), as `module:role[channel]`.
+    degenerate_ranges: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -67,6 +74,9 @@ class QdqReport:
         ]
         for d in self.skipped:
             lines.append(f"  float: {d.module} ({d.op}, {d.macs / 1e6:.2f} MMAC): {d.reason}")
+        if self.degenerate_ranges:
+            shown = ", ".join(self.degenerate_ranges[:5]) + (" ..." if len(self.degenerate_ranges) > 5 else "")
+            lines.append(f"  {len(self.degenerate_ranges)} zero range(s) got scale 1/qmax: {shown}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -77,6 +87,7 @@ class QdqReport:
             "qdq_pairs": self.qdq_pairs,
             "float_layers": [{"module": d.module, "op": d.op, "reason": d.reason, "macs": d.macs} for d in self.skipped],
             "unused_table_entries": self.unused_table_entries,
+            "degenerate_ranges": self.degenerate_ranges,
         }
 
 
@@ -90,6 +101,10 @@ class _QdqBuilder:
         self.pairs = 0
 
     def quantize(self, tensor: gs.Tensor, scale: np.ndarray, axis: int | None, name: str) -> gs.Variable:
+        if not np.all(np.isfinite(scale) & (scale > 0)):
+            # Unreachable through a parsed table (see the module docstring); a guard for callers
+            # that build scales themselves, since a zero or NaN scale silently ruins the graph.
+            raise QuantizationError(f"{name}: scale for tensor {tensor.name} is not finite and positive: {scale.ravel()[:8]}")
         key = (tensor.name, scale.tobytes() + str(axis).encode())
         if key in self.cache:
             return self.cache[key]
@@ -134,7 +149,7 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
     macs_of = {name: entry.macs for name, entry in table.layers.items()} | {s["module"]: s.get("macs", 0) for s in table.provenance.get("float_layers", [])}
     for wn in weighted_nodes(graph):
         seen_modules.add(wn.module)
-        decision = LayerDecision(wn.module, wn.op, False, macs=int(macs_of.get(wn.module, 0)))
+        decision = LayerDecision(wn.module, wn.op, False, macs=int(macs_of.get(wn.module) or 0))  # `macs` is optional in a table
         report.layers.append(decision)
         pattern = recipe.is_excluded(wn.module)
         if pattern is not None:
@@ -148,6 +163,9 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
             missing.append(f"{wn.module} (node {wn.node.name})")
             continue
         _check_weight(wn, ranges.weight)
+        if ranges.input <= MIN_AMAX:
+            report.degenerate_ranges.append(f"{wn.module}:input")
+        report.degenerate_ranges += [f"{wn.module}:weight[{c}]" for c, amax in enumerate(ranges.weight) if amax <= MIN_AMAX]
         act_scale = scale_from_amax(ranges.input, recipe.activation_qmax)
         w_scale = scale_from_amax(ranges.weight, recipe.weight_qmax)
         wn.weight.values = _clip_weight(wn.weight.values, w_scale, wn.weight_axis, recipe.weight_qmax)
@@ -171,7 +189,7 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
 def quantize_file(onnx_path: str | Path, table: CalibrationTable, out_path: str | Path, recipe: Recipe | None = None) -> QdqReport:
     from qdiff.export.onnx_io import load_onnx, save_onnx
 
-    model = load_onnx(onnx_path, check=False)
+    model = load_onnx(onnx_path)  # the full checks: this graph may come from anywhere
     external = bool(Path(str(onnx_path) + ".data").exists())
     quantized, report = insert_qdq(model, table, recipe)
     save_onnx(quantized, out_path, external_data=external or None)

@@ -9,6 +9,7 @@ failure or a kill leaves the previous artifact intact.
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,10 +38,25 @@ def _bundle(model: ModelLike, components: bool = True) -> ModelBundle:
     return model if isinstance(model, ModelBundle) else load_model(model, components=components)
 
 
+STAGING_PREFIX = ".qdiff-staging-"
+
+
 @contextlib.contextmanager
 def _staging(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder inside `out_dir` (same file system, so publishing is a rename).
+
+    Named with the writer's pid; folders of writers that were killed are removed here.
+    """
+    import shutil
+
+    from qdiff.artifacts import pid_alive
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".qdiff-staging-", dir=out_dir) as tmp:
+    for stale in out_dir.glob(f"{STAGING_PREFIX}*"):
+        pid = stale.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir) as tmp:
         yield Path(tmp)
 
 
@@ -252,15 +268,16 @@ class SampleResult:
 
 
 def make_denoiser(bundle: ModelBundle, backend: str = "pytorch", onnx_path: str | Path | None = None, optimize: bool = True):
-    from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
+    from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser, check_backend
 
+    check_backend(backend)
     if backend == "pytorch":
         return TorchDenoiser(bundle.unet)
     if backend == "onnxruntime":
         if onnx_path is None:
             raise SamplingError("the onnxruntime backend needs an ONNX file", hint="pass --onnx PATH")
         return OnnxRuntimeDenoiser(onnx_path, optimize=optimize)
-    raise SamplingError(f"unknown backend {backend!r}", hint="use pytorch or onnxruntime (tensorrt arrives with the engines issue)")
+    raise AssertionError(f"check_backend accepted {backend!r} without a denoiser for it")
 
 
 def generate(

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,26 +30,106 @@ MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_SCHEMA = 1
 
 
+# Temporary files carry the writer's process id, `.<name>.~<pid>~<random><suffix>.tmp`, so the
+# next successful write of the same artifact can tell the leftovers of a killed writer (pid gone)
+# from the file a live concurrent writer is still filling (pid alive), and delete only the former.
+_TEMP_TAG = "~"
+
+
+def new_temp_path(target: str | os.PathLike[str], suffix: str = "") -> Path:
+    """Create an empty temporary file beside `target` (same folder, so renaming it is atomic)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_TEMP_TAG}{os.getpid()}{_TEMP_TAG}", suffix=suffix + ".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: alive, someone else's; overflow: not a pid we made
+        return True
+    return True
+
+
+def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporary files of `target` whose writer is dead (killed mid-write).
+
+    Only POSIX can ask whether a pid is alive without side effects; elsewhere nothing is removed.
+    A temporary file of a live writer is never touched, so concurrent writers stay safe.
+    """
+    target = Path(target)
+    if os.name != "posix" or not target.parent.is_dir():
+        return []
+    prefix = f".{target.name}.{_TEMP_TAG}"
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+){_TEMP_TAG}.*\.tmp(\.data)?$")
+    removed = []
+    with os.scandir(target.parent) as entries:  # cheap even in a folder of many images
+        for entry in entries:
+            match = pattern.match(entry.name) if entry.name.startswith(prefix) else None
+            if match and not pid_alive(int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Make renames in `folder` durable (POSIX); a no-op where folders cannot be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike[str]) -> Iterator[None]:
+    """Exclusive advisory lock on a folder, for publishing steps that rename several files.
+
+    The kernel releases it when the holder dies, so a SIGKILL never leaves it stuck. Without
+    `fcntl` (Windows) publishing is not serialized.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it over `target` only on success.
 
     The temporary file lives in the same folder so the final `os.replace` never crosses a
-    file system (which would make it a copy, not an atomic rename).
+    file system (which would make it a copy, not an atomic rename). Two writers of the same
+    target each rename a whole file, so the last one wins and neither corrupts the other.
+    After a successful write, temporary files that killed writers left behind are removed.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = new_temp_path(target, suffix)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+        fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+    remove_stale_temps(target)
 
 
 def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
@@ -129,18 +210,26 @@ class Manifest:
 
     @classmethod
     def from_json(cls, obj: Any, source: str = "manifest") -> Manifest:
+        """Parse strictly: anything that is not exactly a manifest is an ArtifactMismatchError."""
         if not isinstance(obj, dict):
             raise ArtifactMismatchError(f"{source}: expected a JSON object, got {type(obj).__name__}")
-        if obj.get("schema") != MANIFEST_SCHEMA:
+        schema = obj.get("schema")
+        if isinstance(schema, bool) or schema != MANIFEST_SCHEMA:
             raise ArtifactMismatchError(
-                f"{source}: manifest schema {obj.get('schema')!r} is not {MANIFEST_SCHEMA}",
+                f"{source}: manifest schema {schema!r} is not {MANIFEST_SCHEMA}",
                 hint="the artifact was made by another qdiff version; rebuild it",
             )
         for key in ("inputs", "settings", "outputs", "details", "versions"):
             if not isinstance(obj.get(key, {}), dict):
                 raise ArtifactMismatchError(f"{source}: field {key!r} must be an object")
+        # Hashes and versions are compared as strings; anything else would never match.
+        for key in ("inputs", "outputs", "versions"):
+            if not all(isinstance(v, str) for v in obj.get(key, {}).values()):
+                raise ArtifactMismatchError(f"{source}: field {key!r} must map names to strings")
         if not isinstance(obj.get("kind"), str):
             raise ArtifactMismatchError(f"{source}: field 'kind' must be a string")
+        if not isinstance(obj.get("created", ""), str):
+            raise ArtifactMismatchError(f"{source}: field 'created' must be a string")
         return cls(
             kind=obj["kind"],
             inputs=dict(obj.get("inputs", {})),
@@ -148,7 +237,7 @@ class Manifest:
             outputs=dict(obj.get("outputs", {})),
             details=dict(obj.get("details", {})),
             versions=dict(obj.get("versions", {})),
-            created=str(obj.get("created", "")),
+            created=obj.get("created", ""),
         )
 
     def matches(self, other: Manifest) -> bool:
@@ -176,8 +265,10 @@ def read_manifest(artifact: str | os.PathLike[str]) -> Manifest | None:
         return None
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactMismatchError(f"{path}: not valid JSON ({exc})", hint="delete it and rerun the stage") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ArtifactMismatchError(f"{path}: not valid JSON ({type(exc).__name__}: {exc})", hint="delete it and rerun the stage") from exc
+    except OSError as exc:
+        raise ArtifactMismatchError(f"{path}: cannot be read ({exc})", hint="delete it and rerun the stage") from exc
     return Manifest.from_json(obj, source=str(path))
 
 

@@ -1,7 +1,9 @@
 """`qdiff` command line: parses arguments and calls `qdiff.api`; nothing else lives here.
 
-User errors (`QdiffError`) print one or two lines on stderr and exit 1; `--verbose` adds the
-traceback. Anything else is a bug and always shows its traceback.
+User errors (`QdiffError`, and OS errors such as a full disk or a folder without write
+permission) print one or two lines on stderr and exit non-zero; so do argument errors (exit 2).
+`--verbose`, before or after the subcommand, adds the traceback. Anything else is a bug and
+always shows its traceback. No subprocess, and never a shell, is started from here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,18 @@ import traceback
 from pathlib import Path
 
 from qdiff.errors import QdiffError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is two lines (what is wrong, where to look), not the usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}\n  hint: see `{self.prog} --help`\n")
+
+
+def _one_line(text: str) -> str:
+    """Messages quoted from other libraries (the ONNX checker, diffusers) may span lines."""
+    return " ".join(str(text).split())
 
 
 def _add_conditioning(p: argparse.ArgumentParser) -> None:
@@ -53,7 +67,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qdiff", description="Post-training quantization of diffusion denoisers: export -> calibrate -> quantize -> sample.")
+    parser = _Parser(prog="qdiff", description="Post-training quantization of diffusion denoisers: export -> calibrate -> quantize -> sample.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -94,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help="continue when a step returns NaN/Inf")
     _sampling_args(p)
     _add_conditioning(p)
+    for p in sub.choices.values():  # also accepted after the subcommand; SUPPRESS keeps an earlier flag
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines")
     return parser
 
 
@@ -130,10 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     except QdiffError as exc:
         if args.verbose:
             traceback.print_exc()
-        print(f"qdiff {args.command}: error: {exc.message}", file=sys.stderr)
+        print(f"qdiff {args.command}: error: {_one_line(exc.message)}", file=sys.stderr)
         if exc.hint:
-            print(f"  hint: {exc.hint}", file=sys.stderr)
+            print(f"  hint: {_one_line(exc.hint)}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the machine, not qdiff: no space left, no permission, ...
+        if args.verbose:
+            traceback.print_exc()
+        print(f"qdiff {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print("  hint: check the path, its permissions and the free disk space; --verbose shows where it happened", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"qdiff {args.command}: interrupted; finished artifacts are intact", file=sys.stderr)
         return 130

@@ -95,6 +95,10 @@ def from_embeddings_file(path: str | Path, unet_config, num_samples: int) -> Con
         raise ConditioningError(f"{path} is not a readable safetensors file: {exc}") from exc
     if "encoder_hidden_states" not in tensors:
         raise ConditioningError(f"{path} has no tensor 'encoder_hidden_states'", hint=f"it holds: {', '.join(tensors) or 'nothing'}")
+    nonfinite = sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if nonfinite:
+        # NaN conditioning would only surface steps later as a NaN denoiser output.
+        raise ConditioningError(f"{path}: tensor(s) {', '.join(nonfinite)} hold NaN or Inf values", hint="recompute the embeddings")
     states = tensors["encoder_hidden_states"].float()
     want_dim = unet_config.cross_attention_dim
     if states.ndim != 3 or states.shape[-1] != want_dim:

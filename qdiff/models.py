@@ -9,6 +9,11 @@ Nothing is ever downloaded: a model is a local folder, read with diffusers' own
 
 The model hash that calibration tables and manifests record covers the UNet's config and
 weights only, since that is what quantization depends on.
+
+Weight files are checked before any library opens them: safetensors headers must parse, and
+pickle-based files (`.bin`, `.pt`, ...) must load with `torch.load(weights_only=True)`, so a
+pickle that would import and call arbitrary code (`os.system`, ...) is refused by name instead
+of trusting that every loader diffusers or transformers uses passes `weights_only` too.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from qdiff.errors import ModelLoadError
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# Files that hold a pickle: loading them with plain `torch.load` can run code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 PACKAGE_MODELS = Path(__file__).parent / "models"
 # The built-in default model. Trained weights ship in qdiff/models/<name>; when that folder is
 # missing, a seeded random-weight model is materialized from the config of the same name.
@@ -99,6 +106,50 @@ def find_unet_dir(model_dir: Path) -> Path:
     )
 
 
+def check_weight_file(path: Path) -> None:
+    """Refuse a weight file that is damaged or could run code, naming it, before it is loaded."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:  # reads and validates the header only
+                fh.keys()
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{path} is not a valid safetensors file ({type(exc).__name__}: {exc})",
+                hint="the file may be truncated or damaged; copy the model folder again",
+            ) from exc
+    elif path.suffix in PICKLE_SUFFIXES:
+        import pickle
+        import warnings
+        import zipfile
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # mmap: the zip format's tensors are mapped, not read, so the check is cheap.
+                torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else "")
+            raise ModelLoadError(
+                f"{path} is a pickle that would run code or build non-tensor objects when loaded ({reason.strip()}); refusing to load it",
+                hint="get the .safetensors weights, or convert this file with a tool you trust on a machine you can throw away",
+            ) from exc
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{path} is not a readable PyTorch weights file ({type(exc).__name__}: {exc})",
+                hint="the file may be truncated or damaged; copy the model folder again",
+            ) from exc
+
+
+def check_weight_files(folder: Path) -> None:
+    """`check_weight_file` on every weight file of a component folder (shards included)."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in (".safetensors", *PICKLE_SUFFIXES):
+            check_weight_file(path)
+
+
 def unet_sha256(unet_dir: Path) -> str:
     files = [unet_dir / "config.json"] + [p for p in unet_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file()]
     return sha256_files(files, unet_dir)
@@ -115,6 +166,7 @@ def _load_unet(unet_dir: Path) -> torch.nn.Module:
         )
     if not any(p.suffix in WEIGHT_SUFFIXES for p in unet_dir.iterdir()):
         raise ModelLoadError(f"{unet_dir} has a config.json but no weights (.safetensors or .bin)")
+    check_weight_files(unet_dir)
     cls = getattr(diffusers, class_name)
     try:
         # Weights are upcast to float32: calibration statistics and the ONNX export are float32.
@@ -128,6 +180,7 @@ def _load_optional(model_dir: Path, sub: str, cls_name: str, module: str) -> Any
     folder = model_dir / sub
     if not folder.is_dir():
         return None
+    check_weight_files(folder)
     lib = __import__(module, fromlist=[cls_name])
     cls = getattr(lib, cls_name)
     try:
@@ -146,9 +199,14 @@ def _load_class_embeddings(model_dir: Path) -> tuple[torch.Tensor | None, list[s
         return None, None
     from safetensors.torch import load_file
 
-    tensors = load_file(str(weights))
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:
+        raise ModelLoadError(f"{weights} is not a readable safetensors file ({type(exc).__name__}: {exc})", hint="copy the model folder again") from exc
     if "embeddings" not in tensors or tensors["embeddings"].ndim != 3:
         raise ModelLoadError(f"{weights} must hold a tensor 'embeddings' of shape [classes + 1, tokens, dim]")
+    if not torch.isfinite(tensors["embeddings"].float()).all():
+        raise ModelLoadError(f"{weights}: tensor 'embeddings' holds NaN or Inf values", hint="the file is damaged; copy the model folder again")
     names = None
     if (folder / "classes.json").is_file():
         names = list(_read_json(folder / "classes.json").get("class_names", []))

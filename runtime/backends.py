@@ -9,6 +9,7 @@ step by step from the same seeds.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +22,37 @@ from qdiff.errors import BackendUnavailableError, OnnxModelError
 
 class Denoiser(Protocol):
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None, **added_cond: torch.Tensor) -> torch.Tensor: ...
+
+
+# The backends `check_backend` knows; only tensorrt needs more than the CPU packages qdiff installs.
+BACKENDS = ("pytorch", "onnxruntime", "tensorrt")
+
+
+def _tensorrt_missing() -> list[str]:
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+    if importlib.util.find_spec("tensorrt") is None:
+        missing.append("the tensorrt Python package (pip install qdiff[gpu])")
+    return missing
+
+
+def check_backend(name: str) -> None:
+    """Raise `BackendUnavailableError` when this machine cannot run backend `name`.
+
+    The message is one line: what is missing, and which backend works here instead, so the CLI
+    shows exactly that and nothing else.
+    """
+    if name in ("pytorch", "onnxruntime"):
+        return
+    if name == "tensorrt":
+        missing = _tensorrt_missing()
+        if missing:
+            raise BackendUnavailableError(
+                f"the tensorrt backend needs {' and '.join(missing)}; use the onnxruntime backend (CPU, same Q/DQ graph) or pytorch instead"
+            )
+        raise BackendUnavailableError("the tensorrt backend is not implemented yet (engines are pending); use the onnxruntime backend or pytorch instead")
+    raise BackendUnavailableError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
 
 
 def _timestep_batch(timestep: torch.Tensor | float | int, batch: int) -> torch.Tensor:
@@ -71,8 +103,8 @@ class OnnxRuntimeDenoiser:
         missing = [p for p in providers if p not in available]
         if missing:
             raise BackendUnavailableError(
-                f"ONNX Runtime here lacks {', '.join(missing)} (it has {', '.join(available)})",
-                hint="install onnxruntime-gpu for CUDA, or use the CPU provider",
+                f"ONNX Runtime here lacks {', '.join(missing)} (it has {', '.join(available)}); "
+                "use providers=['CPUExecutionProvider'], or install onnxruntime-gpu on a machine with a CUDA GPU"
             )
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
