@@ -115,7 +115,3 @@ def to_uint8(images: torch.Tensor) -> "list":
     arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
     return list(arrays)
 
-
-def check_nonempty(num_samples: int) -> None:
-    if num_samples < 1:
-        raise SamplingError(f"asked for {num_samples} samples; need at least 1")
