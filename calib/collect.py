@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from qdiff.calib.observers import ActivationRecorder, weight_amax
+from qdiff.calib.observers import ActivationRecorder, weight_amax, weight_amax_of
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable, LayerRanges
+from qdiff.calib.shortcuts import find_split_shortcuts
 from qdiff.calib.targets import select_targets
 from qdiff.conditioning import Conditioning
 from qdiff.errors import CalibrationError
@@ -96,7 +97,12 @@ def collect_ranges(
     recorded_timesteps: list[float] = []
     batches = list(range(0, total, recipe.batch_size))
     bar = progress(total=len(batches) * (last + 1), desc="calibrate", unit="step") if progress else None
-    with ActivationRecorder(targets, recipe) as recorder:
+    example = _example_call(unet, sample_shape, conditioning)
+    splits: dict[str, int] = {}
+    if recipe.split_shortcut:
+        conv_targets = {t.name for t in targets if t.op == "Conv"}
+        splits = {name: c for name, c in find_split_shortcuts(unet, example).items() if name in conv_targets}
+    with ActivationRecorder(targets, recipe, splits) as recorder:
 
         def before_step(i: int, t: float) -> None:
             recorder.enabled = i in keep
@@ -125,7 +131,6 @@ def collect_ranges(
         observers = recorder.observers
         never_ran = [name for name, obs in observers.items() if obs.batches == 0]
         table = CalibrationTable(model_sha256=model_sha256, recipe=recipe.to_json())
-        example = _example_call(unet, sample_shape, conditioning)
         macs = layer_macs(unet, example, [t.name for t in targets] + [s.name for s in skipped])
         for target in targets:
             observer = observers[target.name]
@@ -136,7 +141,10 @@ def collect_ranges(
                 table.degenerate.append(f"{target.name}:input")
             weights = weight_amax(target, recipe)
             table.degenerate += [f"{target.name}:weight[{c}]" for c, w in enumerate(weights) if w <= 0]
-            table.layers[target.name] = LayerRanges(op=target.op, input=amax, weight=weights, macs=macs.get(target.name))
+            ranges = LayerRanges(op=target.op, input=amax, weight=weights, macs=macs.get(target.name))
+            if target.name in recorder.branch_observers:
+                _add_split_ranges(ranges, target, splits[target.name], recorder.branch_observers[target.name], recipe, table.degenerate)
+            table.layers[target.name] = ranges
     table.provenance = {
         "scheduler": scheduler_name,
         "scheduler_class": type(scheduler).__name__,
@@ -151,9 +159,24 @@ def collect_ranges(
         "conditioning": conditioning.source if conditioning else "none (unconditional model)",
         "sample_shape": list(sample_shape),
         "layers_never_run": never_ran,
+        "split_shortcut_layers": {name: splits[name] for name in sorted(splits)},
         "float_layers": [{"module": s.name, "op": s.op, "reason": s.reason, "macs": macs.get(s.name, 0)} for s in skipped],
     }
     return table
+
+
+def _add_split_ranges(ranges: LayerRanges, target, split: int, branches, recipe: Recipe, degenerate: list[str]) -> None:
+    """Per-branch activation ranges and per-branch (input-channel slice) weight ranges."""
+    ranges.split_channels = split
+    ranges.shortcut_a, ranges.shortcut_b = (obs.amax() for obs in branches)
+    weight = target.module.weight
+    ranges.weight_a = weight_amax_of(weight[:, :split], target.weight_axis, recipe)
+    ranges.weight_b = weight_amax_of(weight[:, split:], target.weight_axis, recipe)
+    for role in ("shortcut_a", "shortcut_b"):
+        if getattr(ranges, role) <= 0:
+            degenerate.append(f"{target.name}:{role}")
+    for role in ("weight_a", "weight_b"):
+        degenerate += [f"{target.name}:{role}[{c}]" for c, w in enumerate(getattr(ranges, role)) if w <= 0]
 
 
 def _example_call(unet: nn.Module, sample_shape: tuple[int, int, int], conditioning: Conditioning | None) -> dict[str, torch.Tensor]:

@@ -47,6 +47,35 @@ class FakeQuantLayer(nn.Module):
         return layer._conv_forward(x, weight, layer.bias)
 
 
+class SplitShortcutFakeQuant(nn.Module):
+    """A Conv2d whose input is cat([a, b], dim=1), quantized per branch (Q-Diffusion's split):
+    conv(fq(a, s_a), fq(W[:, :C_a])) + conv(fq(b, s_b), fq(W[:, C_a:])) + bias.
+
+    The same function the split-shortcut ONNX rewrite computes (two Convs, bias on the first,
+    then Add)."""
+
+    def __init__(self, layer: nn.Conv2d, split_channels: int, input_scales: tuple[float, float], weight_scales: tuple[torch.Tensor, torch.Tensor], weight_qmax: int):
+        super().__init__()
+        if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
+            raise CalibrationError(f"split-shortcut needs an ungrouped Conv2d, got {layer!r}")
+        self.layer = layer
+        self.split_channels = split_channels
+        self.register_buffer("input_scale_a", torch.tensor(input_scales[0], dtype=torch.float32))
+        self.register_buffer("input_scale_b", torch.tensor(input_scales[1], dtype=torch.float32))
+        self.register_buffer("weight_scale_a", weight_scales[0].float())
+        self.register_buffer("weight_scale_b", weight_scales[1].float())
+        self.weight_qmax = weight_qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.split_channels
+        layer = self.layer
+        xa = fake_quantize(x[:, :c], self.input_scale_a)
+        xb = fake_quantize(x[:, c:], self.input_scale_b)
+        wa = fake_quantize(layer.weight[:, :c], self.weight_scale_a, axis=0, qmax=self.weight_qmax)
+        wb = fake_quantize(layer.weight[:, c:], self.weight_scale_b, axis=0, qmax=self.weight_qmax)
+        return layer._conv_forward(xa, wa, layer.bias) + layer._conv_forward(xb, wb, None)
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -64,6 +93,16 @@ def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Re
             continue  # the layer never ran during calibration (and so is not in the export either)
         if ranges.input is None or ranges.weight is None:
             raise CalibrationError(f"layer {target.name!r} has no input or weight range in the table")
+        if recipe.split_shortcut and ranges.split_channels is not None:
+            wrapper = SplitShortcutFakeQuant(
+                target.module,
+                ranges.split_channels,
+                (float(scale_from_amax(ranges.shortcut_a, recipe.activation_qmax)), float(scale_from_amax(ranges.shortcut_b, recipe.activation_qmax))),
+                (torch.from_numpy(scale_from_amax(ranges.weight_a, recipe.weight_qmax)), torch.from_numpy(scale_from_amax(ranges.weight_b, recipe.weight_qmax))),
+                recipe.weight_qmax,
+            )
+            _set_submodule(quantized, target.name, wrapper)
+            continue
         input_scale = float(scale_from_amax(ranges.input, recipe.activation_qmax))
         weight_scale = torch.from_numpy(scale_from_amax(ranges.weight, recipe.weight_qmax))
         wrapper = FakeQuantLayer(target.module, input_scale, weight_scale, target.weight_axis, recipe.weight_qmax)

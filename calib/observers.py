@@ -98,19 +98,30 @@ class ActivationRecorder:
     caller flips `enabled` around the denoiser calls it wants recorded.
     """
 
-    def __init__(self, targets: Iterable[Target], recipe: Recipe) -> None:
+    def __init__(self, targets: Iterable[Target], recipe: Recipe, splits: dict[str, int] | None = None) -> None:
         self.enabled = False
         self.observers: dict[str, ActivationObserver] = {}
+        # Split-shortcut layers: one more observer per concat branch (channels [:split], [split:]).
+        self.branch_observers: dict[str, tuple[ActivationObserver, ActivationObserver]] = {}
         self._handles = []
+        splits = splits or {}
         for target in targets:
             observer = ActivationObserver(recipe)
             self.observers[target.name] = observer
-            self._handles.append(target.module.register_forward_pre_hook(self._hook(observer)))
+            split = splits.get(target.name)
+            branches = None
+            if split is not None:
+                branches = (ActivationObserver(recipe), ActivationObserver(recipe))
+                self.branch_observers[target.name] = branches
+            self._handles.append(target.module.register_forward_pre_hook(self._hook(observer, split, branches)))
 
-    def _hook(self, observer: ActivationObserver):
+    def _hook(self, observer: ActivationObserver, split: int | None = None, branches=None):
         def hook(_module: nn.Module, args: tuple) -> None:
             if self.enabled and args:
                 observer.collect(args[0])
+                if branches is not None:
+                    branches[0].collect(args[0][:, :split])
+                    branches[1].collect(args[0][:, split:])
 
         return hook
 
@@ -128,8 +139,12 @@ class ActivationRecorder:
 
 def weight_amax(target: Target, recipe: Recipe) -> list[float]:
     """Per-output-channel weight range: absolute max, or the MSE-optimal clip per channel."""
-    weight = target.module.weight.detach().float()
-    axis = target.weight_axis
+    return weight_amax_of(target.module.weight, target.weight_axis, recipe)
+
+
+def weight_amax_of(weight: torch.Tensor, axis: int, recipe: Recipe) -> list[float]:
+    """`weight_amax` for any weight tensor (e.g. one input-channel slice of a split layer)."""
+    weight = weight.detach().float()
     per_channel = weight.transpose(0, axis).reshape(weight.shape[axis], -1)
     if recipe.weight_calibrator == "max":
         calibrator = pq_calib.MaxCalibrator(recipe.weight_bits, 0, False)

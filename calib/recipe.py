@@ -44,6 +44,8 @@ class Recipe:
     seed: int = 0
     exclude: tuple[str, ...] = ("conv_in", "conv_out")
     quantize_ops: tuple[str, ...] = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+    # Up-block resnets' `conv_shortcut` sees cat([hidden_states, skip]): give each branch its own
+    # activation and weight quantizer (export: two Convs + Add). See calib.shortcuts.
     split_shortcut: bool = False
     histogram_bins: int = 2048
 
@@ -121,8 +123,10 @@ class Recipe:
 
 
 PRESETS: dict[str, Recipe] = {
-    "w8a8": Recipe(name="w8a8"),
-    "w4a8": Recipe(name="w4a8", weight_bits=4, weight_calibrator="mse"),
+    # Q-Diffusion's split-shortcut quantization is on in the presets; a bare `Recipe()` (and a
+    # recipe JSON without the key) keeps it off, so older tables and graphs mean what they meant.
+    "w8a8": Recipe(name="w8a8", split_shortcut=True),
+    "w4a8": Recipe(name="w4a8", weight_bits=4, weight_calibrator="mse", split_shortcut=True),
 }
 
 

@@ -22,7 +22,9 @@ from qdiff.artifacts import write_json_atomic
 from qdiff.errors import CalibrationError
 
 TABLE_SCHEMA = 1
-ROLES = ("input", "weight", "shortcut_a", "shortcut_b")
+ROLES = ("input", "weight", "shortcut_a", "shortcut_b", "weight_a", "weight_b")
+# A split-shortcut layer has all of these or none (see calib.shortcuts).
+SPLIT_FIELDS = ("shortcut_a", "shortcut_b", "weight_a", "weight_b", "split_channels")
 TOP_LEVEL_FIELDS = ("schema", "model_sha256", "recipe", "provenance", "degenerate", "layers")
 
 
@@ -35,6 +37,9 @@ class LayerRanges:
     weight: list[float] | None = None
     shortcut_a: float | None = None
     shortcut_b: float | None = None
+    # Per-output-channel weight ranges of the two input-channel slices W[:, :split], W[:, split:].
+    weight_a: list[float] | None = None
+    weight_b: list[float] | None = None
     # Input channels of the first concat branch, for split-shortcut layers.
     split_channels: int | None = None
     # Multiply-accumulates per sample at the calibration resolution (for coverage reports).
@@ -172,10 +177,26 @@ def _parse_layer(name: Any, entry: Any, source: str) -> LayerRanges:
         if not isinstance(weight, list) or not weight:
             raise CalibrationError(f"{where} role 'weight': expected a non-empty list of per-channel ranges")
         ranges.weight = [_finite_range(v, f"{where} role 'weight' channel {i}") for i, v in enumerate(weight)]
+    for role in ("weight_a", "weight_b"):
+        if role in entry:
+            values = entry[role]
+            if not isinstance(values, list) or not values:
+                raise CalibrationError(f"{where} role {role!r}: expected a non-empty list of per-channel ranges")
+            setattr(ranges, role, [_finite_range(v, f"{where} role {role!r} channel {i}") for i, v in enumerate(values)])
     if "split_channels" in entry:
         ranges.split_channels = _int_field(entry["split_channels"], f"{where}: 'split_channels'", minimum=1)
     if "macs" in entry:
         ranges.macs = _int_field(entry["macs"], f"{where}: 'macs'", minimum=0)
+    present = [k for k in SPLIT_FIELDS if k in entry]
+    if present and len(present) != len(SPLIT_FIELDS):
+        raise CalibrationError(
+            f"{where}: a split-shortcut entry needs all of {list(SPLIT_FIELDS)}, it has only {present}",
+            hint="the table was edited or is incomplete; rerun `qdiff calibrate`",
+        )
+    if present:
+        lengths = {len(ranges.weight_a), len(ranges.weight_b)} | ({len(ranges.weight)} if ranges.weight is not None else set())
+        if len(lengths) != 1:
+            raise CalibrationError(f"{where}: 'weight', 'weight_a' and 'weight_b' must have the same number of output channels")
     return ranges
 
 

@@ -33,6 +33,7 @@ from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.errors import QuantizationError
 from qdiff.export.graph_index import WeightedNode, weighted_nodes
+from qdiff.export.split_shortcut import channel_counts, split_concat_conv
 
 
 @dataclass
@@ -138,9 +139,33 @@ def _check_weight(wn: WeightedNode, amax: list[float]) -> None:
         )
 
 
+def _quantize_split(graph: gs.Graph, builder: _QdqBuilder, wn: WeightedNode, ranges, recipe: Recipe, counts: dict[str, int], report: QdqReport) -> None:
+    """Split-shortcut layer: two Convs on the concat branches, each with its own Q/DQ, then Add."""
+    if wn.op != "Conv":
+        raise QuantizationError(f"split-shortcut layer {wn.module!r} (node {wn.node.name}) is a {wn.op}, not a Conv")
+    for role in ("weight_a", "weight_b"):
+        if len(getattr(ranges, role)) != len(ranges.weight):
+            raise QuantizationError(f"layer {wn.module!r}: {role} has {len(getattr(ranges, role))} channels, weight has {len(ranges.weight)}")
+    split = split_concat_conv(graph, wn.node, ranges.split_channels, wn.module, counts)
+    for branch, conv in (("a", split.conv_a), ("b", split.conv_b)):
+        amax = getattr(ranges, f"shortcut_{branch}")
+        w_amax = getattr(ranges, f"weight_{branch}")
+        if amax <= MIN_AMAX:
+            report.degenerate_ranges.append(f"{wn.module}:shortcut_{branch}")
+        report.degenerate_ranges += [f"{wn.module}:weight_{branch}[{c}]" for c, v in enumerate(w_amax) if v <= MIN_AMAX]
+        act_scale = scale_from_amax(amax, recipe.activation_qmax)
+        w_scale = scale_from_amax(w_amax, recipe.weight_qmax)
+        weight = conv.inputs[1]
+        weight.values = _clip_weight(weight.values, w_scale, 0, recipe.weight_qmax)
+        conv.inputs[0] = builder.quantize(conv.inputs[0], act_scale, None, f"{wn.module}/input_quantizer_{branch}")
+        conv.inputs[1] = builder.quantize(weight, w_scale, 0, f"{wn.module}/weight_quantizer_{branch}")
+
+
 def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe | None = None) -> tuple[onnx.ModelProto, QdqReport]:
     """Return a Q/DQ copy of `model` and a report of what was quantized."""
     recipe = recipe or Recipe.from_json(table.recipe)
+    splits = {name: r.split_channels for name, r in table.layers.items() if r.split_channels is not None} if recipe.split_shortcut else {}
+    counts = channel_counts(model) if splits else {}
     graph = gs.import_onnx(model)
     builder = _QdqBuilder(graph)
     report = QdqReport()
@@ -163,6 +188,10 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
             missing.append(f"{wn.module} (node {wn.node.name})")
             continue
         _check_weight(wn, ranges.weight)
+        if wn.module in splits:
+            _quantize_split(graph, builder, wn, ranges, recipe, counts, report)
+            decision.quantized = True
+            continue
         if ranges.input <= MIN_AMAX:
             report.degenerate_ranges.append(f"{wn.module}:input")
         report.degenerate_ranges += [f"{wn.module}:weight[{c}]" for c, amax in enumerate(ranges.weight) if amax <= MIN_AMAX]

@@ -47,10 +47,11 @@ def _add_recipe(p: argparse.ArgumentParser, default: str = "w8a8") -> None:
     g.add_argument("--calib-steps", dest="calibration_steps", type=int, help="length of the calibration trajectory")
     g.add_argument("--calib-batch", dest="batch_size", type=int, help="trajectories per batch during calibration")
     g.add_argument("--scheduler", help="scheduler of the calibration trajectory (default: the recipe's, ddim)")
+    g.add_argument("--split-shortcut", action=argparse.BooleanOptionalAction, default=None, help="per-branch quantization of skip-concat convolutions (the presets: on)")
 
 
 def _recipe_overrides(args: argparse.Namespace) -> dict:
-    keys = ("activation_calibrator", "percentile", "num_timesteps", "samples_per_timestep", "calibration_steps", "batch_size")
+    keys = ("activation_calibrator", "percentile", "num_timesteps", "samples_per_timestep", "calibration_steps", "batch_size", "split_shortcut")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
