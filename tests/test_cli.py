@@ -23,10 +23,11 @@ def test_every_stage_through_the_cli(class_cond_model_dir, tmp_path):
     onnx_path = Path(r.stdout.strip().splitlines()[-1])
     assert onnx_path == out / "denoiser.onnx" and onnx_path.is_file()
 
-    r = qdiff("calibrate", class_cond_model_dir, "-o", out, "--recipe", "w8a8", "--calibrator", "percentile", "--timesteps", "3", "--samples", "4", "--calib-steps", "6")
+    r = qdiff("calibrate", class_cond_model_dir, "-o", out, "--recipe", "w8a8", "--calibrator", "percentile", "--timesteps", "3", "--samples", "4", "--calib-steps", "6", "--no-split-shortcut")
     assert r.returncode == 0, r.stderr
     table = json.loads((out / "calibration.json").read_text())
     assert table["recipe"]["activation_calibrator"] == "percentile" and table["provenance"]["step_indices"] == [0, 2, 5]
+    assert table["recipe"]["split_shortcut"] is False and not any("shortcut_a" in e for e in table["layers"].values())
 
     r = qdiff("quantize", onnx_path, "--calib", out / "calibration.json")
     assert r.returncode == 0, r.stderr
