@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qdiff.calib.hooks import forward_with_hooks
 from qdiff.calib.observers import ActivationRecorder, weight_amax, weight_amax_of
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable, LayerRanges
@@ -55,12 +56,7 @@ def layer_macs(model: nn.Module, example: dict[str, torch.Tensor], names: list[s
             macs[name] = macs.get(name, 0) + out.numel() // out.shape[0] * per_output
 
         handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(**example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, example, handles)
     return macs
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdiff.calib.hooks import forward_with_hooks
+
 SKIP_ARG = "res_hidden_states_tuple"
 
 
@@ -67,10 +69,5 @@ def find_split_shortcuts(model: nn.Module, example: dict[str, Any]) -> dict[str,
                         return
 
             handles.append(conv.register_forward_pre_hook(conv_hook))
-    try:
-        with torch.no_grad():
-            model(**example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_with_hooks(model, example, handles)
     return found

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-import torch
 
 from qdiff.api import calibrate, export_model, quantize_onnx
 from qdiff.calib.fake_quant import build_fake_quant_model
