@@ -90,3 +90,32 @@ def fast_recipe():
     from qdiff.calib.recipe import Recipe
 
     return Recipe(name="w8a8", num_timesteps=4, samples_per_timestep=4, calibration_steps=8, batch_size=4)
+
+
+def quantize_model(model_dir: Path, out: Path, recipe):
+    """Export, calibrate and quantize `model_dir` into `out`: (bundle, fp32 onnx, table, result)."""
+    from qdiff.api import calibrate, export_model, quantize_onnx
+    from qdiff.models import load_model
+
+    exported = export_model(model_dir, out)
+    table = calibrate(model_dir, out, recipe)
+    q = quantize_onnx(exported.onnx_path, table.table_path)
+    return load_model(model_dir), exported.onnx_path, table.table, q
+
+
+def compare_with_fake_quant(bundle, table, qdq_path, seeds):
+    """(Q/DQ graph under ORT vs fake-quant reference, FP32 vs fake-quant reference) per seed."""
+    from qdiff.calib.fake_quant import build_fake_quant_model
+    from qdiff.export.onnx_export import example_inputs
+    from qdiff.export.validate import error_stats
+    from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
+
+    reference = TorchDenoiser(build_fake_quant_model(bundle.unet, table))
+    session = OnnxRuntimeDenoiser(qdq_path, optimize=False)
+    results = []
+    for seed in seeds:
+        inputs = example_inputs(bundle.unet, batch=2, seed=seed, tokens=3)
+        sample, t = inputs.pop("sample"), inputs.pop("timestep")
+        ref = reference(sample, t, **inputs)
+        results.append((error_stats(session(sample, t, **inputs), ref), error_stats(TorchDenoiser(bundle.unet)(sample, t, **inputs), ref)))
+    return results

@@ -17,37 +17,17 @@ from qdiff.export.qdq import insert_qdq
 from qdiff.export.validate import error_stats
 from qdiff.models import load_model
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
+from tests.conftest import compare_with_fake_quant, quantize_model
 
 
 @pytest.fixture(scope="module")
 def quantized_uncond(uncond_model_dir, tmp_path_factory, fast_recipe):
-    out = tmp_path_factory.mktemp("q_uncond")
-    exported = export_model(uncond_model_dir, out)
-    table = calibrate(uncond_model_dir, out, fast_recipe)
-    q = quantize_onnx(exported.onnx_path, table.table_path)
-    return load_model(uncond_model_dir), exported.onnx_path, table.table, q
+    return quantize_model(uncond_model_dir, tmp_path_factory.mktemp("q_uncond"), fast_recipe)
 
 
 @pytest.fixture(scope="module")
 def quantized_cond(class_cond_model_dir, tmp_path_factory, fast_recipe):
-    out = tmp_path_factory.mktemp("q_cond")
-    exported = export_model(class_cond_model_dir, out)
-    table = calibrate(class_cond_model_dir, out, fast_recipe)
-    q = quantize_onnx(exported.onnx_path, table.table_path)
-    return load_model(class_cond_model_dir), exported.onnx_path, table.table, q
-
-
-def _compare(bundle, table, qdq_path, seeds):
-    """(Q/DQ graph vs fake-quant reference, FP32 vs fake-quant reference) per seed."""
-    reference = TorchDenoiser(build_fake_quant_model(bundle.unet, table))
-    session = OnnxRuntimeDenoiser(qdq_path, optimize=False)
-    results = []
-    for seed in seeds:
-        inputs = example_inputs(bundle.unet, batch=2, seed=seed, tokens=3)
-        sample, t = inputs.pop("sample"), inputs.pop("timestep")
-        ref = reference(sample, t, **inputs)
-        results.append((error_stats(session(sample, t, **inputs), ref), error_stats(TorchDenoiser(bundle.unet)(sample, t, **inputs), ref)))
-    return results
+    return quantize_model(class_cond_model_dir, tmp_path_factory.mktemp("q_cond"), fast_recipe)
 
 
 @pytest.mark.parametrize("which", ["quantized_uncond", "quantized_cond"])
@@ -62,7 +42,7 @@ def test_qdq_graph_equals_fake_quant_reference(which, request):
     disagrees by more than the order of the quantization error itself.
     """
     bundle, _, table, q = request.getfixturevalue(which)
-    results = _compare(bundle, table, q.onnx_path, range(1, 6))
+    results = compare_with_fake_quant(bundle, table, q.onnx_path, range(1, 6))
     exact = [qdq.rel_l2 < 1e-5 for qdq, _ in results]
     assert sum(exact) >= 3, [str(qdq) for qdq, _ in results]
     for qdq_vs_ref, fp32_vs_ref in results:
@@ -163,5 +143,5 @@ def test_w4_weights_take_at_most_16_levels(uncond_model_dir, tmp_path, fast_reci
             checked += 1
     assert checked == q.report.to_json()["quantized_layers"]
     bundle = load_model(uncond_model_dir)
-    results = _compare(bundle, table.table, q.onnx_path, range(1, 4))
+    results = compare_with_fake_quant(bundle, table.table, q.onnx_path, range(1, 4))
     assert sum(qdq.rel_l2 < 1e-5 for qdq, _ in results) >= 2

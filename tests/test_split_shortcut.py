@@ -8,7 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from qdiff.api import calibrate, export_model, quantize_onnx
+from qdiff.api import calibrate
 from qdiff.calib.recipe import PRESETS, Recipe
 from qdiff.calib.shortcuts import find_split_shortcuts
 from qdiff.calib.table import CalibrationTable
@@ -18,31 +18,23 @@ from qdiff.export.onnx_export import example_inputs
 from qdiff.export.qdq import insert_qdq
 from qdiff.export.split_shortcut import split_concat_conv, split_shortcuts
 from qdiff.export.validate import error_stats
-from qdiff.models import load_model
+from qdiff.models import PACKAGE_MODELS, load_model
 from qdiff.calib.fake_quant import build_fake_quant_model
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
 
-from test_qdq import _compare
+from tests.conftest import compare_with_fake_quant, quantize_model
 
-SHAPES_DDPM = "qdiff/models/shapes-ddpm"
+SHAPES_DDPM = PACKAGE_MODELS / "shapes-ddpm"
 
 
 @pytest.fixture(scope="module")
 def split_uncond(uncond_model_dir, tmp_path_factory, fast_recipe):
-    out = tmp_path_factory.mktemp("split_uncond")
-    exported = export_model(uncond_model_dir, out)
-    table = calibrate(uncond_model_dir, out, fast_recipe.with_overrides(split_shortcut=True))
-    q = quantize_onnx(exported.onnx_path, table.table_path)
-    return load_model(uncond_model_dir), exported.onnx_path, table.table, q
+    return quantize_model(uncond_model_dir, tmp_path_factory.mktemp("split_uncond"), fast_recipe.with_overrides(split_shortcut=True))
 
 
 @pytest.fixture(scope="module")
 def split_cond(class_cond_model_dir, tmp_path_factory, fast_recipe):
-    out = tmp_path_factory.mktemp("split_cond")
-    exported = export_model(class_cond_model_dir, out)
-    table = calibrate(class_cond_model_dir, out, fast_recipe.with_overrides(split_shortcut=True))
-    q = quantize_onnx(exported.onnx_path, table.table_path)
-    return load_model(class_cond_model_dir), exported.onnx_path, table.table, q
+    return quantize_model(class_cond_model_dir, tmp_path_factory.mktemp("split_cond"), fast_recipe.with_overrides(split_shortcut=True))
 
 
 def _split_layers(table: CalibrationTable) -> dict[str, int]:
@@ -118,7 +110,7 @@ def test_rewrite_refuses_a_wrong_split_point(split_uncond):
 def test_split_qdq_graph_equals_fake_quant_reference(split_uncond):
     """The whole model, same criterion as test_qdq's: most inputs agree at float32 round-off."""
     bundle, _, table, q = split_uncond
-    results = _compare(bundle, table, q.onnx_path, range(1, 6))
+    results = compare_with_fake_quant(bundle, table, q.onnx_path, range(1, 6))
     exact = [qdq.rel_l2 < 1e-5 for qdq, _ in results]
     assert sum(exact) >= 3, [str(qdq) for qdq, _ in results]
     for qdq_vs_ref, fp32_vs_ref in results:
