@@ -9,6 +9,7 @@ failure or a kill leaves the previous artifact intact.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -24,7 +25,7 @@ from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file,
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.conditioning import Conditioning, resolve_conditioning
-from qdiff.errors import ArtifactMismatchError, ExportError, SamplingError
+from qdiff.errors import ArtifactMismatchError, ExportError, OnnxModelError, SamplingError
 from qdiff.models import ModelBundle, load_model
 from qdiff.progress import log, progress
 
@@ -118,11 +119,17 @@ def export_model(model: ModelLike, out: str | Path, *, opset: int = 17, external
         validation = validate_export(bundle.unet, staged) if check else []
         publish_onnx(staged, target)
     wanted.outputs = {"sha256": sha256_file(target)}
-    wanted.details = {"validation": validation, "seconds": round(time.perf_counter() - started, 2), "model_path": str(bundle.path)}
+    wanted.details = {"validation": validation, "seconds": round(time.perf_counter() - started, 2), "model_path": str(bundle.path), "unet_config": _unet_config(bundle)}
     write_manifest(target, wanted)
     for v in validation:
         log(f"export: batch {v['batch']}: max|d|={v['max_abs']:.2e} relL2={v['rel_l2']:.2e} vs PyTorch")
     return ExportResult(target, validation)
+
+
+def _unet_config(bundle: ModelBundle) -> dict[str, Any]:
+    """The UNet's diffusers config, kept with the graph so an engine built from it can stand in
+    for the UNet inside a diffusers pipeline (which reads `unet.config`)."""
+    return json.loads(json.dumps(dict(bundle.unet.config), default=str))
 
 
 # ----------------------------------------------------------------------------- calibrate
@@ -133,6 +140,8 @@ class CalibrateResult:
     table_path: Path
     table: CalibrationTable
     reused: bool = False
+    # Per-timestep ranges and branch histograms beside the table (calib.timestep_stats).
+    stats_path: Path | None = None
 
 
 def _conditioning_key(cond: Conditioning | None) -> str:
@@ -158,10 +167,13 @@ def calibrate(
     embeddings: str | Path | None = None,
     random_conditioning: bool = False,
     force: bool = False,
+    timestep_stats: bool = True,
     **recipe_overrides: Any,
 ) -> CalibrateResult:
-    """Timestep-uniform calibration over the model's own sampler; writes the calibration table."""
+    """Timestep-uniform calibration over the model's own sampler; writes the calibration table,
+    and with `timestep_stats` the per-timestep statistics beside it (`calibration.stats.npz`)."""
     from qdiff.calib.collect import collect_ranges
+    from qdiff.calib.timestep_stats import TimestepStatsRecorder, stats_path_for
     from qdiff.runtime.backends import TorchDenoiser
     from qdiff.runtime.sampler import denoise
     from qdiff.runtime.schedulers import make_scheduler
@@ -178,15 +190,17 @@ def calibrate(
         inputs={"model_sha256": bundle.model_sha256, "conditioning": _conditioning_key(conditioning)},
         settings={"recipe": recipe.to_json()},
     )
-    if not force and is_up_to_date(target, wanted):
+    stats_path = stats_path_for(target)
+    if not force and is_up_to_date(target, wanted) and (not timestep_stats or _stats_intact(target, stats_path)):
         log(f"calibrate: {target} is up to date (same model, conditioning and recipe); skipping")
-        return CalibrateResult(target, CalibrationTable.load(target), reused=True)
+        return CalibrateResult(target, CalibrationTable.load(target), reused=True, stats_path=stats_path if stats_path.is_file() else None)
     sched = make_scheduler(recipe.scheduler, bundle.scheduler_config)
     log(
         f"calibrate: {recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps of a {recipe.calibration_steps}-step "
         f"{recipe.scheduler} loop, {recipe.activation_calibrator} calibrator"
     )
     started = time.perf_counter()
+    recorder = TimestepStatsRecorder(seed=recipe.seed) if timestep_stats else None
     table = collect_ranges(
         bundle.unet,
         TorchDenoiser(bundle.unet),
@@ -198,14 +212,26 @@ def calibrate(
         model_sha256=bundle.model_sha256,
         scheduler_name=recipe.scheduler,
         progress=progress,
+        timestep_stats=recorder,
     )
     table.provenance["model_path"] = str(bundle.path)
     table.save(target)
     wanted.outputs = {"sha256": sha256_file(target)}
+    if recorder is not None:
+        recorder.result().save(stats_path)
+        wanted.outputs["stats_sha256"] = sha256_file(stats_path)
+    else:
+        stats_path.unlink(missing_ok=True)  # an older table's statistics would describe other ranges
     wanted.details = {"seconds": round(time.perf_counter() - started, 2), "layers": len(table.layers), "degenerate": table.degenerate}
     write_manifest(target, wanted)
     log(f"calibrate: {len(table.layers)} layers calibrated in {wanted.details['seconds']} s -> {target}")
-    return CalibrateResult(target, table)
+    return CalibrateResult(target, table, stats_path=stats_path if recorder is not None else None)
+
+
+def _stats_intact(table_path: Path, stats_path: Path) -> bool:
+    """The statistics file is the one the table's manifest recorded (so it describes this table)."""
+    recorded = read_manifest(table_path).outputs.get("stats_sha256")
+    return recorded is not None and stats_path.is_file() and sha256_file(stats_path) == recorded
 
 
 # ----------------------------------------------------------------------------- quantize
@@ -250,10 +276,103 @@ def quantize_onnx(onnx_path: str | Path, table_path: str | Path, out: str | Path
         report = quantize_file(onnx_path, table, staged, recipe)
         publish_onnx(staged, target)
     wanted.outputs = {"sha256": sha256_file(target)}
-    wanted.details = {"coverage": report.to_json()}
+    wanted.details = {"coverage": report.to_json(), "weight_bits": recipe.weight_bits, "activation_bits": recipe.activation_bits}
+    if export_manifest is not None and "unet_config" in export_manifest.details:
+        wanted.details["unet_config"] = export_manifest.details["unet_config"]
     write_manifest(target, wanted)
     log("quantize: " + report.summary())
     return QuantizeResult(target, report)
+
+
+# ----------------------------------------------------------------------------- build / inspect
+
+
+def build_engine(
+    onnx: str | Path,
+    out_dir: str | Path,
+    *,
+    precision: str = "fp16",
+    batch: tuple[int, ...] | int = (1, 2, 4),
+    size: tuple[int, ...] | int | None = None,
+    tokens: tuple[int, ...] | int = 77,
+    shapes: dict[str, Any] | None = None,
+    workspace_gib: float | None = None,
+    optimization_level: int | None = None,
+    tactic_sources: str | None = None,
+    timing_cache: str | Path | None = None,
+    strongly_typed: bool = False,
+    force: bool = False,
+    verbose: bool = False,
+):
+    """Build a TensorRT engine folder from an exported (fp16/fp32) or quantized (int8/w4a8) graph.
+
+    The profile covers `batch` x `size` (in the sample's own pixels: latent pixels for latent
+    models; default: the model's sample_size) x `tokens`; `shapes` overrides any input's range.
+    """
+    from qdiff.engines.builder import BuildSettings, graph_facts
+    from qdiff.engines.builder import build_engine as _build
+    from qdiff.engines.profiles import derive_profile, graph_inputs
+
+    onnx = Path(onnx)
+    if not onnx.exists():
+        raise OnnxModelError(f"no ONNX file at {onnx}", hint="export one with `qdiff export` (and `qdiff quantize` for INT8)")
+    facts = graph_facts(onnx)
+    default_size = (facts.unet_config or {}).get("sample_size")
+    if isinstance(default_size, (list, tuple)):
+        default_size = default_size[0]
+    profile = derive_profile(graph_inputs(onnx), batch=batch, height=size, tokens=tokens, overrides=shapes, default_size=default_size)
+    settings = BuildSettings(
+        precision=precision,
+        profile=profile,
+        workspace_gib=workspace_gib,
+        optimization_level=optimization_level,
+        tactic_sources=tactic_sources,
+        strongly_typed=strongly_typed,
+        timing_cache=None if timing_cache is None else Path(timing_cache),
+        verbose=verbose,
+    )
+    return _build(onnx, out_dir, settings, force=force)
+
+
+def inspect_engine(engine: str | Path, *, onnx: str | Path | None = None, profile: bool = False, runs: int = 20, out: str | Path | None = None):
+    """Per-layer precision (and with `profile`, time) of an engine; writes inspect.json/.md.
+
+    Reads the inspector JSON saved at build time, so it runs without a GPU unless asked to
+    profile (or the engine folder lacks that file)."""
+    from qdiff.engines.inspector import inspect, to_markdown
+    from qdiff.engines.manifest import read_engine_manifest
+    from qdiff.artifacts import write_json_atomic, write_text_atomic
+
+    info = read_engine_manifest(engine)
+    onnx = Path(onnx) if onnx is not None else Path(info.manifest.details.get("onnx_path", ""))
+    if not onnx.is_file():
+        raise OnnxModelError(f"the graph {info.path.name} was built from is not at {onnx}", hint="pass --onnx PATH to the graph the engine was built from")
+    layers_file = info.path.parent / "layers.json"
+    if layers_file.exists():
+        layer_info = json.loads(layers_file.read_text(encoding="utf-8"))
+    else:
+        from qdiff.engines.builder import layer_information
+        from qdiff.runtime.tensorrt_backend import TensorRTEngine
+
+        runner = TensorRTEngine(info.path)
+        layer_info = layer_information(runner.trt, runner.engine, info.profile)
+    opt = {name: rng.opt for name, rng in info.profile.items()}
+    timings = None
+    if profile:
+        from qdiff.engines.profiler import profile_layers
+
+        gen = torch.Generator().manual_seed(0)
+        feeds = {name: torch.randn(shape, generator=gen) for name, shape in opt.items()}
+        if "timestep" in feeds:
+            feeds["timestep"] = torch.full(opt["timestep"], 500.0)
+        timings = profile_layers(info.path, feeds, runs=runs)
+    report = inspect(onnx, layer_info, opt, timings)
+    out_dir = Path(out) if out is not None else info.path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = f"{info.path} ({info.precision}, {info.manifest.inputs.get('gpu')}, TensorRT {info.manifest.inputs.get('tensorrt')}) at " + ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in opt.items())
+    write_json_atomic(out_dir / "inspect.json", {"engine": str(info.path), "precision": info.precision, "shapes": {n: list(s) for n, s in opt.items()}, **report.to_json()})
+    write_text_atomic(out_dir / "inspect.md", to_markdown(report, title=title))
+    return report
 
 
 # ----------------------------------------------------------------------------- sample
@@ -267,7 +386,7 @@ class SampleResult:
     steps: list[Any] = field(default_factory=list)
 
 
-def make_denoiser(bundle: ModelBundle, backend: str = "pytorch", onnx_path: str | Path | None = None, optimize: bool = True):
+def make_denoiser(bundle: ModelBundle, backend: str = "pytorch", onnx_path: str | Path | None = None, optimize: bool = True, engine: str | Path | None = None):
     from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser, check_backend
 
     check_backend(backend)
@@ -277,6 +396,12 @@ def make_denoiser(bundle: ModelBundle, backend: str = "pytorch", onnx_path: str 
         if onnx_path is None:
             raise SamplingError("the onnxruntime backend needs an ONNX file", hint="pass --onnx PATH")
         return OnnxRuntimeDenoiser(onnx_path, optimize=optimize)
+    if backend == "tensorrt":
+        if engine is None:
+            raise SamplingError("the tensorrt backend needs an engine", hint="pass --engine ENGINE_DIR (made by `qdiff build`)")
+        from qdiff.runtime.tensorrt_backend import TensorRTDenoiser
+
+        return TensorRTDenoiser(engine)
     raise AssertionError(f"check_backend accepted {backend!r} without a denoiser for it")
 
 
@@ -301,7 +426,9 @@ def generate(
         raise SamplingError("asked for 0 images; need at least 1")
     sched = make_scheduler(scheduler, bundle.scheduler_config)
     shape = (bundle.in_channels, bundle.sample_size, bundle.sample_size)
-    noise = torch.cat([initial_noise((1, *shape), s) for s in seeds])
+    # Noise is drawn on the CPU (same start on every backend), then the loop runs where the
+    # denoiser lives, so a GPU backend never round-trips through host memory between steps.
+    noise = torch.cat([initial_noise((1, *shape), s) for s in seeds]).to(getattr(denoiser, "device", "cpu"))
     records = []
     latents = denoise(
         denoiser,
@@ -324,6 +451,7 @@ def sample(
     *,
     backend: str = "pytorch",
     onnx: str | Path | None = None,
+    engine: str | Path | None = None,
     scheduler: str = "ddim",
     steps: int = 50,
     num_images: int = 8,
@@ -342,7 +470,9 @@ def sample(
 
     bundle = _bundle(model)
     conditioning = resolve_conditioning(bundle, num_images, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random=random_conditioning, seed=seed)
-    denoiser = make_denoiser(bundle, backend, onnx)
+    denoiser = make_denoiser(bundle, backend, onnx, engine=engine)
+    if bundle.vae is not None and hasattr(denoiser, "device"):
+        bundle.vae.to(denoiser.device)  # the VAE decodes where the latents are
     seeds = list(range(seed, seed + num_images))
     result = generate(bundle, denoiser, scheduler=scheduler, steps=steps, seeds=seeds, conditioning=conditioning, guidance_scale=guidance_scale, allow_nonfinite=allow_nonfinite)
     out_dir = Path(out_dir)
@@ -399,9 +529,10 @@ def run(
     **recipe_overrides: Any,
 ) -> RunResult:
     """The main job: export, calibrate, quantize, then sample FP32 and quantized from the same
-    seeds through ONNX Runtime and report how far apart they are."""
-    from qdiff.metrics import psnr, ssim
-    from qdiff.report import image_grid, save_png, write_quality_report
+    seeds through ONNX Runtime and report how far apart they are (`qdiff.evaluate.compare`),
+    with plots of the per-step error and of the calibration statistics."""
+    from qdiff.evaluate import compare, model_json, reference_samples, sampling_plan, write_comparison
+    from qdiff.plots import calibration_figures
     from qdiff.runtime.backends import OnnxRuntimeDenoiser
 
     started = time.perf_counter()
@@ -414,44 +545,35 @@ def run(
     quantized = quantize_onnx(exported.onnx_path, calibrated.table_path, force=force)
     recipe_obj = Recipe.from_json(calibrated.table.recipe)
 
-    seeds = list(range(seed, seed + num_images))
-    conditioning = resolve_conditioning(bundle, num_images, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random=random_conditioning, seed=seed)
-    fp32 = OnnxRuntimeDenoiser(exported.onnx_path)
-    int8 = OnnxRuntimeDenoiser(quantized.onnx_path)
-    common = {"scheduler": scheduler, "steps": steps, "seeds": seeds, "conditioning": conditioning, "guidance_scale": guidance_scale}
-    ref = generate(bundle, fp32, record_steps=True, desc="sample fp32", **common)
-    got = generate(bundle, int8, desc=f"sample {recipe_obj.name}", **common)
-    per_step = step_errors(ref.steps, int8)
-
-    image_rows = [{"seed": s, "psnr": psnr(a, b), "ssim": ssim(a, b)} for s, a, b in zip(seeds, ref.images, got.images)]
-    grid = image_grid([ref.images, got.images], labels=["fp32", recipe_obj.name], scale=max(1, 96 // ref.images[0].shape[0]))
-    grid_path = save_png(grid, out_dir / "grid.png")
-    finite_psnr = [r["psnr"] for r in image_rows if np.isfinite(r["psnr"])]
+    plan = sampling_plan(bundle, scheduler=scheduler, steps=steps, num_images=num_images, seed=seed, guidance_scale=guidance_scale, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning)
+    reference = reference_samples(bundle, OnnxRuntimeDenoiser(exported.onnx_path), plan)
+    comparison = compare(bundle, reference, OnnxRuntimeDenoiser(quantized.onnx_path), plan, label=recipe_obj.name)
+    figures = calibration_figures(calibrated.stats_path, out_dir) if calibrated.stats_path else []
     coverage = quantized.report
     coverage_json = coverage.to_json() if hasattr(coverage, "to_json") else coverage
+    artifacts = {"fp32_onnx": exported.onnx_path.name, "qdq_onnx": quantized.onnx_path.name, "calibration_table": calibrated.table_path.name}
+    if calibrated.stats_path:
+        artifacts["calibration_stats"] = calibrated.stats_path.name
     report = {
-        "model": {"label": bundle.label, "path": str(bundle.path), "unet_class": bundle.unet_class, "sha256": bundle.model_sha256},
+        "model": model_json(bundle),
         "recipe": recipe_obj.to_json(),
-        "sampling": {"backend": "onnxruntime (CPU)", "scheduler": scheduler, "steps": steps, "num_images": num_images, "seeds": seeds, "guidance_scale": guidance_scale if conditioning else 1.0},
+        "sampling": {"backend": "onnxruntime (CPU)", **plan.to_json()},
         "summary": {
-            "mean PSNR (dB)": float(np.mean(finite_psnr)) if finite_psnr else float("inf"),
-            "min PSNR (dB)": float(np.min(finite_psnr)) if finite_psnr else float("inf"),
-            "mean SSIM": float(np.mean([r["ssim"] for r in image_rows])),
-            "mean step rel-L2 (eps)": float(np.mean([r["rel_l2"] for r in per_step])),
-            "max step rel-L2 (eps)": float(np.max([r["rel_l2"] for r in per_step])),
+            **comparison.summary,
             "quantized layers": f"{coverage_json['quantized_layers']}/{coverage_json['weighted_layers']}",
             "quantized MAC share": coverage_json["mac_share"],
             "wall time (s)": round(time.perf_counter() - started, 1),
         },
-        "images": image_rows,
-        "steps": per_step,
+        "images": comparison.images,
+        "steps": comparison.steps,
+        "shape_fd": comparison.shape_fd,
         "coverage": coverage_json,
         "coverage_text": _coverage_text(coverage_json),
-        "artifacts": {"fp32_onnx": exported.onnx_path.name, "qdq_onnx": quantized.onnx_path.name, "calibration_table": calibrated.table_path.name, "grid": grid_path.name},
+        "artifacts": artifacts,
     }
-    paths = write_quality_report(out_dir, report)
-    log(f"run: mean PSNR {report['summary']['mean PSNR (dB)']:.2f} dB, mean SSIM {report['summary']['mean SSIM']:.4f} -> {paths[1]}")
-    return RunResult(out_dir, report, grid_path, paths)
+    paths = write_comparison(out_dir, report, comparison, label=recipe_obj.name, name="report", extra_figures=figures)
+    log(f"run: mean PSNR {report['summary']['mean PSNR (dB)']:.2f} dB, mean SSIM {report['summary']['mean SSIM']:.4f} -> {paths['markdown']}")
+    return RunResult(out_dir, report, paths["grid"], (paths["json"], paths["markdown"]))
 
 
 def _coverage_text(coverage: dict[str, Any]) -> str:
@@ -459,3 +581,8 @@ def _coverage_text(coverage: dict[str, Any]) -> str:
     for layer in coverage["float_layers"]:
         lines.append(f"- float: `{layer['module']}` ({layer['op']}): {layer['reason']}")
     return "\n".join(lines)
+
+
+# `qdiff eval` lives in its own module (its core is shared with `run`); re-exported here so the
+# public API stays in one place: `qdiff.api.evaluate(model, fp32_onnx, quantized_onnx, out_dir)`.
+from qdiff.evaluate import evaluate  # noqa: E402,F401

@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from qdiff.errors import QdiffError
+from qdiff.errors import QdiffError, SamplingError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +67,19 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default: %(default)s)")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="quality of a quantized graph vs its FP32 graph: per-step error, PSNR/SSIM, shape-FD, plots")
+    p.add_argument("model", nargs="?", type=Path, help="local diffusers folder (default: the one the FP32 graph was exported from, else the built-in model)")
+    p.add_argument("--run-dir", type=Path, help="output folder of `qdiff run` (its denoiser.onnx and Q/DQ graph)")
+    p.add_argument("--fp32", type=Path, help="FP32 graph (default with --run-dir: <run-dir>/denoiser.onnx)")
+    p.add_argument("--quantized", type=Path, help="quantized (Q/DQ) graph (default with --run-dir: the run's)")
+    p.add_argument("-o", "--out", type=Path, default=Path("qdiff-eval"), help="output folder for eval.json/.md and plots (default: %(default)s)")
+    p.add_argument("--no-shape-fd", dest="shape_fd", action="store_false", help="skip shape-FD (only computed for the shipped shapes models)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="continue when a step returns NaN/Inf")
+    _sampling_args(p)
+    _add_conditioning(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qdiff", description="Post-training quantization of diffusion denoisers: export -> calibrate -> quantize -> sample.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
@@ -102,13 +115,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", type=Path, help="output .onnx (default: <onnx>.<recipe>.onnx)")
     p.add_argument("--force", action="store_true")
 
+    _add_eval(sub)
+
     p = sub.add_parser("sample", help="generate images with PyTorch or an ONNX graph")
     p.add_argument("model", nargs="?", type=Path, help="local diffusers folder (default: built-in model)")
     p.add_argument("-o", "--out", type=Path, default=Path("qdiff-samples"))
     p.add_argument("--onnx", type=Path, help="run this ONNX graph (FP32 or Q/DQ) with ONNX Runtime instead of PyTorch")
+    p.add_argument("--engine", type=Path, help="run this TensorRT engine folder (from `qdiff build`) on the GPU")
     p.add_argument("--allow-nonfinite", action="store_true", help="continue when a step returns NaN/Inf")
     _sampling_args(p)
     _add_conditioning(p)
+    p = sub.add_parser("build", help="build a TensorRT engine from an exported or quantized ONNX graph (GPU)")
+    p.add_argument("onnx", type=Path, help="graph from `qdiff export` (fp16/fp32) or `qdiff quantize` (int8/w4a8)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="engine folder (engine.plan + manifest + layers.json)")
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8", "w4a8", "int4-weight-only"], help="(default: %(default)s)")
+    g = p.add_argument_group("optimization profile (min,opt,max; one value fixes a dimension)")
+    g.add_argument("--batch", default="1,2,4", help="batch range (default: %(default)s; CFG doubles the batch)")
+    g.add_argument("--size", help="height=width range in the sample's pixels (latent pixels for latent models; default: the model's sample_size)")
+    g.add_argument("--tokens", default="77", help="text tokens range (default: %(default)s)")
+    g.add_argument("--shape", action="append", default=[], metavar="NAME=MIN:OPT:MAX", help="explicit range for one input, e.g. sample=1x4x64x64:2x4x64x64:4x4x64x64")
+    g = p.add_argument_group("builder")
+    g.add_argument("--workspace-gib", type=float, help="workspace memory limit")
+    g.add_argument("--opt-level", dest="optimization_level", type=int, help="builder optimization level 0-5 (TensorRT default 3; lower builds faster)")
+    g.add_argument("--tactic-sources", help="comma-separated: cublas,cublas_lt,cudnn,edge_mask_convolutions,jit_convolutions (default: $QDIFF_TRT_TACTIC_SOURCES or TensorRT's)")
+    g.add_argument("--timing-cache", type=Path, help="timing cache file (default: one shared per TensorRT version and GPU under ~/.cache/qdiff)")
+    g.add_argument("--strongly-typed", action="store_true", help="strongly typed network (TensorRT >= 10)")
+    p.add_argument("--force", action="store_true", help="rebuild even if the engine is up to date")
+
+    p = sub.add_parser("inspect", help="per-layer precision of an engine: INT8 coverage by MACs, fallbacks, reformats")
+    p.add_argument("engine", type=Path, help="engine folder from `qdiff build`")
+    p.add_argument("--onnx", type=Path, help="the graph it was built from (default: the path in its manifest)")
+    p.add_argument("--profile", action="store_true", help="also time every layer with TensorRT's profiler (GPU)")
+    p.add_argument("--runs", type=int, default=20, help="profiled calls; the median per layer is kept (default: %(default)s)")
+    p.add_argument("-o", "--out", type=Path, help="folder for inspect.json/inspect.md (default: the engine folder)")
     for p in sub.choices.values():  # also accepted after the subcommand; SUPPRESS keeps an earlier flag
         p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
         p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines")
@@ -129,9 +168,42 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "quantize":
         result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force)
         print(result.onnx_path)
+    elif args.command == "eval":
+        from qdiff.evaluate import evaluate
+
+        result = evaluate(args.model, args.fp32, args.quantized, args.out, run_dir=args.run_dir, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, shape_fd=args.shape_fd, allow_nonfinite=args.allow_nonfinite, **_conditioning(args))
+        print(result.paths["markdown"])
+    elif args.command == "build":
+        from qdiff.engines.profiles import parse_range, parse_shape_spec
+
+        shapes = dict(parse_shape_spec(spec) for spec in args.shape)
+        result = api.build_engine(
+            args.onnx,
+            args.out,
+            precision=args.precision,
+            batch=parse_range(args.batch, "--batch"),
+            size=parse_range(args.size, "--size") if args.size else None,
+            tokens=parse_range(args.tokens, "--tokens"),
+            shapes=shapes,
+            workspace_gib=args.workspace_gib,
+            optimization_level=args.optimization_level,
+            tactic_sources=args.tactic_sources,
+            timing_cache=args.timing_cache,
+            strongly_typed=args.strongly_typed,
+            force=args.force,
+            verbose=args.verbose,
+        )
+        print(result.engine_path)
+    elif args.command == "inspect":
+        from qdiff.engines.inspector import to_markdown
+
+        report = api.inspect_engine(args.engine, onnx=args.onnx, profile=args.profile, runs=args.runs, out=args.out)
+        print(to_markdown(report, title=f"{args.engine}"), end="")
     elif args.command == "sample":
-        backend = "onnxruntime" if args.onnx else "pytorch"
-        api.sample(args.model, args.out, backend=backend, onnx=args.onnx, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, allow_nonfinite=args.allow_nonfinite, **_conditioning(args))
+        if args.onnx and args.engine:
+            raise SamplingError("give --onnx or --engine, not both")
+        backend = "tensorrt" if args.engine else "onnxruntime" if args.onnx else "pytorch"
+        api.sample(args.model, args.out, backend=backend, onnx=args.onnx, engine=args.engine, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, allow_nonfinite=args.allow_nonfinite, **_conditioning(args))
     return 0
 
 

@@ -60,3 +60,19 @@ class BackendUnavailableError(QdiffError):
 
 class SamplingError(QdiffError):
     """Sampling produced non-finite values or was configured inconsistently."""
+
+
+class EngineBuildError(QdiffError):
+    """TensorRT could not parse the graph or build an engine from it."""
+
+
+class EngineMismatchError(ArtifactMismatchError):
+    """An engine was built for another TensorRT, GPU or graph, or its bytes changed since."""
+
+
+class ProfileShapeError(QdiffError):
+    """An input shape lies outside the engine's optimization profile, or a profile is malformed."""
+
+
+class EvaluationError(QdiffError):
+    """A quality evaluation cannot run: its graphs are missing, ambiguous or made for another model."""

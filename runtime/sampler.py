@@ -106,7 +106,8 @@ def decode(latents: torch.Tensor, vae: torch.nn.Module | None = None) -> torch.T
     """Images in [0, 1], NCHW: the VAE decode for latent models, a rescale for pixel models."""
     if vae is not None:
         scale = getattr(vae.config, "scaling_factor", 0.18215)
-        latents = vae.decode(latents.to(next(vae.parameters()).dtype) / scale, return_dict=False)[0].float()
+        weight = next(vae.parameters())
+        latents = vae.decode(latents.to(device=weight.device, dtype=weight.dtype) / scale, return_dict=False)[0].float()
     return (latents / 2 + 0.5).clamp(0, 1)
 
 

@@ -1,0 +1,362 @@
+"""ONNX graph -> serialized TensorRT engine, with the TensorRT Python API (no trtexec, no shell).
+
+Precision is decided by the graph, not by a calibrator: an `int8`/`w4a8` engine is built from a
+Q/DQ graph (explicit quantization: TensorRT takes every scale from the graph), with FP16 enabled
+so whatever the graph leaves in float runs in FP16 rather than FP32. An `fp16` engine is built
+from the float graph. Asking for INT8 from a graph without Q/DQ (or FP16 from one with Q/DQ) is
+an error, because TensorRT would silently do something else (implicit INT8 with no calibrator,
+or fail late).
+
+Builds take minutes for a full-size UNet, so:
+- the timing cache is loaded before and merged back after every build (one shared file per
+  TensorRT version and GPU by default), which makes a rebuild or a second precision of the same
+  graph much faster;
+- the console shows a live elapsed-time bar (real phases on TensorRT >= 10's progress monitor);
+- the plan, its manifest, its inspector JSON and the timing cache are each written atomically,
+  so an interrupted build leaves the previous engine intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qdiff.engines.compat import Features, features, import_tensorrt, make_logger, parse_tactic_sources, tactic_source_mask
+from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, Platform, current_platform
+from qdiff.engines.profiles import Profile, check_shapes, profile_to_json
+from qdiff.artifacts import Manifest, folder_lock, is_up_to_date, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic, write_manifest
+from qdiff.errors import EngineBuildError, OnnxModelError
+from qdiff.progress import log, quiet
+
+PRECISIONS = ("fp32", "fp16", "int8", "w4a8", "int4-weight-only")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass
+class BuildSettings:
+    precision: str = "fp16"
+    profile: Profile = field(default_factory=dict)
+    workspace_gib: float | None = None
+    optimization_level: int | None = None  # TensorRT's default (3) when None
+    tactic_sources: str | None = None  # comma-separated names; None: QDIFF_TRT_TACTIC_SOURCES or TensorRT's default
+    strongly_typed: bool = False
+    timing_cache: Path | None = None  # None: the shared per-version/GPU cache; Path("") disables
+    verbose: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "profile": profile_to_json(self.profile),
+            "workspace_gib": self.workspace_gib,
+            "optimization_level": self.optimization_level,
+            "tactic_sources": list(parse_tactic_sources(self.tactic_sources) or []) or "default",
+            "strongly_typed": self.strongly_typed,
+        }
+
+
+@dataclass
+class BuildResult:
+    engine_path: Path
+    manifest: Manifest
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the builder needs to know about the graph before TensorRT sees it."""
+
+    qdq_nodes: int
+    int4_dq_nodes: int
+    opset: int
+    weight_bits: int | None  # from the Q/DQ graph's manifest, when it has one
+    unet_config: dict[str, Any] | None
+
+
+def graph_facts(onnx_path: Path) -> GraphFacts:
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:
+        raise OnnxModelError(f"{onnx_path}: not a readable ONNX model ({exc})") from exc
+    qdq = sum(1 for n in model.graph.node if n.op_type in QDQ_OPS)
+    int4 = 0
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear" and n.input and n.input[0] in inits:
+            if inits[n.input[0]].data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+                int4 += 1
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    manifest = read_manifest(onnx_path)
+    details = manifest.details if manifest is not None else {}
+    bits = details.get("weight_bits")
+    return GraphFacts(qdq, int4, opset, int(bits) if isinstance(bits, int) else None, details.get("unet_config"))
+
+
+def check_precision(precision: str, facts: GraphFacts, onnx_path: Path) -> str:
+    """Return the manifest's label for the weights, or fail when graph and precision disagree."""
+    if precision not in PRECISIONS:
+        raise EngineBuildError(f"unknown precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}")
+    name = onnx_path.name
+    if precision in ("fp32", "fp16"):
+        if facts.qdq_nodes:
+            raise EngineBuildError(
+                f"{name} has {facts.qdq_nodes} QuantizeLinear/DequantizeLinear nodes, so TensorRT would build it in INT8, not {precision}",
+                hint="build the float graph (the `qdiff export` output) for fp16/fp32, or use --precision int8 for this one",
+            )
+        return f"{precision.upper()} weights"
+    if precision == "int4-weight-only":
+        if not facts.int4_dq_nodes:
+            raise EngineBuildError(f"{name} has no INT4 DequantizeLinear weights", hint="make one with `qdiff quantize --int4-weight-only` (opset 21)")
+        return "INT4 block-quantized MatMul/Gemm weights (weight-only), activations FP16"
+    if not facts.qdq_nodes:
+        raise EngineBuildError(
+            f"{name} has no Q/DQ nodes; qdiff builds INT8 engines only from explicitly quantized graphs",
+            hint="run `qdiff quantize` (or `qdiff run`) first and build its .w8a8.onnx / .w4a8.onnx output",
+        )
+    if precision == "int8" and facts.weight_bits == 4:
+        raise EngineBuildError(f"{name} holds W4A8 weights (INT4 values in INT8 storage)", hint="use --precision w4a8 so the engine is labelled for what it holds")
+    if precision == "w4a8" and facts.weight_bits not in (4, None):
+        raise EngineBuildError(f"{name} holds {facts.weight_bits}-bit weights, not W4A8", hint="use --precision int8, or quantize with --recipe w4a8")
+    if precision == "w4a8":
+        return "INT4-valued weights stored as INT8 (W4A8: TensorRT runs INT8 kernels), INT8 activations"
+    return "INT8 per-output-channel weights, INT8 activations"
+
+
+def default_timing_cache(platform: Platform) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qdiff" / "tensorrt"
+    gpu = "".join(ch if ch.isalnum() else "-" for ch in platform.gpu)
+    return root / f"timing-trt{platform.tensorrt}-sm{platform.compute_capability.replace('.', '')}-{gpu}.cache"
+
+
+class _Heartbeat:
+    """A console line that shows a build is alive: TensorRT 8.6 gives no progress callback."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _Heartbeat:
+        if not quiet():
+            from qdiff.progress import progress
+
+            def tick() -> None:
+                with progress(total=None, desc=self.desc, unit="s", bar_format="{desc}: {elapsed}") as bar:
+                    while not self._stop.wait(1.0):
+                        bar.update(1)
+
+            self._thread = threading.Thread(target=tick, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def _progress_monitor(trt: Any) -> Any:
+    """TensorRT >= 10: report build phases on the console."""
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            if not quiet():
+                log(f"build: {phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return True
+
+        def phase_finish(self, phase_name: str) -> None:
+            pass
+
+    return Monitor()
+
+
+def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path, strongly_typed: bool) -> tuple[Any, Any]:
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    if strongly_typed:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # By path, so external weight files next to the graph resolve. (With the 8.6 libraries
+    # qdiff is tested on, `parser.set_flag` crashes, so no parser flags are set.)
+    if not parser.parse_from_file(str(onnx_path)):
+        lines = []
+        for i in range(parser.num_errors):
+            err = parser.get_error(i)
+            node = err.node() if hasattr(err, "node") else -1
+            node_name = err.node_name() if hasattr(err, "node_name") else ""
+            where = f"node {node_name or node}" if node != -1 or node_name else "graph"
+            lines.append(f"{where}: {err.desc()}")
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: " + "; ".join(lines or ["no detail given"]), hint="check the graph with `python -m onnx.checker` and that its opset is <= 17 for TensorRT 8.6")
+    return network, parser
+
+
+def _network_inputs(network: Any) -> dict[str, tuple[int, ...]]:
+    return {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+
+
+def _load_timing_cache(config: Any, path: Path | None) -> Any:
+    data = b""
+    if path is not None and path.exists():
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            log(f"build: timing cache {path} unreadable ({exc}); starting an empty one")
+    cache = config.create_timing_cache(data)
+    if cache is None and data:  # a corrupt or foreign cache: TensorRT refuses it, we start over
+        log(f"build: timing cache {path} was refused by TensorRT; starting an empty one")
+        cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _save_timing_cache(config: Any, cache: Any, path: Path) -> None:
+    """Merge with whatever another build wrote meanwhile, then replace the file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(path.parent):
+        if path.exists():
+            try:
+                other = config.create_timing_cache(path.read_bytes())
+                if other is not None:
+                    cache.combine(other, ignore_mismatch=True)
+            except OSError:
+                pass
+        write_bytes_atomic(path, bytes(cache.serialize()))
+
+
+def layer_information(trt: Any, engine: Any, profile: Profile) -> dict[str, Any]:
+    """The engine inspector's JSON, with shapes set to the profile's opt so formats resolve."""
+    context = engine.create_execution_context()
+    for name, rng in profile.items():
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            context.set_input_shape(name, rng.opt)
+    inspector = engine.create_engine_inspector()
+    inspector.execution_context = context
+    return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
+def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSettings, *, force: bool = False) -> BuildResult:
+    """Build `out_dir/engine.plan` (+ manifest, inspector JSON) from `onnx_path`."""
+    trt = import_tensorrt()
+    feats: Features = features(trt)
+    onnx_path, out_dir = Path(onnx_path), Path(out_dir)
+    if not onnx_path.exists():
+        raise OnnxModelError(f"no ONNX file at {onnx_path}")
+    facts = graph_facts(onnx_path)
+    weights_label = check_precision(settings.precision, facts, onnx_path)
+    if settings.precision == "int4-weight-only":
+        feats.require("int4", "build INT4 weight-only engines")
+    if settings.strongly_typed:
+        feats.require("strongly_typed", "build strongly typed networks")
+    if settings.optimization_level is not None and not 0 <= settings.optimization_level <= 5:
+        raise EngineBuildError(f"builder optimization level {settings.optimization_level} is outside 0..5")
+    tactic_names = parse_tactic_sources(settings.tactic_sources)
+    platform = current_platform()
+    target = out_dir / ENGINE_FILE
+    wanted = Manifest(
+        kind=ENGINE_KIND,
+        inputs={"onnx_sha256": sha256_file(onnx_path), **platform.to_inputs()},
+        settings=settings.to_json(),
+    )
+    if not force and is_up_to_date(target, wanted):
+        log(f"build: {target} is up to date (same graph, settings, TensorRT and GPU); skipping")
+        return BuildResult(target, read_manifest(target), reused=True)
+
+    logger = make_logger(trt, settings.verbose)
+    builder = trt.Builder(logger)
+    network, _parser = _parse(trt, builder, logger, onnx_path, settings.strongly_typed)
+    inputs = _network_inputs(network)
+    missing = [n for n in inputs if n not in settings.profile]
+    if missing:
+        raise EngineBuildError(f"no profile shapes for input(s) {', '.join(missing)} of {onnx_path.name}", hint="give --batch/--size/--tokens or --shape NAME=MIN:OPT:MAX")
+    for name, rng in settings.profile.items():
+        if name not in inputs:
+            raise EngineBuildError(f"the profile names input {name!r}, which {onnx_path.name} does not have", hint=f"its inputs are {', '.join(inputs)}")
+        # The graph's static dims must agree with the profile at min, opt and max.
+        for label, shape in (("min", rng.min), ("opt", rng.opt), ("max", rng.max)):
+            check_shapes({name: _static_range(inputs[name])}, {name: shape}, where=f"{onnx_path.name} (profile {label})")
+
+    config = builder.create_builder_config()
+    if settings.workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
+    if settings.optimization_level is not None:
+        feats.require("optimization_level", "set the builder optimization level")
+        config.builder_optimization_level = settings.optimization_level
+    if not settings.strongly_typed:
+        if settings.precision in ("fp16", "int8", "w4a8", "int4-weight-only"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if settings.precision in ("int8", "w4a8"):
+            config.set_flag(trt.BuilderFlag.INT8)
+    if tactic_names is not None:
+        config.set_tactic_sources(tactic_source_mask(trt, tactic_names))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if feats.progress_monitor:
+        config.progress_monitor = _progress_monitor(trt)
+    profile = builder.create_optimization_profile()
+    for name, rng in settings.profile.items():
+        profile.set_shape(name, rng.min, rng.opt, rng.max)
+    config.add_optimization_profile(profile)
+
+    cache_path = None if settings.timing_cache == Path("") else (settings.timing_cache or default_timing_cache(platform))
+    cache = _load_timing_cache(config, cache_path)
+
+    log(f"build: {onnx_path.name} -> {target} ({settings.precision}, TensorRT {platform.tensorrt}, {platform.gpu})")
+    started = time.perf_counter()
+    with _Heartbeat(f"building {settings.precision} engine"):
+        serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - started
+    if serialized is None:
+        detail = "; ".join(logger.errors[-5:]) or "TensorRT gave no reason"
+        raise EngineBuildError(f"TensorRT failed to build {onnx_path.name} ({settings.precision}): {detail}", hint="rerun with --verbose for TensorRT's log")
+    plan = bytes(serialized)
+    if cache_path is not None:
+        _save_timing_cache(config, cache, cache_path)
+
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise EngineBuildError(f"TensorRT built {onnx_path.name} but cannot load the result: " + "; ".join(logger.errors[-3:]))
+    layers = layer_information(trt, engine, settings.profile)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir):
+        write_json_atomic(out_dir / "layers.json", layers)
+        write_bytes_atomic(target, plan)
+        wanted.outputs = {"sha256": sha256_file(target)}
+        wanted.details = {
+            "onnx_path": str(onnx_path),
+            "weights": weights_label,
+            "build_seconds": round(seconds, 1),
+            "plan_bytes": len(plan),
+            "device_memory_bytes": int(engine.device_memory_size),
+            "timing_cache": str(cache_path) if cache_path else None,
+            "io": {engine.get_tensor_name(i): str(engine.get_tensor_dtype(engine.get_tensor_name(i))) for i in range(engine.num_io_tensors)},
+            "unet_config": facts.unet_config,
+            "trt_warnings": len(logger.warnings),
+        }
+        wanted.versions = {**wanted.versions, "tensorrt": platform.tensorrt}
+        write_manifest(target, wanted)
+    log(f"build: {settings.precision} engine in {seconds:.0f} s, {len(plan) / 2**20:.0f} MiB plan, {engine.device_memory_size / 2**20:.0f} MiB activations -> {target}")
+    return BuildResult(target, wanted)
+
+
+def _static_range(dims: tuple[int, ...]) -> Any:
+    """A ShapeRange that accepts any value in dynamic (-1) dims and only the value in static ones."""
+    from qdiff.engines.profiles import ShapeRange
+
+    big = 1 << 30
+    lo = tuple(1 if d < 0 else d for d in dims)
+    hi = tuple(big if d < 0 else d for d in dims)
+    return ShapeRange(lo, lo, hi)

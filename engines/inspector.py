@@ -1,0 +1,358 @@
+"""Where an engine runs INT8, where it does not, and why: the answer to "why is INT8 not faster".
+
+Inputs are TensorRT's engine-inspector JSON (written beside every plan as `layers.json`), the
+ONNX graph the engine was built from, and optionally per-layer times from TensorRT's profiler.
+The graph gives each Conv/ConvTranspose/Gemm/MatMul its MACs (by ONNX shape inference at the
+profile's opt shapes; weights are never loaded) and whether the graph quantized its input. The
+inspector gives each engine layer its kernel and tensor formats. Joining them by node name:
+
+- per weighted node: the engine layer that runs it and that layer's precision; the INT8 share
+  of conv/matmul MACs follows;
+- per float fallback, the reason: the graph left it unquantized, or TensorRT chose a float
+  kernel although the graph quantized it;
+- the reformat layers TensorRT inserted (format or precision changes, e.g. around a Concat);
+- the fused Myelin blocks ({ForeignNode[first...last]}) with their I/O precisions. TensorRT 8.6
+  does not break these down, so nodes inside one are attributed to the block by graph order.
+
+Everything here is plain JSON processing, so it is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qdiff.errors import OnnxModelError
+
+CONV_OPS = ("Conv", "ConvTranspose")
+MATMUL_OPS = ("Gemm", "MatMul")
+_FOREIGN = re.compile(r"\{ForeignNode\[(.*)\]\}")
+_INT8_TACTIC = re.compile(r"(^|_)i8")  # e.g. sm90_xmma_fprop_implicit_gemm_i8f32_...
+
+
+# ----------------------------------------------------------------------------- the graph side
+
+
+@dataclass
+class GraphNode:
+    name: str
+    op: str
+    index: int  # position in the graph's (topological) node order
+    macs: int
+    weighted: bool  # second input is a constant weight (attention's activation MatMuls are not)
+    quantized_in_graph: bool  # its first input comes from a DequantizeLinear
+
+
+def _shape(value_info: Any) -> list[int] | None:
+    dims = value_info.type.tensor_type.shape.dim
+    if not dims or any(not d.HasField("dim_value") for d in dims):
+        return None
+    return [d.dim_value for d in dims]
+
+
+def graph_nodes(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]]) -> list[GraphNode]:
+    """Conv/ConvTranspose/Gemm/MatMul nodes with MACs at `input_shapes` (no weights loaded)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:
+        raise OnnxModelError(f"{onnx_path}: not a readable ONNX model ({exc})") from exc
+    for value in model.graph.input:
+        if value.name in input_shapes:
+            dims = value.type.tensor_type.shape.dim
+            shape = list(input_shapes[value.name])
+            if len(dims) != len(shape):
+                raise OnnxModelError(f"{onnx_path}: input {value.name} has rank {len(dims)}, shape {shape} given")
+            for d, v in zip(dims, shape):
+                d.Clear()
+                d.dim_value = int(v)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes: dict[str, list[int] | None] = {}
+    for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        shapes[vi.name] = _shape(vi)
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    constants = {i.name for i in model.graph.initializer}
+    producers: dict[str, Any] = {}
+    for node in model.graph.node:
+        for out in node.output:
+            producers[out] = node
+        if node.op_type == "Constant":
+            constants.update(node.output)
+    # A weight behind a DequantizeLinear (Q/DQ graphs) is still a constant weight.
+    def is_constant(name: str) -> bool:
+        if name in constants:
+            return True
+        p = producers.get(name)
+        return p is not None and p.op_type in ("DequantizeLinear", "QuantizeLinear", "Transpose", "Cast") and is_constant(p.input[0])
+
+    found = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in CONV_OPS + MATMUL_OPS or len(node.input) < 2:
+            continue
+        out = shapes.get(node.output[0])
+        w = shapes.get(node.input[1])
+        macs = 0
+        if out and w:
+            if node.op_type == "Conv":
+                macs = _prod(out) * _prod(w[1:])  # out elems x (Cin/groups x kh x kw)
+            elif node.op_type == "ConvTranspose":
+                x = shapes.get(node.input[0])
+                macs = _prod(x) * w[1] * _prod(w[2:]) if x else 0  # in elems x (Cout/groups x kh x kw)
+            elif node.op_type == "Gemm":
+                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+                macs = _prod(out) * (w[1] if trans_b else w[0])
+            else:  # MatMul: out [..., M, N], reduction dim = w[-2]
+                macs = _prod(out) * w[-2]
+        producer = producers.get(node.input[0])
+        found.append(
+            GraphNode(
+                name=node.name,
+                op=node.op_type,
+                index=index,
+                macs=int(macs),
+                weighted=is_constant(node.input[1]),
+                quantized_in_graph=producer is not None and producer.op_type == "DequantizeLinear",
+            )
+        )
+    return found
+
+
+def _prod(values: Sequence[int] | None) -> int:
+    out = 1
+    for v in values or ():
+        out *= int(v)
+    return out
+
+
+def graph_order(onnx_path: str | Path) -> dict[str, int]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return {n.name: i for i, n in enumerate(model.graph.node)}
+
+
+# ----------------------------------------------------------------------------- the engine side
+
+
+def precision_of(fmt: str) -> str:
+    """'Thirty-two wide channel vectorized row major Int8 format' -> 'INT8', 'Half' -> 'FP16'."""
+    low = fmt.lower()
+    for keys, label in ((("int8",), "INT8"), (("fp8",), "FP8"), (("bf16",), "BF16"), (("fp16", "half"), "FP16"), (("fp32", "float"), "FP32"), (("int32",), "INT32"), (("int64",), "INT64"), (("bool",), "BOOL")):
+        if any(k in low for k in keys):
+            return label
+    return "?"
+
+
+@dataclass
+class EngineLayer:
+    name: str
+    type: str
+    inputs: list[str]  # precisions of the inputs, in order
+    outputs: list[str]
+    tactic: str
+    nodes: list[str]  # ONNX node names fused into this layer ([] for reformats)
+    foreign_range: tuple[str, str] | None = None  # Myelin: first and last ONNX node of the block
+
+    @property
+    def is_reformat(self) -> bool:
+        return self.type == "Reformat" or self.name.startswith("Reformatting CopyNode")
+
+    @property
+    def is_myelin(self) -> bool:
+        return self.foreign_range is not None or self.type == "Myelin"
+
+    @property
+    def compute_precision(self) -> str:
+        """INT8 when the kernel reads INT8 (an INT8 conv may write FP16/FP32 output)."""
+        if _INT8_TACTIC.search(self.tactic.lower()) or self.inputs[:1] == ["INT8"]:
+            return "INT8"
+        return self.inputs[0] if self.inputs else (self.outputs[0] if self.outputs else "?")
+
+
+def parse_layers(info: Mapping[str, Any]) -> list[EngineLayer]:
+    """Parse TensorRT's LayerInformationFormat.JSON (8.6 and 10.x spell a few fields differently)."""
+    raw = info.get("Layers", info.get("layers"))
+    if not isinstance(raw, list):
+        raise OnnxModelError("engine layer information has no 'Layers' list", hint="build the engine with qdiff (profiling verbosity DETAILED)")
+    layers = []
+    for entry in raw:
+        if isinstance(entry, str):  # built without DETAILED verbosity: names only
+            entry = {"Name": entry}
+        name = str(entry.get("Name", ""))
+        fmts = lambda key: [precision_of(str(t.get("Format/Datatype", t.get("Format", "")))) for t in entry.get(key, []) if isinstance(t, Mapping)]  # noqa: E731
+        match = _FOREIGN.search(name)
+        foreign = None
+        nodes: list[str] = []
+        if match:
+            first, _, last = match.group(1).partition("...")
+            foreign = (first.strip(), (last or first).strip())
+        elif not name.startswith("Reformatting CopyNode"):
+            nodes = [part.strip() for part in name.split(" + ") if part.strip()]
+        layers.append(
+            EngineLayer(
+                name=name,
+                type=str(entry.get("LayerType", "?")),
+                inputs=fmts("Inputs"),
+                outputs=fmts("Outputs"),
+                tactic=str(entry.get("TacticName", "")),
+                nodes=nodes,
+                foreign_range=foreign,
+            )
+        )
+    return layers
+
+
+# ----------------------------------------------------------------------------- the join
+
+
+@dataclass
+class NodePrecision:
+    node: str
+    op: str
+    macs: int
+    weighted: bool
+    quantized_in_graph: bool
+    layer: str | None
+    precision: str  # INT8 / FP16 / FP32 / "fused block" / "not found"
+    reason: str = ""
+
+
+@dataclass
+class InspectReport:
+    nodes: list[NodePrecision]
+    layers: list[EngineLayer]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    # -- summaries
+    def _compute(self, ops: Sequence[str]) -> list[NodePrecision]:
+        return [n for n in self.nodes if n.op in ops]
+
+    def int8_mac_share(self, ops: Sequence[str] = CONV_OPS + MATMUL_OPS) -> float:
+        nodes = self._compute(ops)
+        total = sum(n.macs for n in nodes)
+        return sum(n.macs for n in nodes if n.precision == "INT8") / total if total else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        convs, mms = self._compute(CONV_OPS), self._compute(MATMUL_OPS)
+        count = lambda nodes, p: sum(1 for n in nodes if n.precision == p)  # noqa: E731
+        myelin = [lay for lay in self.layers if lay.is_myelin]
+        reformats = [lay for lay in self.layers if lay.is_reformat]
+        out = {
+            "layers": len(self.layers),
+            "convolutions": {"total": len(convs), "int8": count(convs, "INT8"), "fp16": count(convs, "FP16"), "fp32": count(convs, "FP32"), "in_fused_blocks": count(convs, "fused block")},
+            "matmuls": {"total": len(mms), "int8": count(mms, "INT8"), "fp16": count(mms, "FP16"), "fp32": count(mms, "FP32"), "in_fused_blocks": count(mms, "fused block")},
+            "int8_mac_share": round(self.int8_mac_share(), 4),
+            "int8_mac_share_convolutions": round(self.int8_mac_share(CONV_OPS), 4),
+            "macs_in_fused_blocks": round(sum(n.macs for n in self.nodes if n.precision == "fused block") / max(1, sum(n.macs for n in self.nodes)), 4),
+            "reformat_layers": len(reformats),
+            "fused_blocks": len(myelin),
+            "fused_blocks_with_fp32_io": sum(1 for lay in myelin if "FP32" in lay.inputs + lay.outputs),
+        }
+        if self.timings_ms:
+            total = sum(self.timings_ms.values())
+            by_kind: dict[str, float] = {}
+            for lay in self.layers:
+                kind = "reformat" if lay.is_reformat else "fused block" if lay.is_myelin else lay.compute_precision
+                by_kind[kind] = by_kind.get(kind, 0.0) + self.timings_ms.get(lay.name, 0.0)
+            out["profile_ms_total"] = round(total, 4)
+            out["profile_ms_by_kind"] = {k: round(v, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
+        return out
+
+    def fallbacks(self) -> list[NodePrecision]:
+        return [n for n in self.nodes if n.weighted and n.precision != "INT8"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "summary": self.summary(),
+            "nodes": [asdict(n) for n in self.nodes],
+            "reformats": [{"name": lay.name, "from": lay.inputs, "to": lay.outputs, "ms": self.timings_ms.get(lay.name)} for lay in self.layers if lay.is_reformat],
+            "fused_blocks": [{"name": lay.name, "inputs": lay.inputs, "outputs": lay.outputs, "ms": self.timings_ms.get(lay.name)} for lay in self.layers if lay.is_myelin],
+            "timings_ms": self.timings_ms,
+        }
+
+
+def join(nodes: Sequence[GraphNode], layers: Sequence[EngineLayer], order: Mapping[str, int] | None = None) -> InspectReport:
+    """Attribute every conv/matmul node to the engine layer that runs it."""
+    by_node: dict[str, EngineLayer] = {}
+    for lay in layers:
+        for n in lay.nodes:
+            by_node.setdefault(n, lay)
+    ranges = []
+    if order:
+        for lay in layers:
+            if lay.foreign_range:
+                lo, hi = order.get(lay.foreign_range[0]), order.get(lay.foreign_range[1])
+                if lo is not None and hi is not None:
+                    ranges.append((min(lo, hi), max(lo, hi), lay))
+    out = []
+    for node in nodes:
+        lay = by_node.get(node.name)
+        if lay is None:
+            block = next((r[2] for r in ranges if r[0] <= node.index <= r[1]), None)
+            if block is not None:
+                out.append(NodePrecision(node.name, node.op, node.macs, node.weighted, node.quantized_in_graph, block.name, "fused block", "inside a fused (Myelin) block; TensorRT 8.6 does not report its precision"))
+            else:
+                out.append(NodePrecision(node.name, node.op, node.macs, node.weighted, node.quantized_in_graph, None, "not found", "no engine layer names this node (fused away or renamed)"))
+            continue
+        precision = lay.compute_precision
+        reason = ""
+        if precision != "INT8":
+            if not node.quantized_in_graph:
+                reason = "the graph leaves its input unquantized (no Q/DQ)" if node.weighted else "activation-activation matmul (not quantized by the recipe)"
+            else:
+                reason = f"quantized in the graph, but TensorRT chose a {precision} kernel ({lay.tactic or lay.type})"
+        out.append(NodePrecision(node.name, node.op, node.macs, node.weighted, node.quantized_in_graph, lay.name, precision, reason))
+    return InspectReport(out, list(layers))
+
+
+def inspect(onnx_path: str | Path, layer_info: Mapping[str, Any], input_shapes: Mapping[str, Sequence[int]], timings_ms: Mapping[str, float] | None = None) -> InspectReport:
+    report = join(graph_nodes(onnx_path, input_shapes), parse_layers(layer_info), graph_order(onnx_path))
+    report.timings_ms = dict(timings_ms or {})
+    return report
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+
+def to_markdown(report: InspectReport, title: str = "Engine inspection", top: int = 25) -> str:
+    s = report.summary()
+    lines = [f"# {title}", ""]
+    c, m = s["convolutions"], s["matmuls"]
+    lines += [
+        f"- INT8 share of conv/matmul MACs: **{s['int8_mac_share']:.1%}** (convolutions alone: {s['int8_mac_share_convolutions']:.1%}; MACs inside fused blocks, precision unreported: {s['macs_in_fused_blocks']:.1%})",
+        f"- convolutions: {c['total']} ({c['int8']} INT8, {c['fp16']} FP16, {c['fp32']} FP32, {c['in_fused_blocks']} in fused blocks)",
+        f"- matmuls: {m['total']} ({m['int8']} INT8, {m['fp16']} FP16, {m['fp32']} FP32, {m['in_fused_blocks']} in fused blocks)",
+        f"- engine layers: {s['layers']}; reformat layers: {s['reformat_layers']}; fused (Myelin) blocks: {s['fused_blocks']}, {s['fused_blocks_with_fp32_io']} with FP32 inputs/outputs",
+    ]
+    if report.timings_ms:
+        lines.append(f"- profiled time per call (sum of layers): {s['profile_ms_total']:.3f} ms; by kind: " + ", ".join(f"{k} {v:.3f} ms" for k, v in s["profile_ms_by_kind"].items()))
+        lines += ["", f"## Slowest {top} layers", "", "| ms | share | type | precision (in -> out) | layer |", "| ---: | ---: | --- | --- | --- |"]
+        total = s["profile_ms_total"] or 1.0
+        ranked = sorted(report.layers, key=lambda lay: -report.timings_ms.get(lay.name, 0.0))[:top]
+        for lay in ranked:
+            ms = report.timings_ms.get(lay.name, 0.0)
+            lines.append(f"| {ms:.3f} | {ms / total:.1%} | {lay.type} | {'/'.join(lay.inputs) or '-'} -> {'/'.join(lay.outputs) or '-'} | `{_short(lay.name)}` |")
+    fallbacks = report.fallbacks()
+    lines += ["", f"## Weighted layers not in INT8 ({len(fallbacks)})", ""]
+    if fallbacks:
+        lines += ["| node | op | MACs | precision | reason |", "| --- | --- | ---: | --- | --- |"]
+        for n in sorted(fallbacks, key=lambda n: -n.macs):
+            lines.append(f"| `{n.node}` | {n.op} | {n.macs:,} | {n.precision} | {n.reason} |")
+    else:
+        lines.append("None: every weighted conv/matmul runs an INT8 kernel.")
+    reformats = [lay for lay in report.layers if lay.is_reformat]
+    lines += ["", f"## Reformat layers ({len(reformats)})", ""]
+    for lay in reformats[:top]:
+        lines.append(f"- {'/'.join(lay.inputs)} -> {'/'.join(lay.outputs)}: `{_short(lay.name, 160)}`")
+    if len(reformats) > top:
+        lines.append(f"- ... {len(reformats) - top} more in the JSON report")
+    return "\n".join(lines) + "\n"
+
+
+def _short(name: str, width: int = 110) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."

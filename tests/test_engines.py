@@ -1,0 +1,210 @@
+"""The parts of the TensorRT engine stage that need no GPU: profiles, precision rules, the
+manifest check, the inspector's join of engine layers with the graph, and the errors a CPU
+machine gives. The GPU half is tests/test_tensorrt.py (run on the device machine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qdiff.engines.builder import check_precision, graph_facts
+from qdiff.engines.compat import parse_tactic_sources, version_tuple
+from qdiff.engines.inspector import graph_nodes, inspect, parse_layers, precision_of, to_markdown
+from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, Platform, verify_engine
+from qdiff.engines.profiles import ShapeRange, check_shapes, derive_profile, graph_inputs, parse_range, parse_shape_spec, profile_to_json
+from qdiff.errors import EngineBuildError, EngineMismatchError, ProfileShapeError
+from tests.conftest import quantize_model
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def uncond_graphs(uncond_model_dir, fast_recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines-cpu")
+    _, fp32, _, q = quantize_model(uncond_model_dir, out, fast_recipe)
+    return fp32, q.onnx_path
+
+
+@pytest.fixture(scope="module")
+def sdxl_graph(bare_cond_unet_dir, tmp_path_factory):
+    from qdiff.api import export_model
+
+    return export_model(bare_cond_unet_dir, tmp_path_factory.mktemp("engines-sdxl"), check=False).onnx_path
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+def test_profile_is_derived_from_the_graphs_dynamic_axes(sdxl_graph):
+    inputs = graph_inputs(sdxl_graph)
+    assert [i.name for i in inputs] == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
+    profile = derive_profile(inputs, batch=(1, 2, 4), height=(8, 16, 32), tokens=77)
+    assert profile["sample"] == ShapeRange((1, 4, 8, 8), (2, 4, 16, 16), (4, 4, 32, 32))
+    assert profile["encoder_hidden_states"] == ShapeRange((1, 77, 24), (2, 77, 24), (4, 77, 24))
+    assert profile["time_ids"].max == (4, 6)
+    override = dict([parse_shape_spec("sample=1x4x16x16:2x4x16x24:2x4x16x32")])
+    assert derive_profile(inputs, batch=2, height=16, overrides=override)["sample"].opt == (2, 4, 16, 24)
+
+
+def test_profile_errors_name_the_input(sdxl_graph):
+    inputs = graph_inputs(sdxl_graph)
+    with pytest.raises(ProfileShapeError, match="input 'sample' dimension 2 is dynamic"):
+        derive_profile(inputs, batch=2)  # no size known
+    with pytest.raises(ProfileShapeError, match="does not have"):
+        derive_profile(inputs, batch=2, height=16, overrides={"latents": ShapeRange((1,), (1,), (1,))})
+    with pytest.raises(ProfileShapeError, match="rank 3 but the graph's input has rank 4"):
+        derive_profile(inputs, batch=2, height=16, overrides=dict([parse_shape_spec("sample=1x4x16")]))
+    with pytest.raises(ProfileShapeError, match="min <= opt <= max"):
+        parse_shape_spec("sample=2x4x16x16:1x4x16x16:4x4x16x16")
+    with pytest.raises(ProfileShapeError, match="NAME="):
+        parse_shape_spec("1x4x16x16")
+    with pytest.raises(ProfileShapeError, match="three"):
+        parse_range("1,2", "--batch")
+    assert parse_range("1,2,4", "--batch") == (1, 2, 4) and parse_range("64", "--size") == (64, 64, 64)
+
+
+def test_check_shapes_names_the_dimension_out_of_range():
+    profile = {"sample": ShapeRange((1, 4, 8, 8), (2, 4, 16, 16), (4, 4, 32, 32)), "timestep": ShapeRange((1,), (2,), (4,))}
+    check_shapes(profile, {"sample": (4, 4, 32, 8), "timestep": (4,)})
+    with pytest.raises(ProfileShapeError, match=r"input 'sample' dimension 3 is 40, outside the engine's profile range \[8, 32\]"):
+        check_shapes(profile, {"sample": (2, 4, 16, 40), "timestep": (2,)})
+    with pytest.raises(ProfileShapeError, match="needs input"):
+        check_shapes(profile, {"sample": (2, 4, 16, 16)})
+    with pytest.raises(ProfileShapeError, match="rank"):
+        check_shapes(profile, {"sample": (2, 4, 16), "timestep": (2,)})
+
+
+# ----------------------------------------------------------------------------- precision rules
+
+
+def test_precision_must_agree_with_the_graph(uncond_graphs):
+    fp32, qdq = uncond_graphs
+    f, q = graph_facts(fp32), graph_facts(qdq)
+    assert f.qdq_nodes == 0 and q.qdq_nodes > 0 and q.weight_bits == 8
+    assert q.unet_config["sample_size"] == 16  # kept from export for TensorRTUNet
+    assert "FP16" in check_precision("fp16", f, fp32)
+    assert "INT8" in check_precision("int8", q, qdq)
+    with pytest.raises(EngineBuildError, match="no Q/DQ nodes"):
+        check_precision("int8", f, fp32)
+    with pytest.raises(EngineBuildError, match="QuantizeLinear/DequantizeLinear"):
+        check_precision("fp16", q, qdq)
+    with pytest.raises(EngineBuildError, match="not W4A8"):
+        check_precision("w4a8", q, qdq)
+    with pytest.raises(EngineBuildError, match="no INT4 DequantizeLinear"):
+        check_precision("int4-weight-only", f, fp32)
+    with pytest.raises(EngineBuildError, match="unknown precision"):
+        check_precision("int3", f, fp32)
+
+
+def test_compat_helpers():
+    assert version_tuple("8.6.0") == (8, 6, 0) and version_tuple("10.3.0.post1") == (10, 3, 0)
+    assert parse_tactic_sources("edge_mask_convolutions, jit_convolutions") == ("edge_mask_convolutions", "jit_convolutions")
+    assert parse_tactic_sources("default") is None
+    with pytest.raises(EngineBuildError, match="unknown tactic source"):
+        parse_tactic_sources("cudnn,magic")
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _fake_engine(folder: Path, platform: Platform) -> Path:
+    from qdiff.artifacts import Manifest, sha256_file, write_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / ENGINE_FILE
+    plan.write_bytes(b"not a real plan, but bytes with a hash")
+    profile = {"sample": ShapeRange((1, 3, 16, 16), (2, 3, 16, 16), (2, 3, 16, 16))}
+    write_manifest(plan, Manifest(kind=ENGINE_KIND, inputs={"onnx_sha256": "0" * 64, **platform.to_inputs()}, settings={"precision": "int8", "profile": profile_to_json(profile)}, outputs={"sha256": sha256_file(plan)}))
+    return plan
+
+
+def test_manifest_check_refuses_other_tensorrt_gpu_or_bytes(tmp_path):
+    here = Platform("8.6.0", "NVIDIA H200", "9.0")
+    plan = _fake_engine(tmp_path / "e", here)
+    assert verify_engine(tmp_path / "e", here).profile["sample"].opt == (2, 3, 16, 16)
+    with pytest.raises(EngineMismatchError, match=r"(?s)built with TensorRT 8.6.0, this is TensorRT 10.3.0.*hint: rebuild it: qdiff build"):
+        verify_engine(plan, Platform("10.3.0", "NVIDIA H200", "9.0"))
+    with pytest.raises(EngineMismatchError, match=r"built for NVIDIA H200 \(sm 9.0\), this GPU is NVIDIA A100"):
+        verify_engine(plan, Platform("8.6.0", "NVIDIA A100-SXM4-80GB", "8.0"))
+    plan.write_bytes(b"truncated")
+    with pytest.raises(EngineMismatchError, match="bytes differ"):
+        verify_engine(plan, here)
+    with pytest.raises(EngineMismatchError, match="no engine at"):
+        verify_engine(tmp_path / "nowhere", here)
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / ENGINE_FILE).write_bytes(b"x")
+    with pytest.raises(EngineMismatchError, match="has no manifest"):
+        verify_engine(tmp_path / "bare", here)
+
+
+# ----------------------------------------------------------------------------- inspector
+
+
+def test_precision_strings_of_tensorrt_8_and_10():
+    assert precision_of("Thirty-two wide channel vectorized row major Int8 format") == "INT8"
+    assert precision_of("Channel major FP16 format where channel % 8 == 0") == "FP16"
+    assert precision_of("Row major linear FP32 format") == "FP32"
+    assert precision_of("Half") == "FP16" and precision_of("Float") == "FP32" and precision_of("Int8") == "INT8"
+
+
+def test_graph_macs_match_the_calibration_tables_count(uncond_graphs, uncond_model_dir):
+    """Two independent MAC counts (ONNX shape inference here, PyTorch hooks in calibration)."""
+    from qdiff.calib.table import CalibrationTable
+
+    fp32, qdq = uncond_graphs
+    nodes = {n.name: n for n in graph_nodes(qdq, {"sample": (1, 3, 16, 16), "timestep": (1,)})}
+    table = CalibrationTable.load(fp32.parent / "calibration.json")
+    conv_in = nodes["/unet/conv_in/Conv"]
+    assert conv_in.macs == 16 * 16 * 16 * 3 * 9 and not conv_in.quantized_in_graph  # the recipe keeps conv_in float
+    by_module = {".".join(name.split("/")[2:-1]): node for name, node in nodes.items() if node.op == "Conv"}
+    checked = 0
+    for module, ranges in table.layers.items():
+        if ranges.op == "Conv" and ranges.macs and not ranges.split_channels:
+            assert by_module[module].macs == ranges.macs, module
+            assert by_module[module].quantized_in_graph
+            checked += 1
+    assert checked > 10
+
+
+def test_inspector_join_on_a_real_tensorrt_layer_dump(tmp_path):
+    """layers.json is what TensorRT 8.6 on the H200 reported for the default model's W8A8 engine
+    (tests/test_tensorrt.py saves it); the graph is rebuilt here the same way."""
+    from qdiff import api
+    from qdiff.calib.recipe import load_recipe
+    from qdiff.models import DEFAULT_MODEL, PACKAGE_MODELS
+
+    dump = DATA / "shapes-ddpm-w8a8.layers.json"
+    if not dump.exists():
+        pytest.fail(f"{dump} is missing: run tests/test_tensorrt.py on the GPU machine with QDIFF_SAVE_LAYERS={dump}")
+    _, _, _, q = quantize_model(PACKAGE_MODELS / DEFAULT_MODEL, tmp_path, load_recipe("w8a8", **api.RUN_CALIBRATION))
+    layers = json.loads(dump.read_text())
+    parsed = parse_layers(layers)
+    assert any(lay.is_reformat for lay in parsed) or all(not lay.is_reformat for lay in parsed)
+    report = inspect(q.onnx_path, layers, {"sample": (8, 3, 32, 32), "timestep": (8,)})
+    s = report.summary()
+    assert s["convolutions"]["total"] == sum(1 for n in report.nodes if n.op in ("Conv", "ConvTranspose"))
+    assert s["int8_mac_share_convolutions"] > 0.9
+    assert not [n for n in report.nodes if n.precision == "not found" and n.op == "Conv"], "every conv maps to an engine layer"
+    fallbacks = {n.node for n in report.fallbacks()}
+    assert "/unet/conv_in/Conv" in fallbacks  # float by the recipe, and reported with that reason
+    assert next(n for n in report.nodes if n.node == "/unet/conv_in/Conv").reason.startswith("the graph leaves its input unquantized")
+    md = to_markdown(report)
+    assert "INT8 share of conv/matmul MACs" in md and "conv_in" in md
+
+
+def test_build_on_a_machine_without_tensorrt_says_so(uncond_graphs, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    from qdiff.cli import main
+
+    rc = main(["build", str(uncond_graphs[0]), "-o", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "TensorRT is not importable here" in err and "hint:" in err
+    assert not (tmp_path / "e").exists()

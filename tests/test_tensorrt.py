@@ -1,0 +1,196 @@
+"""TensorRT engines on a real GPU: build, run, check, inspect. Run on the device machine:
+
+    python -P -m pytest -m tensorrt tests/test_tensorrt.py
+
+CI has no GPU; these tests are deselected there by the `tensorrt` marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import quantize_model
+
+pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu]
+
+trt = pytest.importorskip("tensorrt")
+if not torch.cuda.is_available():  # pragma: no cover - only on GPU machines
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from qdiff import api  # noqa: E402
+from qdiff.engines.manifest import read_engine_manifest  # noqa: E402
+from qdiff.errors import EngineBuildError, EngineMismatchError, ProfileShapeError  # noqa: E402
+from qdiff.metrics import cosine, relative_l2  # noqa: E402
+from qdiff.runtime.backends import OnnxRuntimeDenoiser  # noqa: E402
+from qdiff.runtime.tensorrt_backend import TensorRTDenoiser, TensorRTUNet  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def uncond_artifacts(uncond_model_dir, fast_recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trt-uncond")
+    bundle, fp32, table, q = quantize_model(uncond_model_dir, out, fast_recipe)
+    fp16_dir = api.build_engine(fp32, out / "fp16", precision="fp16", batch=(1, 2, 4), size=(8, 16, 32)).engine_path.parent
+    int8_dir = api.build_engine(q.onnx_path, out / "int8", precision="int8", batch=(1, 2, 4), size=(8, 16, 32)).engine_path.parent
+    return {"bundle": bundle, "fp32": fp32, "qdq": q.onnx_path, "fp16": fp16_dir, "int8": int8_dir, "out": out}
+
+
+@pytest.fixture(scope="module")
+def cond_artifacts(class_cond_model_dir, fast_recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trt-cond")
+    bundle, fp32, table, q = quantize_model(class_cond_model_dir, out, fast_recipe)
+    int8_dir = api.build_engine(q.onnx_path, out / "int8", precision="int8", batch=(1, 2, 4), tokens=1).engine_path.parent
+    return {"bundle": bundle, "fp32": fp32, "qdq": q.onnx_path, "int8": int8_dir}
+
+
+def _inputs(batch=2, size=16, channels=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, size, size, generator=g), torch.tensor([500.0] * batch)
+
+
+def test_fp16_engine_matches_onnxruntime_fp32(uncond_artifacts):
+    x, t = _inputs()
+    ref = OnnxRuntimeDenoiser(uncond_artifacts["fp32"])(x, t)
+    got = TensorRTDenoiser(uncond_artifacts["fp16"])(x.cuda(), t).cpu()
+    err = relative_l2(got, ref)
+    print(f"fp16 engine vs ORT fp32: rel-L2 {err:.2e}")
+    assert err < 1e-2
+
+
+def test_int8_engine_matches_onnxruntime_qdq_graph(uncond_artifacts):
+    x, t = _inputs()
+    ref = OnnxRuntimeDenoiser(uncond_artifacts["qdq"], optimize=False)(x, t)
+    got = TensorRTDenoiser(uncond_artifacts["int8"])(x.cuda(), t).cpu()
+    print(f"int8 engine vs ORT Q/DQ: cosine {cosine(got, ref):.6f}, rel-L2 {relative_l2(got, ref):.2e}")
+    assert cosine(got, ref) > 0.999
+
+
+def test_cuda_graph_replay_equals_plain_execution_at_every_shape(uncond_artifacts):
+    graphed = TensorRTDenoiser(uncond_artifacts["int8"], cuda_graphs=True)
+    plain = TensorRTDenoiser(uncond_artifacts["int8"], cuda_graphs=False)
+    for batch, size in ((2, 16), (1, 8), (4, 32), (2, 16)):
+        x, t = _inputs(batch, size, seed=batch * 100 + size)
+        a, b = graphed(x.cuda(), t), plain(x.cuda(), t)
+        assert a.shape == (batch, 3, size, size)
+        assert torch.equal(a, b), f"graph replay differs at batch {batch}, size {size}"
+    assert len(graphed.engine._captured) == 3  # one capture per distinct shape, reused after
+
+
+def test_shape_outside_profile_names_input_and_dimension(uncond_artifacts):
+    den = TensorRTDenoiser(uncond_artifacts["int8"])
+    x, t = _inputs(batch=8)
+    with pytest.raises(ProfileShapeError, match=r"input 'sample' dimension 0 is 8, outside the engine's profile range \[1, 4\]"):
+        den(x.cuda(), t)
+    x, t = _inputs(size=64)
+    with pytest.raises(ProfileShapeError, match=r"dimension 2 is 64"):
+        den(x.cuda(), t)
+
+
+def test_engine_from_another_gpu_or_tensorrt_is_refused(uncond_artifacts, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(uncond_artifacts["int8"], copy)
+    manifest_file = copy / "engine.plan.manifest.json"
+    data = json.loads(manifest_file.read_text())
+    data["inputs"]["tensorrt"] = "7.2.3"
+    manifest_file.write_text(json.dumps(data))
+    with pytest.raises(EngineMismatchError, match=r"built with TensorRT 7.2.3.*rebuild it"):
+        TensorRTDenoiser(copy)
+    shutil.copy(uncond_artifacts["int8"] / "engine.plan.manifest.json", manifest_file)
+    with open(copy / "engine.plan", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00" * 16)
+    with pytest.raises(EngineMismatchError, match="bytes differ"):
+        TensorRTDenoiser(copy)
+
+
+def test_rebuild_is_skipped_when_up_to_date_and_redone_with_force(uncond_artifacts):
+    again = api.build_engine(uncond_artifacts["qdq"], uncond_artifacts["int8"], precision="int8", batch=(1, 2, 4), size=(8, 16, 32))
+    assert again.reused
+    other = api.build_engine(uncond_artifacts["qdq"], uncond_artifacts["out"] / "int8-b2", precision="int8", batch=2, size=16)
+    assert not other.reused and read_engine_manifest(other.engine_path).profile["sample"].max == (2, 3, 16, 16)
+
+
+def test_precision_must_match_the_graph(uncond_artifacts, tmp_path):
+    with pytest.raises(EngineBuildError, match="has no Q/DQ nodes"):
+        api.build_engine(uncond_artifacts["fp32"], tmp_path / "e", precision="int8")
+    with pytest.raises(EngineBuildError, match="QuantizeLinear/DequantizeLinear nodes"):
+        api.build_engine(uncond_artifacts["qdq"], tmp_path / "e", precision="fp16")
+
+
+def test_int4_weight_only_is_refused_plainly_on_tensorrt_8(uncond_artifacts, tmp_path):
+    if int(trt.__version__.split(".")[0]) >= 10:
+        pytest.skip("TensorRT >= 10 builds INT4")
+    with pytest.raises(EngineBuildError):
+        api.build_engine(uncond_artifacts["fp32"], tmp_path / "e", precision="int4-weight-only")
+
+
+def test_inspect_reports_int8_convolutions_and_profile(uncond_artifacts):
+    report = api.inspect_engine(uncond_artifacts["int8"], profile=True, runs=5)
+    s = report.summary()
+    print(json.dumps(s, indent=1))
+    assert s["convolutions"]["total"] > 10
+    assert s["int8_mac_share_convolutions"] > 0.9
+    assert s["profile_ms_total"] > 0
+    assert (uncond_artifacts["int8"] / "inspect.md").read_text().startswith("# ")
+    fp16 = api.inspect_engine(uncond_artifacts["fp16"]).summary()
+    assert fp16["convolutions"]["int8"] == 0
+
+
+def test_conditional_engine_runs_the_sampling_loop_like_onnxruntime(cond_artifacts):
+    from qdiff.conditioning import resolve_conditioning
+
+    bundle = cond_artifacts["bundle"]
+    cond = resolve_conditioning(bundle, 2, class_labels=[0, 1])
+    common = dict(scheduler="ddim", steps=10, seeds=[0, 1], conditioning=cond, guidance_scale=3.0)
+    ref = api.generate(bundle, OnnxRuntimeDenoiser(cond_artifacts["qdq"]), **common)
+    got = api.generate(bundle, TensorRTDenoiser(cond_artifacts["int8"]), **common)
+    from qdiff.metrics import psnr
+
+    values = [psnr(a, b) for a, b in zip(ref.images, got.images)]
+    print("TensorRT int8 vs ORT Q/DQ, 10 DDIM steps, PSNR:", values)
+    assert min(values) > 25
+
+
+def test_tensorrt_unet_drops_into_a_diffusers_pipeline(uncond_artifacts):
+    from diffusers import DDIMPipeline, DDIMScheduler
+
+    bundle = uncond_artifacts["bundle"]
+    sched = DDIMScheduler.from_config(bundle.scheduler_config)
+    pipe = DDIMPipeline(unet=bundle.unet, scheduler=sched)
+    ref = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    pipe.unet = TensorRTUNet(uncond_artifacts["fp16"])
+    pipe.to("cuda")
+    got = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert got.shape == ref.shape
+    assert abs(got - ref).max() < 0.05
+
+
+def test_cli_sample_with_engine_writes_images(uncond_artifacts, uncond_model_dir, tmp_path):
+    from qdiff.cli import main
+
+    rc = main(["sample", str(uncond_model_dir), "--engine", str(uncond_artifacts["int8"]), "-o", str(tmp_path), "--steps", "5", "--num-images", "2"])
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["grid.png", "sample_00000.png", "sample_00001.png"]
+
+
+def test_default_model_int8_engine_layers_saved_for_cpu_tests(tmp_path):
+    """Builds the shipped default model's W8A8 engine and keeps its inspector JSON, which the
+    CPU tests (tests/test_engines.py) join against the same graph."""
+    from qdiff.calib.recipe import load_recipe
+    from qdiff.models import DEFAULT_MODEL, PACKAGE_MODELS
+
+    out = tmp_path / "run"
+    bundle, fp32, table, q = quantize_model(PACKAGE_MODELS / DEFAULT_MODEL, out, load_recipe("w8a8", **api.RUN_CALIBRATION))
+    built = api.build_engine(q.onnx_path, out / "int8", precision="int8", batch=(1, 8, 16))
+    layers = json.loads((built.engine_path.parent / "layers.json").read_text())
+    dest = Path(os.environ.get("QDIFF_SAVE_LAYERS", tmp_path / "layers.json"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(layers, indent=1))
+    report = api.inspect_engine(built.engine_path.parent)
+    print(json.dumps(report.summary(), indent=1))
+    assert report.summary()["int8_mac_share_convolutions"] > 0.9
