@@ -68,26 +68,37 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     folder = _model_dir(args.work)
     onnx = args.work / "onnx" / api.ONNX_NAME
+    table_path = args.work / "calib" / api.TABLE_NAME
     t0 = time.perf_counter()
-    table = api.calibrate(
-        folder, args.work / "calib", args.recipe, random_conditioning=True,
-        num_timesteps=args.timesteps, samples_per_timestep=args.samples, calibration_steps=args.calib_steps, batch_size=args.samples,
-    )
-    print(f"calibrate: {time.perf_counter() - t0:.0f} s")
-    q = api.quantize_onnx(onnx, table.table_path)
-    print(f"quantize: {q.onnx_path} in {time.perf_counter() - t0:.0f} s total")
+    if not (args.reuse_table and table_path.exists()):
+        table_path = api.calibrate(
+            folder, args.work / "calib", args.recipe, random_conditioning=True,
+            num_timesteps=args.timesteps, samples_per_timestep=args.samples, calibration_steps=args.calib_steps, batch_size=args.samples,
+        ).table_path
+        print(f"calibrate: {time.perf_counter() - t0:.0f} s")
+    placements = {"all": [None], "conv": [("Conv", "ConvTranspose")], "both": [None, ("Conv", "ConvTranspose")]}[args.placement]
+    for ops in placements:
+        q = api.quantize_onnx(onnx, table_path, quantize_ops=ops)
+        print(f"quantize: {q.onnx_path} ({time.perf_counter() - t0:.0f} s)")
 
 
 def _graph(work: Path, which: str) -> Path:
-    names = {"fp16": "denoiser.onnx", "int8": "denoiser.w8a8.onnx", "w4a8": "denoiser.w4a8.onnx"}
-    return work / "onnx" / names[which]
+    return work / "onnx" / ENGINES[which][0]
+
+
+# Engine name -> (graph in <work>/onnx, precision, label).
+ENGINES = {
+    "fp16": ("denoiser.onnx", "fp16", "TensorRT FP16"),
+    "int8": ("denoiser.w8a8.onnx", "int8", "qdiff W8A8 TensorRT (all Conv/Linear, split shortcut)"),
+    "int8-conv": ("denoiser.w8a8-conv-convtranspose.onnx", "int8", "qdiff W8A8 TensorRT (convolutions only, split shortcut)"),
+}
 
 
 def cmd_build(args: argparse.Namespace) -> None:
     from qdiff import api
 
     result = api.build_engine(
-        _graph(args.work, args.which), args.work / f"engine-{args.which}", precision=args.which,
+        _graph(args.work, args.which), args.work / f"engine-{args.which}", precision=ENGINES[args.which][1],
         batch=(1, 2, 2), size=64, tokens=77, optimization_level=args.opt_level, force=args.force,
     )
     print(f"build {args.which}: {result.engine_path} ({result.manifest.details.get('build_seconds')} s)")
@@ -225,8 +236,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for which in [s.removeprefix("trt-") for s in setups if s.startswith("trt-")]:
         engine_dir = args.work / f"engine-{which}"
         info = read_engine_manifest(engine_dir)
-        label = {"fp16": "TensorRT FP16", "int8": "qdiff W8A8 TensorRT (split shortcut)", "w4a8": "qdiff W4A8 TensorRT"}.get(which, which)
-        report = api.inspect_engine(engine_dir, profile=args.profile, runs=10)
+        label = ENGINES[which][2]
+        report = api.inspect_engine(engine_dir, profile=args.profile, runs=10, out=args.out / f"inspect-{which}")
         summary = report.summary()
         d = info.manifest.details
         extra = {
@@ -303,13 +314,15 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--timesteps", type=int, default=8)
             s.add_argument("--samples", type=int, default=2)
             s.add_argument("--calib-steps", type=int, default=16)
+            s.add_argument("--reuse-table", action="store_true", help="use <work>/calib/calibration.json if it exists (same seeded model)")
+            s.add_argument("--placement", choices=["all", "conv", "both"], default="both", help="Q/DQ on all Conv/Linear inputs, on convolutions only, or both graphs")
         if name == "build":
-            s.add_argument("--which", choices=["fp16", "int8", "w4a8"], required=True)
+            s.add_argument("--which", choices=list(ENGINES), required=True)
             s.add_argument("--opt-level", type=int)
             s.add_argument("--force", action="store_true")
         if name == "bench":
             s.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-            s.add_argument("--setups", default="eager,compile,trt-fp16,trt-int8")
+            s.add_argument("--setups", default="eager,compile,trt-fp16,trt-int8,trt-int8-conv")
             s.add_argument("--warmup", type=int, default=10)
             s.add_argument("--iters", type=int, default=50)
             s.add_argument("--steps", type=int, default=50)

@@ -6,15 +6,17 @@ noise and keeps denoiser inputs at timesteps spread uniformly over the whole tra
 the statistics are collected on the fly: hooks on the quantized layers are switched on only at
 the chosen steps, so the inputs never have to be stored, and each trajectory stops after the
 last step that is needed. With classifier-free guidance the denoiser sees the unconditional and
-the conditional batch, as it will at inference.
+the conditional batch, as it will at inference. The trajectories themselves (seeds, batches,
+kept steps) are driven by `calib.trajectories`, which peers that need the same calls as tensors
+share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -24,20 +26,12 @@ from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable, LayerRanges
 from qdiff.calib.shortcuts import find_split_shortcuts
 from qdiff.calib.targets import select_targets
+from qdiff.calib.timestep_stats import TimestepStatsRecorder
+from qdiff.calib.trajectories import calibration_step_indices, calibration_trajectories
 from qdiff.conditioning import Conditioning
 from qdiff.errors import CalibrationError
 
-
-def calibration_step_indices(total_steps: int, num_timesteps: int, window: tuple[float, float] = (0.0, 1.0)) -> list[int]:
-    """Step indices spread uniformly over `window` of a `total_steps` trajectory (0 = noisiest)."""
-    lo, hi = window[0] * (total_steps - 1), window[1] * (total_steps - 1)
-    indices = np.unique(np.round(np.linspace(lo, hi, num_timesteps)).astype(int))
-    if len(indices) < num_timesteps:
-        raise CalibrationError(
-            f"the window {window} of a {total_steps}-step trajectory holds only {len(indices)} distinct steps, fewer than num_timesteps={num_timesteps}",
-            hint="raise calibration_steps or lower num_timesteps",
-        )
-    return indices.tolist()
+__all__ = ["calibration_step_indices", "collect_ranges", "example_call", "layer_macs"]
 
 
 def layer_macs(model: nn.Module, example: dict[str, torch.Tensor], names: list[str]) -> dict[str, int]:
@@ -75,55 +69,41 @@ def collect_ranges(
     model_sha256: str,
     scheduler_name: str,
     progress: Callable | None = None,
+    timestep_stats: TimestepStatsRecorder | None = None,
 ) -> CalibrationTable:
     """Run the sampler over `unet` and return the calibration table.
 
     `denoise_fn` is the sampling loop (`qdiff.runtime.sampler.denoise`) and `denoiser` a backend
     that calls `unet`; both are passed in so that calibration drives exactly the loop that
-    inference uses, while calib itself stays independent of the runtime package.
+    inference uses, while calib itself stays independent of the runtime package. A
+    `timestep_stats` recorder, if given, watches the same layers at the same steps and keeps
+    per-step ranges and branch histograms (its `result()` afterwards).
     """
 
     targets, skipped = select_targets(unet, recipe)
     if not targets:
         raise CalibrationError("the recipe selects no layer to quantize", hint="check the recipe's exclude and quantize_ops")
     steps = calibration_step_indices(recipe.calibration_steps, recipe.num_timesteps, recipe.timestep_window)
-    keep = set(steps)
-    last = max(steps)
     total = recipe.samples_per_timestep
     recorded_timesteps: list[float] = []
-    batches = list(range(0, total, recipe.batch_size))
-    bar = progress(total=len(batches) * (last + 1), desc="calibrate", unit="step") if progress else None
-    example = _example_call(unet, sample_shape, conditioning)
+    example = example_call(unet, sample_shape, conditioning)
     splits: dict[str, int] = {}
     if recipe.split_shortcut:
         conv_targets = {t.name for t in targets if t.op == "Conv"}
         splits = {name: c for name, c in find_split_shortcuts(unet, example).items() if name in conv_targets}
-    with ActivationRecorder(targets, recipe, splits) as recorder:
+    with _attached(timestep_stats, targets, splits), ActivationRecorder(targets, recipe, splits) as recorder:
 
-        def before_step(i: int, t: float) -> None:
-            recorder.enabled = i in keep
-            if recorder.enabled and len(recorded_timesteps) < len(steps):
+        def on_step(i: int, t: float, kept: bool) -> None:
+            recorder.enabled = kept
+            if timestep_stats is not None:
+                timestep_stats.begin_step(i, t, kept)
+            if kept and len(recorded_timesteps) < len(steps):
                 recorded_timesteps.append(t)
-            if bar:
-                bar.update(1)
 
-        for start in batches:
-            n = min(recipe.batch_size, total - start)
-            gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + start)
-            noise = torch.randn((n, *sample_shape), generator=gen)
-            denoise_fn(
-                denoiser,
-                scheduler,
-                noise,
-                recipe.calibration_steps,
-                conditioning=conditioning.select(start, start + n) if conditioning else None,
-                guidance_scale=recipe.guidance_scale if conditioning else 1.0,
-                seed=recipe.seed + start,
-                before_step=before_step,
-                stop_after_step=last,
-            )
-        if bar:
-            bar.close()
+        for _batch in calibration_trajectories(
+            denoiser, scheduler, recipe, denoise_fn, sample_shape=sample_shape, conditioning=conditioning, on_step=on_step, progress=progress
+        ):
+            pass
         observers = recorder.observers
         never_ran = [name for name, obs in observers.items() if obs.batches == 0]
         table = CalibrationTable(model_sha256=model_sha256, recipe=recipe.to_json())
@@ -161,6 +141,18 @@ def collect_ranges(
     return table
 
 
+@contextlib.contextmanager
+def _attached(recorder: TimestepStatsRecorder | None, targets: list, splits: dict[str, int]) -> Iterator[None]:
+    """Hook the optional statistics recorder onto the targets; unhook it whatever happens."""
+    try:
+        if recorder is not None:
+            recorder.attach(((t.name, t.module) for t in targets), splits)
+        yield
+    finally:
+        if recorder is not None:
+            recorder.remove()
+
+
 def _add_split_ranges(ranges: LayerRanges, target, split: int, branches, recipe: Recipe, degenerate: list[str]) -> None:
     """Per-branch activation ranges and per-branch (input-channel slice) weight ranges."""
     ranges.split_channels = split
@@ -175,7 +167,7 @@ def _add_split_ranges(ranges: LayerRanges, target, split: int, branches, recipe:
         degenerate += [f"{target.name}:{role}[{c}]" for c, w in enumerate(getattr(ranges, role)) if w <= 0]
 
 
-def _example_call(unet: nn.Module, sample_shape: tuple[int, int, int], conditioning: Conditioning | None) -> dict[str, torch.Tensor]:
+def example_call(unet: nn.Module, sample_shape: tuple[int, int, int], conditioning: Conditioning | None) -> dict[str, torch.Tensor]:
     example: dict[str, Any] = {"sample": torch.zeros(1, *sample_shape), "timestep": torch.tensor([500.0])}
     if conditioning is not None:
         cond = conditioning.select(0, 1).cond

@@ -45,7 +45,7 @@ class BuildSettings:
     optimization_level: int | None = None  # TensorRT's default (3) when None
     tactic_sources: str | None = None  # comma-separated names; None: QDIFF_TRT_TACTIC_SOURCES or TensorRT's default
     strongly_typed: bool = False
-    timing_cache: Path | None = None  # None: the shared per-version/GPU cache; Path("") disables
+    timing_cache: Path | None = None  # a cache file to load and merge into; None: no cache
     verbose: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -114,6 +114,11 @@ def check_precision(precision: str, facts: GraphFacts, onnx_path: Path) -> str:
         if not facts.int4_dq_nodes:
             raise EngineBuildError(f"{name} has no INT4 DequantizeLinear weights", hint="make one with `qdiff quantize --int4-weight-only` (opset 21)")
         return "INT4 block-quantized MatMul/Gemm weights (weight-only), activations FP16"
+    if facts.int4_dq_nodes:
+        raise EngineBuildError(
+            f"{name} holds INT4 weight-only weights ({facts.int4_dq_nodes} INT4 DequantizeLinear), not {precision}",
+            hint="use --precision int4-weight-only for this graph",
+        )
     if not facts.qdq_nodes:
         raise EngineBuildError(
             f"{name} has no Q/DQ nodes; qdiff builds INT8 engines only from explicitly quantized graphs",
@@ -244,7 +249,8 @@ def layer_information(trt: Any, engine: Any, profile: Profile) -> dict[str, Any]
             context.set_input_shape(name, rng.opt)
     inspector = engine.create_engine_inspector()
     inspector.execution_context = context
-    return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    # TensorRT puts raw control characters (newlines in layer names) inside JSON strings.
+    return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON), strict=False)
 
 
 def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSettings, *, force: bool = False) -> BuildResult:
@@ -309,7 +315,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
         profile.set_shape(name, rng.min, rng.opt, rng.max)
     config.add_optimization_profile(profile)
 
-    cache_path = None if settings.timing_cache == Path("") else (settings.timing_cache or default_timing_cache(platform))
+    # Opt-in: with TensorRT 8.6, a cache holding another graph's Myelin entries made builds fail
+    # ("myelinCache deserializeFromBuffer", then "could not find any implementation").
+    cache_path = None if settings.timing_cache in (None, Path("")) else settings.timing_cache
     cache = _load_timing_cache(config, cache_path)
 
     log(f"build: {onnx_path.name} -> {target} ({settings.precision}, TensorRT {platform.tensorrt}, {platform.gpu})")
@@ -328,11 +336,11 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise EngineBuildError(f"TensorRT built {onnx_path.name} but cannot load the result: " + "; ".join(logger.errors[-3:]))
-    layers = layer_information(trt, engine, settings.profile)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with folder_lock(out_dir):
-        write_json_atomic(out_dir / "layers.json", layers)
+        # The plan and its manifest first: a build takes minutes, the inspector is a report.
+        (out_dir / "layers.json").unlink(missing_ok=True)  # it described the previous plan
         write_bytes_atomic(target, plan)
         wanted.outputs = {"sha256": sha256_file(target)}
         wanted.details = {
@@ -348,6 +356,10 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
         }
         wanted.versions = {**wanted.versions, "tensorrt": platform.tensorrt}
         write_manifest(target, wanted)
+        try:
+            write_json_atomic(out_dir / "layers.json", layer_information(trt, engine, settings.profile))
+        except Exception as exc:  # noqa: BLE001  (a report must not cost the engine)
+            log(f"build: the engine inspector failed ({type(exc).__name__}: {exc}); `qdiff inspect` will retry on a GPU")
     log(f"build: {settings.precision} engine in {seconds:.0f} s, {len(plan) / 2**20:.0f} MiB plan, {engine.device_memory_size / 2**20:.0f} MiB activations -> {target}")
     return BuildResult(target, wanted)
 

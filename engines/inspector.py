@@ -30,7 +30,10 @@ from qdiff.errors import OnnxModelError
 CONV_OPS = ("Conv", "ConvTranspose")
 MATMUL_OPS = ("Gemm", "MatMul")
 _FOREIGN = re.compile(r"\{ForeignNode\[(.*)\]\}")
+_SCOPE = re.compile(r"/unet/[^/ ]+/[^/ ]+/")  # e.g. /unet/down_blocks.0/attentions.1/
 _INT8_TACTIC = re.compile(r"(^|_)i8")  # e.g. sm90_xmma_fprop_implicit_gemm_i8f32_...
+_FP16_TACTIC = re.compile(r"(^|_)(f16|h\d{3,4}|hmma)")  # ..._f16f16_f16f32_..., h1688
+_FP32_TACTIC = re.compile(r"(^|_)(f32|tf32|s\d{3,4}|sgemm)")
 
 
 # ----------------------------------------------------------------------------- the graph side
@@ -74,6 +77,17 @@ def graph_nodes(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]]
     shapes: dict[str, list[int] | None] = {}
     for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
         shapes[vi.name] = _shape(vi)
+    # ONNX's own inference loses shapes behind some Reshape chains (attention); ONNX Runtime's
+    # symbolic inference follows them. Used to fill the gaps, never to overrule.
+    try:
+        from qdiff.export.shape_inference import symbolic_shapes
+
+        symbolic = symbolic_shapes(model)
+        for vi in symbolic.graph.value_info:
+            if shapes.get(vi.name) is None:
+                shapes[vi.name] = _shape(vi)
+    except Exception:  # noqa: BLE001  (best effort: nodes without shapes count 0 MACs)
+        pass
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
     constants = {i.name for i in model.graph.initializer}
@@ -97,7 +111,7 @@ def graph_nodes(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]]
         out = shapes.get(node.output[0])
         w = shapes.get(node.input[1])
         macs = 0
-        if out and w:
+        if out and w and all(isinstance(v, int) and v > 0 for v in (*out, *w)):
             if node.op_type == "Conv":
                 macs = _prod(out) * _prod(w[1:])  # out elems x (Cin/groups x kh x kw)
             elif node.op_type == "ConvTranspose":
@@ -157,6 +171,11 @@ class EngineLayer:
     tactic: str
     nodes: list[str]  # ONNX node names fused into this layer ([] for reformats)
     foreign_range: tuple[str, str] | None = None  # Myelin: first and last ONNX node of the block
+    origin: str = ""  # "QDQ" for a QuantizeLinear TensorRT could not fuse into its producer
+
+    @property
+    def is_standalone_quantize(self) -> bool:
+        return self.origin == "QDQ"
 
     @property
     def is_reformat(self) -> bool:
@@ -169,9 +188,17 @@ class EngineLayer:
     @property
     def compute_precision(self) -> str:
         """INT8 when the kernel reads INT8 (an INT8 conv may write FP16/FP32 output)."""
-        if _INT8_TACTIC.search(self.tactic.lower()) or self.inputs[:1] == ["INT8"]:
+        tactic = self.tactic.lower()
+        if _INT8_TACTIC.search(tactic) or self.inputs[:1] == ["INT8"]:
             return "INT8"
-        return self.inputs[0] if self.inputs else (self.outputs[0] if self.outputs else "?")
+        if self.inputs and self.inputs[0] != "?":
+            return self.inputs[0]
+        # Engines with dynamic shapes report "N/A" formats (TensorRT 8.6); the kernel name says it.
+        if _FP16_TACTIC.search(tactic):
+            return "FP16"
+        if _FP32_TACTIC.search(tactic):
+            return "FP32"
+        return "?"
 
 
 def parse_layers(info: Mapping[str, Any]) -> list[EngineLayer]:
@@ -202,6 +229,7 @@ def parse_layers(info: Mapping[str, Any]) -> list[EngineLayer]:
                 tactic=str(entry.get("TacticName", "")),
                 nodes=nodes,
                 foreign_range=foreign,
+                origin=str(entry.get("Origin", "")),
             )
         )
     return layers
@@ -250,6 +278,7 @@ class InspectReport:
             "int8_mac_share_convolutions": round(self.int8_mac_share(CONV_OPS), 4),
             "macs_in_fused_blocks": round(sum(n.macs for n in self.nodes if n.precision == "fused block") / max(1, sum(n.macs for n in self.nodes)), 4),
             "reformat_layers": len(reformats),
+            "standalone_quantize_layers": sum(1 for lay in reformats if lay.is_standalone_quantize),
             "fused_blocks": len(myelin),
             "fused_blocks_with_fp32_io": sum(1 for lay in myelin if "FP32" in lay.inputs + lay.outputs),
         }
@@ -257,7 +286,7 @@ class InspectReport:
             total = sum(self.timings_ms.values())
             by_kind: dict[str, float] = {}
             for lay in self.layers:
-                kind = "reformat" if lay.is_reformat else "fused block" if lay.is_myelin else lay.compute_precision
+                kind = "standalone quantize" if lay.is_standalone_quantize else "reformat" if lay.is_reformat else "fused block" if lay.is_myelin else lay.compute_precision
                 by_kind[kind] = by_kind.get(kind, 0.0) + self.timings_ms.get(lay.name, 0.0)
             out["profile_ms_total"] = round(total, 4)
             out["profile_ms_by_kind"] = {k: round(v, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}
@@ -289,11 +318,19 @@ def join(nodes: Sequence[GraphNode], layers: Sequence[EngineLayer], order: Mappi
                 lo, hi = order.get(lay.foreign_range[0]), order.get(lay.foreign_range[1])
                 if lo is not None and hi is not None:
                     ranges.append((min(lo, hi), max(lo, hi), lay))
+    scoped: dict[str, EngineLayer] = {}
+    for lay in layers:
+        if lay.is_myelin:
+            for scope in _SCOPE.findall(lay.name):
+                scoped.setdefault(scope, lay)
     out = []
     for node in nodes:
         lay = by_node.get(node.name)
         if lay is None:
             block = next((r[2] for r in ranges if r[0] <= node.index <= r[1]), None)
+            if block is None:  # block ends named by tensors/initializers: attribute by module scope
+                match = _SCOPE.match(node.name)
+                block = scoped.get(match.group(0)) if match else None
             if block is not None:
                 out.append(NodePrecision(node.name, node.op, node.macs, node.weighted, node.quantized_in_graph, block.name, "fused block", "inside a fused (Myelin) block; TensorRT 8.6 does not report its precision"))
             else:
@@ -327,7 +364,7 @@ def to_markdown(report: InspectReport, title: str = "Engine inspection", top: in
         f"- INT8 share of conv/matmul MACs: **{s['int8_mac_share']:.1%}** (convolutions alone: {s['int8_mac_share_convolutions']:.1%}; MACs inside fused blocks, precision unreported: {s['macs_in_fused_blocks']:.1%})",
         f"- convolutions: {c['total']} ({c['int8']} INT8, {c['fp16']} FP16, {c['fp32']} FP32, {c['in_fused_blocks']} in fused blocks)",
         f"- matmuls: {m['total']} ({m['int8']} INT8, {m['fp16']} FP16, {m['fp32']} FP32, {m['in_fused_blocks']} in fused blocks)",
-        f"- engine layers: {s['layers']}; reformat layers: {s['reformat_layers']}; fused (Myelin) blocks: {s['fused_blocks']}, {s['fused_blocks_with_fp32_io']} with FP32 inputs/outputs",
+        f"- engine layers: {s['layers']}; reformat layers: {s['reformat_layers']} ({s['standalone_quantize_layers']} of them QuantizeLinear that TensorRT could not fuse into the producer); fused (Myelin) blocks: {s['fused_blocks']}, {s['fused_blocks_with_fp32_io']} with FP32 inputs/outputs (formats are reported only for static-shape engines)",
     ]
     if report.timings_ms:
         lines.append(f"- profiled time per call (sum of layers): {s['profile_ms_total']:.3f} ms; by kind: " + ", ".join(f"{k} {v:.3f} ms" for k, v in s["profile_ms_by_kind"].items()))

@@ -168,10 +168,17 @@ def calibrate(
     random_conditioning: bool = False,
     force: bool = False,
     timestep_stats: bool = True,
+    trajectory_denoiser: Any = None,
     **recipe_overrides: Any,
 ) -> CalibrateResult:
     """Timestep-uniform calibration over the model's own sampler; writes the calibration table,
-    and with `timestep_stats` the per-timestep statistics beside it (`calibration.stats.npz`)."""
+    and with `timestep_stats` the per-timestep statistics beside it (`calibration.stats.npz`).
+
+    `trajectory_denoiser` drives the calibration trajectories instead of the model's PyTorch
+    UNet; it must call that UNet (`bundle.unet`) at the calibration steps, whose hooks record the
+    ranges. A driver that calibrates many recipes of one model passes a memoizing one, so the
+    trajectory steps all recipes share are computed once (tools/ablations.py).
+    """
     from qdiff.calib.collect import collect_ranges
     from qdiff.calib.timestep_stats import TimestepStatsRecorder, stats_path_for
     from qdiff.runtime.backends import TorchDenoiser
@@ -203,7 +210,7 @@ def calibrate(
     recorder = TimestepStatsRecorder(seed=recipe.seed) if timestep_stats else None
     table = collect_ranges(
         bundle.unet,
-        TorchDenoiser(bundle.unet),
+        trajectory_denoiser if trajectory_denoiser is not None else TorchDenoiser(bundle.unet),
         sched,
         recipe,
         denoise,
@@ -244,14 +251,34 @@ class QuantizeResult:
     reused: bool = False
 
 
-def quantize_onnx(onnx_path: str | Path, table_path: str | Path, out: str | Path | None = None, *, force: bool = False) -> QuantizeResult:
-    """Insert Q/DQ nodes into an exported graph from a calibration table."""
+# Recipe fields that only decide where Q/DQ goes, so they may differ between calibration and
+# quantization (a placement may quantize fewer layers than were calibrated, never more).
+PLACEMENT_FIELDS = ("quantize_ops", "exclude")
+
+
+def quantize_onnx(
+    onnx_path: str | Path, table_path: str | Path, out: str | Path | None = None, *, force: bool = False, quantize_ops: tuple[str, ...] | None = None, exclude: tuple[str, ...] | None = None
+) -> QuantizeResult:
+    """Insert Q/DQ nodes into an exported graph from a calibration table.
+
+    `quantize_ops`/`exclude` narrow the placement the table was calibrated for (e.g. INT8 only
+    on convolutions, leaving attention to fused FP16 kernels); the output name then says so."""
     from qdiff.export.onnx_io import publish_onnx
     from qdiff.export.qdq import quantize_file
 
     onnx_path, table_path = Path(onnx_path), Path(table_path)
     table = CalibrationTable.load(table_path)
     recipe = Recipe.from_json(table.recipe)
+    placement = {k: tuple(v) for k, v in (("quantize_ops", quantize_ops), ("exclude", exclude)) if v is not None}
+    if placement:
+        extra_ops = set(placement.get("quantize_ops", ())) - set(recipe.quantize_ops)
+        if extra_ops:
+            raise ArtifactMismatchError(
+                f"{table_path.name} was calibrated for {', '.join(recipe.quantize_ops)}; it has no ranges for {', '.join(sorted(extra_ops))}",
+                hint="recalibrate with those ops in the recipe, or quantize a subset",
+            )
+        tag = "-".join(op.lower() for op in placement.get("quantize_ops", recipe.quantize_ops)) if "quantize_ops" in placement else "custom"
+        recipe = recipe.with_overrides(name=f"{recipe.name}-{tag}", **placement)
     export_manifest = read_manifest(onnx_path)
     if export_manifest is not None:
         exported_from = export_manifest.inputs.get("model_sha256")
@@ -279,6 +306,49 @@ def quantize_onnx(onnx_path: str | Path, table_path: str | Path, out: str | Path
     wanted.details = {"coverage": report.to_json(), "weight_bits": recipe.weight_bits, "activation_bits": recipe.activation_bits}
     if export_manifest is not None and "unet_config" in export_manifest.details:
         wanted.details["unet_config"] = export_manifest.details["unet_config"]
+    write_manifest(target, wanted)
+    log("quantize: " + report.summary())
+    return QuantizeResult(target, report)
+
+
+def quantize_int4_weight_only(
+    onnx_path: str | Path, out: str | Path | None = None, *, block_size: int = 128, exclude: tuple[str, ...] = (), force: bool = False
+) -> QuantizeResult:
+    """INT4 block-quantized MatMul/Gemm weights (weight-only, opset 21) for TensorRT >= 10.
+
+    Needs no calibration: scales come from the weights. Writes `<stem>.int4wo.onnx`; see
+    `qdiff.export.int4_weight_only` for the format."""
+    from qdiff.export.int4_weight_only import Int4WeightOnlyConfig, quantize_file
+    from qdiff.export.onnx_io import publish_onnx
+
+    onnx_path = Path(onnx_path)
+    config = Int4WeightOnlyConfig(block_size=block_size, exclude=tuple(exclude or ()))
+    name = f"{onnx_path.stem}.int4wo.onnx"
+    target = Path(out) if out is not None else onnx_path.with_name(name)
+    if target.suffix != ".onnx":
+        target = target / name
+    if not onnx_path.is_file():
+        raise OnnxModelError(f"ONNX file {onnx_path} does not exist", hint="export one with `qdiff export`")
+    export_manifest = read_manifest(onnx_path)
+    inputs = {"onnx_sha256": sha256_file(onnx_path)}
+    if export_manifest is not None and export_manifest.inputs.get("model_sha256"):
+        inputs["model_sha256"] = export_manifest.inputs["model_sha256"]
+    wanted = Manifest(kind="int4-weight-only-onnx", inputs=inputs, settings={"int4_weight_only": config.to_json()})
+    if not force and is_up_to_date(target, wanted):
+        log(f"quantize: {target} is up to date; skipping")
+        return QuantizeResult(target, read_manifest(target).details.get("coverage"), reused=True)
+    unet_config = export_manifest.details.get("unet_config") if export_manifest is not None else None
+    size = (unet_config or {}).get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    dims = {"height": int(size), "width": int(size)} if isinstance(size, int) else None  # MACs at the model's own size
+    with _staging(target.parent) as stage:
+        staged = stage / target.name
+        report = quantize_file(onnx_path, staged, config, dims=dims)
+        publish_onnx(staged, target)
+    wanted.outputs = {"sha256": sha256_file(target)}
+    wanted.details = {"coverage": report.to_json(), "weight_bits": 4, "int4_weight_only": True, "block_size": config.block_size}
+    if unet_config is not None:
+        wanted.details["unet_config"] = unet_config
     write_manifest(target, wanted)
     log("quantize: " + report.summary())
     return QuantizeResult(target, report)
@@ -349,7 +419,7 @@ def inspect_engine(engine: str | Path, *, onnx: str | Path | None = None, profil
         raise OnnxModelError(f"the graph {info.path.name} was built from is not at {onnx}", hint="pass --onnx PATH to the graph the engine was built from")
     layers_file = info.path.parent / "layers.json"
     if layers_file.exists():
-        layer_info = json.loads(layers_file.read_text(encoding="utf-8"))
+        layer_info = json.loads(layers_file.read_text(encoding="utf-8"), strict=False)
     else:
         from qdiff.engines.builder import layer_information
         from qdiff.runtime.tensorrt_backend import TensorRTEngine

@@ -109,10 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     _add_conditioning(p)
 
-    p = sub.add_parser("quantize", help="insert Q/DQ nodes into an exported graph")
+    p = sub.add_parser("quantize", help="insert Q/DQ nodes into an exported graph (or INT4 weight-only MatMul/Gemm weights)")
     p.add_argument("onnx", type=Path)
-    p.add_argument("--calib", type=Path, required=True, help="calibration table from `qdiff calibrate`")
+    p.add_argument("--calib", type=Path, help="calibration table from `qdiff calibrate` (required, except with --int4-weight-only)")
+    p.add_argument("--int4-weight-only", action="store_true", help="INT4 block-quantized MatMul/Gemm weights, activations untouched (opset 21, TensorRT >= 10); no --calib; writes <onnx>.int4wo.onnx")
+    p.add_argument("--block-size", type=int, help="with --int4-weight-only: weights per scale along the input channels (default: 128)")
     p.add_argument("-o", "--out", type=Path, help="output .onnx (default: <onnx>.<recipe>.onnx)")
+    p.add_argument("--ops", help="quantize only these op types (subset of the table's, e.g. Conv,ConvTranspose)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN", help="keep matching modules in float (fnmatch; repeatable; replaces the recipe's list)")
     p.add_argument("--force", action="store_true")
 
     _add_eval(sub)
@@ -138,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workspace-gib", type=float, help="workspace memory limit")
     g.add_argument("--opt-level", dest="optimization_level", type=int, help="builder optimization level 0-5 (TensorRT default 3; lower builds faster)")
     g.add_argument("--tactic-sources", help="comma-separated: cublas,cublas_lt,cudnn,edge_mask_convolutions,jit_convolutions (default: $QDIFF_TRT_TACTIC_SOURCES or TensorRT's)")
-    g.add_argument("--timing-cache", type=Path, help="timing cache file (default: one shared per TensorRT version and GPU under ~/.cache/qdiff)")
+    g.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update across builds (default: none)")
     g.add_argument("--strongly-typed", action="store_true", help="strongly typed network (TensorRT >= 10)")
     p.add_argument("--force", action="store_true", help="rebuild even if the engine is up to date")
 
@@ -165,8 +169,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "calibrate":
         result = api.calibrate(args.model, args.out, args.recipe, scheduler=args.scheduler, force=args.force, **_conditioning(args), **_recipe_overrides(args))
         print(result.table_path)
+    elif args.command == "quantize" and args.int4_weight_only:
+        result = api.quantize_int4_weight_only(args.onnx, args.out, block_size=args.block_size or 128, exclude=tuple(args.exclude or ()), force=args.force)
+        print(result.onnx_path)
     elif args.command == "quantize":
-        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force)
+        ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else None
+        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force, quantize_ops=ops, exclude=tuple(args.exclude) if args.exclude else None)
         print(result.onnx_path)
     elif args.command == "eval":
         from qdiff.evaluate import evaluate
@@ -207,9 +215,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_quantize_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--calib is required for Q/DQ insertion only; INT4 weight-only takes its scales from the weights."""
+    if args.int4_weight_only:
+        if args.calib is not None or args.ops:
+            parser.error("quantize --int4-weight-only takes no --calib or --ops (its scales come from the weights)")
+    elif args.block_size is not None:
+        parser.error("--block-size applies to --int4-weight-only only")
+    elif args.calib is None:
+        parser.error("quantize needs --calib TABLE (from `qdiff calibrate`), or --int4-weight-only for INT4 weight-only MatMul/Gemm weights")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "quantize":
+        _check_quantize_args(parser, args)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

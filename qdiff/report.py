@@ -54,25 +54,40 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_quality_report(out_dir: Path, report: dict[str, Any], name: str = "report") -> tuple[Path, Path]:
-    """`report.json` and `report.md` from the dict that `qdiff.api.run` builds."""
+    """`<name>.json` and `<name>.md` from the dict that `qdiff.api.run` or `qdiff.evaluate` builds.
+
+    Optional parts appear when present: `recipe`, `figures` (PNG files beside the report),
+    `shape_fd`, `coverage_text`.
+    """
     json_path = out_dir / f"{name}.json"
     write_json_atomic(json_path, json.loads(json.dumps(report, default=float)))
     s = report["summary"]
+    sampling = report["sampling"]
+    title = report.get("title") or f"qdiff report: {report['model']['label']} ({report['recipe']['name']})"
+    grid = report.get("artifacts", {}).get("grid", "grid.png")
     md = [
-        f"# qdiff report: {report['model']['label']} ({report['recipe']['name']})",
+        f"# {title}",
         "",
         f"Model: `{report['model']['path']}` ({report['model']['unet_class']}, sha256 {report['model']['sha256'][:12]}).",
-        f"Sampler: {report['sampling']['scheduler']}, {report['sampling']['steps']} steps, "
-        f"{report['sampling']['num_images']} images from seeds {report['sampling']['seeds'][0]}..{report['sampling']['seeds'][-1]}"
-        + (f", guidance {report['sampling']['guidance_scale']}" if report['sampling'].get('guidance_scale', 1.0) != 1.0 else "")
+        f"Sampler: {sampling['scheduler']}, {sampling['steps']} steps, "
+        f"{sampling['num_images']} images from seeds {sampling['seeds'][0]}..{sampling['seeds'][-1]}"
+        + (f", guidance {sampling['guidance_scale']}" if sampling.get("guidance_scale", 1.0) != 1.0 else "")
         + ".",
+    ]
+    if "graphs" in report:
+        md += ["", f"Graphs: FP32 `{report['graphs']['fp32']}`, quantized `{report['graphs']['quantized']}`."]
+    md += [
         "",
-        "![FP32 (top) vs quantized (bottom)](grid.png)",
+        f"![FP32 (top) vs quantized (bottom)]({grid})",
         "",
         "## Summary",
         "",
         markdown_table(["metric", "value"], [[k, v] for k, v in s.items()]),
         "",
+    ]
+    if "shape_fd" in report:
+        md += ["## Distribution: shape-FD to the dataset", "", _shape_fd_text(report["shape_fd"]), ""]
+    md += [
         "## Per image: quantized vs FP32",
         "",
         markdown_table(["seed", "PSNR (dB)", "SSIM"], [[r["seed"], r["psnr"], r["ssim"]] for r in report["images"]]),
@@ -83,11 +98,27 @@ def write_quality_report(out_dir: Path, report: dict[str, Any], name: str = "rep
         "",
         markdown_table(["step", "timestep", "relative L2", "cosine"], [[r["step"], r["timestep"], r["rel_l2"], r["cosine"]] for r in report["steps"]]),
         "",
-        "## Quantization coverage",
-        "",
-        report["coverage_text"],
-        "",
     ]
+    if report.get("figures"):
+        md += ["## Figures", ""]
+        for fig in report["figures"]:
+            md += [f"### {fig['title']}", ""] + ([fig["caption"], ""] if fig.get("caption") else []) + [f"![{fig['title']}]({fig['path']})", ""]
+    if "coverage_text" in report:
+        md += ["## Quantization coverage", "", report["coverage_text"], ""]
     md_path = out_dir / f"{name}.md"
     write_text_atomic(md_path, "\n".join(md))
     return json_path, md_path
+
+
+def _shape_fd_text(fd: dict[str, Any]) -> str:
+    if not fd.get("available"):
+        return f"Skipped: {fd.get('reason', 'not computed')}."
+    return "\n".join(
+        [
+            "Frechet distance between the shapes classifier's features of the samples and of "
+            f"{fd['n_real']} real test images (lower is closer to the data). Biased upward at small n: "
+            f"compare with real images at the same n ({fd['n_generated']}).",
+            "",
+            markdown_table(["samples", "shape-FD"], [["FP32", fd["fp32"]], ["quantized", fd["quantized"]], [f"real train images (n={fd['n_generated']})", fd["real_reference"]]]),
+        ]
+    )

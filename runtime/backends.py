@@ -96,6 +96,9 @@ class OnnxRuntimeDenoiser:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
+        # INT4 weight-only graphs: ORT fuses DequantizeLinear + MatMul into MatMulNBits, whose
+        # default accuracy level quantizes activations to INT8; 0 keeps them in float.
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
         if threads:
             options.intra_op_num_threads = threads
         available = ort.get_available_providers()

@@ -1,0 +1,154 @@
+"""Figures for the reports: noise-prediction error per step, and the calibration statistics
+that motivate Q-Diffusion's two techniques.
+
+- `plot_step_errors`: relative L2 of the quantized noise prediction vs timestep (one line per
+  variant), to see where along the trajectory quantization hurts.
+- `plot_branch_histograms`: activation histograms of the two halves of split-shortcut layers
+  (a = deep features, b = skip) at a few timesteps; different ranges in one tensor are what a
+  single INT8 scale handles badly and split-shortcut quantization fixes.
+- `plot_amax_vs_timestep`: input range (amax) vs timestep of the layers whose range moves most;
+  a range that moves is why calibration samples the whole trajectory (timestep-uniform).
+
+Matplotlib is used through its object API on the Agg canvas (`Figure` + `FigureCanvasAgg`), not
+through `pyplot`: no global backend switch, no GUI, safe on headless machines and in threads.
+Every PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qdiff.artifacts import atomic_path
+from qdiff.calib.timestep_stats import TimestepStats
+
+DPI = 110
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def _short(name: str) -> str:
+    """`up_blocks.1.resnets.2.conv_shortcut` -> `up1.res2.conv_shortcut` (legends stay narrow)."""
+    for long, short in (("up_blocks.", "up"), ("down_blocks.", "down"), ("mid_block.", "mid."), ("resnets.", "res"), ("attentions.", "attn"), ("transformer_blocks.", "tb")):
+        name = name.replace(long, short)
+    return name
+
+
+def plot_step_errors(series: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "noise-prediction error per step") -> Path:
+    """Relative L2 of the noise prediction vs timestep, one line per entry of `series`
+    (rows as `qdiff.api.step_errors` returns them). Timestep decreases left to right, as sampling runs."""
+    fig = _figure(6.4, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, rows in series.items():
+        t = [r["timestep"] for r in rows]
+        err = [max(r["rel_l2"], 1e-8) for r in rows]
+        ax.plot(t, err, marker="o", markersize=2.5, linewidth=1.2, label=label)
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("relative L2 of eps (quantized vs FP32)")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def _pick_steps(n: int, count: int) -> list[int]:
+    return sorted(set(np.round(np.linspace(0, n - 1, min(count, n))).astype(int).tolist()))
+
+
+def _branch_ratio(stats: TimestepStats, p: int) -> float:
+    a, b = stats.branch_amax[p, 0].max(), stats.branch_amax[p, 1].max()
+    return float(max(a, b) / max(min(a, b), 1e-12))
+
+
+def plot_branch_histograms(stats: TimestepStats, path: str | Path, max_layers: int = 4, timesteps: int = 3) -> Path | None:
+    """Histograms of branch a (deep) and b (skip) of the split-shortcut layers whose branch
+    ranges differ most, at the first, middle and last calibration timesteps. None without
+    split-shortcut layers."""
+    if not stats.split_layers or len(stats.step_indices) == 0:
+        return None
+    layers = sorted(range(len(stats.split_layers)), key=lambda p: -_branch_ratio(stats, p))[:max_layers]
+    cols = _pick_steps(len(stats.step_indices), timesteps)
+    fig = _figure(3.2 * len(cols), 2.3 * len(layers))
+    for r, p in enumerate(layers):
+        edges = stats.branch_edges[p]
+        centers = (edges[1:] + edges[:-1]) / 2
+        for c, s in enumerate(cols):
+            ax = fig.add_subplot(len(layers), len(cols), r * len(cols) + c + 1)
+            for b, (name, color) in enumerate((("a: deep", "tab:blue"), ("b: skip", "tab:orange"))):
+                density = np.maximum(stats.branch_hist[p, b, s], 1e-6)
+                ax.fill_between(centers, 1e-6, density, step="mid", alpha=0.45, color=color, label=f"{name} (amax {stats.branch_amax[p, b, s]:.3g})")
+            ax.set_yscale("log")
+            ax.set_ylim(bottom=1e-4)
+            ax.tick_params(labelsize=6)
+            ax.legend(fontsize=5.5, loc="upper right")
+            if r == 0:
+                ax.set_title(f"t = {stats.timesteps[s]:g}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{_short(stats.split_layers[p])}\nrange ratio {_branch_ratio(stats, p):.1f}x", fontsize=6.5)
+    fig.suptitle("split-shortcut layers: activation histograms of the two concat branches", fontsize=9)
+    return save_figure(fig, path)
+
+
+def _variation(series: np.ndarray) -> float:
+    positive = series[series > 0]
+    return float(positive.max() / positive.min()) if positive.size else 0.0
+
+
+def plot_amax_vs_timestep(stats: TimestepStats, path: str | Path, max_layers: int = 6) -> Path | None:
+    """Input amax vs timestep of the `max_layers` layers whose range changes most over the
+    trajectory (max/min ratio). None without statistics."""
+    if not stats.layers or len(stats.step_indices) == 0:
+        return None
+    # Layers fed by the same tensor (every resnet's time_emb_proj sees silu(temb)) have the same
+    # curve: draw it once and say how many share it.
+    groups: dict[tuple, list[int]] = {}
+    for i in sorted(range(len(stats.layers)), key=lambda i: -_variation(stats.amax[i])):
+        groups.setdefault(tuple(np.round(stats.amax[i], 6).tolist()), []).append(i)
+    fig = _figure(6.4, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    for members in list(groups.values())[:max_layers]:
+        i = members[0]
+        shared = f", +{len(members) - 1} with the same input" if len(members) > 1 else ""
+        ax.plot(stats.timesteps, stats.amax[i], marker="o", markersize=2.5, linewidth=1.2, label=f"{_short(stats.layers[i])} ({_variation(stats.amax[i]):.1f}x{shared})")
+    ax.set_xlabel("timestep")
+    ax.set_ylabel("input amax at this timestep")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6.5)
+    ax.set_title("activation range vs timestep (layers that move most; max/min in brackets)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def calibration_figures(stats_path: str | Path, out_dir: str | Path) -> list[dict[str, str]]:
+    """Both calibration plots from a `calibration.stats.npz` into `out_dir`, as report figure
+    entries ({title, path, caption}); a plot without data is left out."""
+    stats = TimestepStats.load(stats_path)
+    out_dir = Path(out_dir)
+    figures = []
+    amax = plot_amax_vs_timestep(stats, out_dir / "calib-amax-vs-timestep.png")
+    if amax is not None:
+        figures.append({"title": "Activation range vs timestep", "path": amax.name, "caption": "Input amax of the layers whose range moves most along the trajectory, at each calibration timestep: why calibration samples the whole trajectory."})
+    hist = plot_branch_histograms(stats, out_dir / "calib-shortcut-histograms.png")
+    if hist is not None:
+        figures.append({"title": "Split-shortcut branches", "path": hist.name, "caption": "Activation histograms of the deep (a) and skip (b) halves of skip-concat convolutions: why each half gets its own scale."})
+    return figures
