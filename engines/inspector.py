@@ -80,9 +80,9 @@ def graph_nodes(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]]
     # ONNX's own inference loses shapes behind some Reshape chains (attention); ONNX Runtime's
     # symbolic inference follows them. Used to fill the gaps, never to overrule.
     try:
-        from qdiff.export.shape_inference import symbolic_shapes
+        from qdiff.export.shape_inference import symbolic_shapes, weightless
 
-        symbolic = symbolic_shapes(model)
+        symbolic = symbolic_shapes(weightless(model, stub_initializers=False)[0])
         for vi in symbolic.graph.value_info:
             if shapes.get(vi.name) is None:
                 shapes[vi.name] = _shape(vi)

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qdiff.export.shape_inference import symbolic_shapes
+from qdiff.export.shape_inference import symbolic_shapes, weightless
 from qdiff.calib.quant_math import MIN_AMAX
 from qdiff.errors import OnnxModelError, QuantizationError
 from qdiff.export.graph_index import WEIGHTED_OPS, module_name
@@ -299,50 +299,6 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _copy_without(message, skip: str, into):
-    """Copy every set field of a protobuf message but `skip` (its big tensors) into `into`."""
-    for fd, value in message.ListFields():
-        if fd.name == skip:
-            continue
-        if isinstance(value, (str, bytes)) or not hasattr(value, "extend"):
-            if fd.message_type is not None:
-                getattr(into, fd.name).CopyFrom(value)
-            else:
-                setattr(into, fd.name, value)
-        else:
-            getattr(into, fd.name).extend(value)
-    return into
-
-
-def _weightless(model: onnx.ModelProto, stub_initializers: bool) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
-    """A copy of `model` without weight bytes, so tools that serialize the whole model (the
-    version converter, shape inference) work above protobuf's 2 GB and copy nothing big.
-
-    Initializers above 1 KB become stubs (external data that points nowhere) when
-    `stub_initializers`, else graph inputs of the same type and shape; smaller ones (shape
-    constants) are kept. Returns the copy and the originals by name.
-    """
-    graph = _copy_without(model.graph, "initializer", onnx.GraphProto())
-    skeleton = _copy_without(model, "graph", onnx.ModelProto())
-    originals = {}
-    for tensor in model.graph.initializer:
-        inline_small = tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.ByteSize() <= 1024
-        if inline_small:
-            graph.initializer.append(tensor)
-            continue
-        originals[tensor.name] = tensor
-        if stub_initializers:
-            stub = graph.initializer.add()
-            stub.name, stub.data_type = tensor.name, tensor.data_type
-            stub.dims.extend(tensor.dims)
-            stub.data_location = onnx.TensorProto.EXTERNAL
-            stub.external_data.add(key="location", value="qdiff-weightless-stub")
-        else:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    skeleton.graph.CopyFrom(graph)
-    return skeleton, originals
-
-
 def _changed_ops(model: onnx.ModelProto, source: int, target: int) -> list[str]:
     changed = set()
     for node in model.graph.node:
@@ -371,7 +327,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int = TARGET_OPSET) -> tuple[o
         return model, "already at the target opset"
     if source > target:
         raise OnnxModelError(f"the graph is at opset {source}, above the {target} this pass writes")
-    skeleton, originals = _weightless(model, stub_initializers=True)
+    skeleton, originals = weightless(model, stub_initializers=True)
     try:
         converted = onnx.version_converter.convert_version(skeleton, target)
         how = "onnx.version_converter"
@@ -413,7 +369,7 @@ def estimate_macs(model: onnx.ModelProto, dims: dict[str, int] | None = None) ->
     A report figure, not a contract: a failure here never stops the pass.
     """
     dims = {**DEFAULT_DIMS, **(dims or {})}
-    skeleton, _ = _weightless(model, stub_initializers=False)
+    skeleton, _ = weightless(model, stub_initializers=False)
     _concrete_inputs(skeleton.graph, dims)
     try:
         inferred = symbolic_shapes(skeleton)

@@ -168,23 +168,26 @@ def test_graph_macs_match_the_calibration_tables_count(uncond_graphs, uncond_mod
     assert checked > 10
 
 
-def test_inspector_join_on_a_real_tensorrt_layer_dump(uncond_graphs):
-    """The dump is what TensorRT 8.6 on the H200 reported for this fixture's W8A8 engine
-    (profile batch 1-4, size 8-32; saved by tests/test_tensorrt.py)."""
-    dump = DATA / "tiny-uncond-w8a8.layers.json"
-    layers = json.loads(dump.read_text(), strict=False)
-    report = inspect(uncond_graphs[1], layers, {"sample": (2, 3, 16, 16), "timestep": (2,)})
+def test_inspector_on_the_sd15_int8_engine_tensorrt_built_on_the_h200():
+    """Real data: the engine inspector's JSON and per-layer profile of the SD 1.5 UNet's W8A8
+    engine (TensorRT 8.6, H200; benchmarks/results), joined with that graph's skeleton (every
+    node and shape, no weights; tools/onnx_skeleton.py)."""
+    layers = json.loads((DATA / "h200-sd15-w8a8.layers.json").read_text(), strict=False)
+    timings = json.loads((DATA / "h200-sd15-w8a8.profile.json").read_text())["timings_ms"]
+    shapes = {"sample": (2, 4, 64, 64), "timestep": (2,), "encoder_hidden_states": (2, 77, 768)}
+    report = inspect(DATA / "sd15-w8a8.skeleton.onnx", layers, shapes, timings)
     s = report.summary()
-    convs = [n for n in report.nodes if n.op in ("Conv", "ConvTranspose")]
-    assert s["convolutions"]["total"] == len(convs) > 10
-    assert not [n for n in convs if n.precision == "not found"], "every conv maps to an engine layer"
-    quantized = [n for n in convs if n.quantized_in_graph]
-    assert all(n.precision == "INT8" for n in quantized)
-    assert s["int8_mac_share_convolutions"] > 0.9
+    assert round(sum(n.macs for n in report.nodes) / 2 / 1e9) == 402  # SD 1.5: ~402 GMAC per sample
+    assert s["convolutions"]["total"] == 110 and s["convolutions"]["int8"] == 108
     conv_in = next(n for n in report.nodes if n.node == "/unet/conv_in/Conv")
-    assert conv_in.precision in ("FP16", "FP32") and conv_in.reason.startswith("the graph leaves its input unquantized")
+    assert conv_in.precision == "FP32" and "unquantized" in conv_in.reason  # float by the recipe; TF32 kernel
+    assert s["matmuls"]["in_fused_blocks"] >= 240  # attention/FF inside Myelin blocks, by scope
+    assert 0.5 < s["int8_mac_share"] < 0.6 and s["int8_mac_share_convolutions"] > 0.99
+    assert s["standalone_quantize_layers"] == 102  # QuantizeLinear not fused into the GroupNorm/SiLU blocks
+    kinds = s["profile_ms_by_kind"]
+    assert max(kinds, key=kinds.get) == "fused block" and kinds["INT8"] > 1.0
     md = to_markdown(report)
-    assert "INT8 share of conv/matmul MACs" in md and "/unet/conv_in/Conv" in md
+    assert "INT8 share of conv/matmul MACs: **55." in md and "Slowest 25 layers" in md
 
 
 def test_build_on_a_machine_without_tensorrt_says_so(uncond_graphs, tmp_path, capsys):
