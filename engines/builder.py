@@ -8,9 +8,9 @@ an error, because TensorRT would silently do something else (implicit INT8 with 
 or fail late).
 
 Builds take minutes for a full-size UNet, so:
-- the timing cache is loaded before and merged back after every build (one shared file per
-  TensorRT version and GPU by default), which makes a rebuild or a second precision of the same
-  graph much faster;
+- with `--timing-cache FILE`, the cache is loaded before and merged back after every build, which
+  makes a rebuild or a second precision of the same graph faster. It is opt-in: with TensorRT
+  8.6, a cache holding another graph's fused-block (Myelin) entries made a build fail;
 - the console shows a live elapsed-time bar (real phases on TensorRT >= 10's progress monitor);
 - the plan, its manifest, its inspector JSON and the timing cache are each written atomically,
   so an interrupted build leaves the previous engine intact.
@@ -19,7 +19,7 @@ Builds take minutes for a full-size UNet, so:
 from __future__ import annotations
 
 import json
-import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from qdiff.engines.compat import Features, features, import_tensorrt, make_logger, parse_tactic_sources, tactic_source_mask
-from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, Platform, current_platform
+from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, current_platform
 from qdiff.engines.profiles import Profile, check_shapes, profile_to_json
 from qdiff.artifacts import Manifest, folder_lock, is_up_to_date, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic, write_manifest
 from qdiff.errors import EngineBuildError, OnnxModelError
@@ -133,12 +133,6 @@ def check_precision(precision: str, facts: GraphFacts, onnx_path: Path) -> str:
     return "INT8 per-output-channel weights, INT8 activations"
 
 
-def default_timing_cache(platform: Platform) -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qdiff" / "tensorrt"
-    gpu = "".join(ch if ch.isalnum() else "-" for ch in platform.gpu)
-    return root / f"timing-trt{platform.tensorrt}-sm{platform.compute_capability.replace('.', '')}-{gpu}.cache"
-
-
 class _Heartbeat:
     """A console line that shows a build is alive: TensorRT 8.6 gives no progress callback."""
 
@@ -152,7 +146,9 @@ class _Heartbeat:
             from qdiff.progress import progress
 
             def tick() -> None:
-                with progress(total=None, desc=self.desc, unit="s", bar_format="{desc}: {elapsed}") as bar:
+                # On a terminal the line ticks every second; in a log file, every minute.
+                interval = 1.0 if sys.stderr.isatty() else 60.0
+                with progress(total=None, desc=self.desc, unit="s", bar_format="{desc}: {elapsed}", mininterval=interval) as bar:
                     while not self._stop.wait(1.0):
                         bar.update(1)
 

@@ -25,6 +25,7 @@ from qdiff.engines.manifest import EngineInfo, read_engine_manifest, verify_engi
 from qdiff.engines.profiles import check_shapes
 from qdiff.errors import BackendUnavailableError, EngineMismatchError, SamplingError
 from qdiff.progress import log
+from qdiff.runtime.backends import _timestep_batch
 
 OUTPUT_NAME = "out_sample"
 
@@ -139,11 +140,6 @@ class TensorRTEngine:
             self.context.set_tensor_address(name, cap.inputs[name].data_ptr())
         for name in self.output_names:
             self.context.set_tensor_address(name, cap.outputs[name].data_ptr())
-
-
-def _timestep_batch(timestep: torch.Tensor | float | int, batch: int) -> torch.Tensor:
-    t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
-    return t.expand(batch).contiguous() if t.numel() == 1 else t
 
 
 class TensorRTDenoiser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+
 import pytest
 import torch
 
