@@ -13,7 +13,7 @@ from qdiff.api import export_model
 from qdiff.calib.collect import collect_ranges
 from qdiff.calib.trajectories import count_calibration_calls, iter_calibration_inputs
 from qdiff.conditioning import resolve_conditioning
-from qdiff.errors import QuantizationError
+from qdiff.errors import ArtifactMismatchError, QuantizationError
 from qdiff.export.onnx_export import example_inputs
 from qdiff.metrics import relative_l2
 from qdiff.models import load_model
@@ -88,8 +88,8 @@ def test_peer_quantizes_conv_weights_per_channel_and_activations_per_tensor(peer
 def test_calibration_calls_are_the_ones_collect_ranges_observes(class_cond_model_dir, fast_recipe):
     """Same trajectories, kept steps, timesteps and tensors (CFG batch and conditioning included)."""
     bundle = load_model(class_cond_model_dir)
-    # Two batches of trajectories, the second one short; 3 kept steps of a 5-step loop.
-    recipe = fast_recipe.with_overrides(num_timesteps=3, calibration_steps=5, samples_per_timestep=3, batch_size=2)
+    # Two batches of trajectories, the second one short; 2 kept steps of a 4-step loop.
+    recipe = fast_recipe.with_overrides(num_timesteps=2, calibration_steps=4, samples_per_timestep=3, batch_size=2)
     conditioning = resolve_conditioning(bundle, recipe.samples_per_timestep, seed=recipe.seed)
     shape = (bundle.in_channels, bundle.sample_size, bundle.sample_size)
     calls = []
@@ -121,7 +121,7 @@ def test_calibration_calls_are_the_ones_collect_ranges_observes(class_cond_model
         assert feeds["timestep"].dtype == np.float32 and (feeds["timestep"] == t).all() and feeds["timestep"].shape == (feeds["sample"].shape[0],)
 
 
-def test_reuse_and_errors(peer, uncond_model_dir, fast_recipe, monkeypatch):
+def test_reuse_and_errors(peer, uncond_model_dir, class_cond_model_dir, fast_recipe, monkeypatch):
     fp32_path, result = peer
     again = quantize_with_onnxruntime(uncond_model_dir, fp32_path, result.onnx_path, recipe=fast_recipe, method="minmax")
     assert again.reused and again.onnx_path == result.onnx_path
@@ -129,6 +129,8 @@ def test_reuse_and_errors(peer, uncond_model_dir, fast_recipe, monkeypatch):
         quantize_with_onnxruntime(uncond_model_dir, fp32_path, recipe=fast_recipe, method="mse")
     with pytest.raises(QuantizationError, match="W8A8 only"):
         quantize_with_onnxruntime(uncond_model_dir, fp32_path, recipe="w4a8", method="minmax")
+    with pytest.raises(ArtifactMismatchError, match="exported from model"):
+        quantize_with_onnxruntime(class_cond_model_dir, fp32_path, recipe=fast_recipe, method="minmax")
 
     import onnxruntime.quantization
 

@@ -51,7 +51,7 @@ import onnx
 from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.trajectories import CalibrationInput, calibration_step_indices, count_calibration_calls, iter_calibration_inputs
-from qdiff.errors import OnnxModelError, QuantizationError
+from qdiff.errors import ArtifactMismatchError, OnnxModelError, QuantizationError
 from qdiff.export.qdq import LayerDecision, QdqReport
 from qdiff.progress import log, progress
 
@@ -306,6 +306,13 @@ def quantize_with_onnxruntime(
     fp32_onnx = Path(fp32_onnx)
     load_onnx(fp32_onnx, load_weights=False, check=False)  # exists, parses, opset, safe data paths
     bundle = _bundle(model)
+    exported = read_manifest(fp32_onnx)
+    exported_from = exported.inputs.get("model_sha256") if exported else None
+    if exported_from and exported_from != bundle.model_sha256:
+        raise ArtifactMismatchError(
+            f"{fp32_onnx.name} was exported from model {exported_from[:12]}, but the calibration calls would come from {bundle.label} ({bundle.model_sha256[:12]})",
+            hint="pass the model folder the graph was exported from",
+        )
     target = Path(out_onnx) if out_onnx is not None else fp32_onnx.with_name(f"{fp32_onnx.stem}.ort-{method}.onnx")
     if target.suffix != ".onnx":
         target = target / f"{fp32_onnx.stem}.ort-{method}.onnx"
