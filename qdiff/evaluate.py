@@ -107,11 +107,14 @@ def compare(bundle: ModelBundle, reference, candidate, plan: SamplingPlan, *, la
     from qdiff.metrics import psnr, ssim
 
     started = time.perf_counter()
-    if not reference.steps:
-        raise EvaluationError("the reference has no recorded steps", hint="make it with qdiff.evaluate.reference_samples")
+    if not reference.steps or len(reference.images) != len(plan.seeds):
+        raise EvaluationError(
+            f"the reference ({len(reference.images)} images, {len(reference.steps)} recorded steps) was not sampled with this plan ({len(plan.seeds)} images)",
+            hint="make it with qdiff.evaluate.reference_samples(bundle, fp32, plan) for the same plan",
+        )
     got = generate(bundle, candidate, desc=f"sample {label}", allow_nonfinite=allow_nonfinite, **_generate_kwargs(plan))
     per_step = step_errors(reference.steps, candidate)
-    images = [{"seed": s, "psnr": psnr(a, b), "ssim": ssim(a, b)} for s, a, b in zip(plan.seeds, reference.images, got.images)]
+    images = [{"seed": s, "psnr": psnr(a, b), "ssim": ssim(a, b)} for s, a, b in zip(plan.seeds, reference.images, got.images, strict=True)]
     fd = shape_fd_section(bundle, reference.images, got.images) if shape_fd else {"available": False, "reason": "not requested"}
     comparison = Comparison(images, per_step, summarize(images, per_step, fd), fd, list(reference.images), list(got.images))
     comparison.seconds = round(time.perf_counter() - started, 1)

@@ -10,13 +10,19 @@ from PIL import Image
 from qdiff.api import calibrate
 from qdiff.calib.timestep_stats import TimestepStats, stats_path_for
 from qdiff.errors import CalibrationError
+from qdiff.models import load_model
 from qdiff.plots import calibration_figures, plot_step_errors
 
 
 @pytest.fixture(scope="module")
-def calibrated(uncond_model_dir, tmp_path_factory, fast_recipe):
+def bundle(uncond_model_dir):
+    return load_model(uncond_model_dir)
+
+
+@pytest.fixture(scope="module")
+def calibrated(bundle, tmp_path_factory, fast_recipe):
     out = tmp_path_factory.mktemp("stats")
-    return calibrate(uncond_model_dir, out, fast_recipe.with_overrides(split_shortcut=True))
+    return calibrate(bundle, out, fast_recipe.with_overrides(split_shortcut=True))
 
 
 def test_stats_file_has_one_entry_per_calibration_timestep(calibrated):
@@ -38,13 +44,13 @@ def test_stats_file_has_one_entry_per_calibration_timestep(calibrated):
         assert np.allclose((stats.branch_hist[p] * widths).sum(-1), 1.0, atol=1e-3)  # densities
 
 
-def test_stats_are_reused_with_the_table_and_redone_when_missing(calibrated, uncond_model_dir, fast_recipe):
+def test_stats_are_reused_with_the_table_and_redone_when_missing(calibrated, bundle, fast_recipe):
     recipe = fast_recipe.with_overrides(split_shortcut=True)
-    again = calibrate(uncond_model_dir, calibrated.table_path.parent, recipe)
+    again = calibrate(bundle, calibrated.table_path.parent, recipe)
     assert again.reused and again.stats_path == calibrated.stats_path
     before = calibrated.stats_path.read_bytes()
     calibrated.stats_path.unlink()
-    redone = calibrate(uncond_model_dir, calibrated.table_path.parent, recipe)
+    redone = calibrate(bundle, calibrated.table_path.parent, recipe)
     assert not redone.reused and redone.stats_path.read_bytes() == before  # seeded: the same bytes
 
 

@@ -71,11 +71,11 @@ class Config:
 def design(kind: str) -> list[Config]:
     """The configurations to run.
 
-    fractional: block A, the split question: every preset x calibrator, uniform window, split on
-    and off (16). Block B, the window question: every preset, max calibrator, windows
-    first/middle/last, split on (6; their uniform counterparts are in block A). 22 per model
-    instead of 64: the window effect is measured with the max calibrator only, and the
-    window x split interaction not at all.
+    fractional: Block A, the split question: every preset x calibrator, uniform window, split on
+    and off (16). Block B, the window question: windows first/middle/last with split on, for
+    every preset with the max calibrator and for w8a8 with the mse calibrator (9; their uniform
+    counterparts are in block A). 25 per model instead of 64: the window effect is not measured
+    for percentile and entropy, nor for mse at w4a8, and the window x split interaction not at all.
     """
     if kind == "full":
         return [Config(p, c, w, s) for p, c, w, s in itertools.product(PRESETS, CALIBRATORS, WINDOWS, (True, False))]
@@ -84,6 +84,7 @@ def design(kind: str) -> list[Config]:
     # max calibrator, then the other calibrators.
     core = [Config(p, "max", "uniform", s) for p, s in itertools.product(PRESETS, (True, False))]
     block_b = [Config(p, "max", w, True) for p, w in itertools.product(PRESETS, ("first", "middle", "last"))]
+    block_b += [Config("w8a8", "mse", w, True) for w in ("first", "middle", "last")]
     others = [Config(p, c, "uniform", s) for c, p, s in itertools.product(CALIBRATORS[1:], PRESETS, (True, False))]
     return core + block_b + others
 
@@ -324,6 +325,21 @@ def branch_ratios(stats_path: Path) -> list[tuple[str, float]]:
     return out
 
 
+def range_peaks(stats_path: Path) -> str:
+    """Where along the trajectory each layer's input range peaks (the max calibrator's amax)."""
+    from qdiff.calib.timestep_stats import TimestepStats
+
+    stats = TimestepStats.load(stats_path)
+    last = RUN_CALIBRATION["calibration_steps"] - 1
+    where = stats.step_indices[stats.amax.argmax(axis=1)] / last
+    thirds = [int((where < 1 / 3).sum()), int(((where >= 1 / 3) & (where < 2 / 3)).sum()), int((where >= 2 / 3).sum())]
+    at_end = int((stats.step_indices[stats.amax.argmax(axis=1)] == last).sum())
+    return (
+        f"Where each layer's input range peaks along the trajectory (uniform calibration): {thirds[0]} of {len(stats.layers)} layers in the first third, "
+        f"{thirds[1]} in the middle, {thirds[2]} in the last ({at_end} at the very last step, t = 0). With the max calibrator those late peaks set the ranges."
+    )
+
+
 def figures(rows: list[dict], runners: dict[str, Runner], out: Path) -> dict[str, list[str]]:
     from qdiff.plots import calibration_figures, plot_step_errors
 
@@ -351,6 +367,23 @@ def figures(rows: list[dict], runners: dict[str, Runner], out: Path) -> dict[str
     return made
 
 
+def _rounded(obj: Any, digits: int = 6) -> Any:
+    """Floats to `digits` significant digits: the per-step rows are most of the file."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
+
+
+def _row_minutes(rows: list[dict], runners: dict[str, Runner]) -> float:
+    seconds = sum(sum(r["seconds"].values()) for r in rows)
+    seconds += sum(r.reference_info.get("seconds", 0.0) or 0.0 for r in runners.values())
+    return seconds / 60
+
+
 def write_results(rows: list[dict], runners: dict[str, Runner], args: argparse.Namespace, wall: float, command: str) -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -365,7 +398,7 @@ def write_results(rows: list[dict], runners: dict[str, Runner], args: argparse.N
         "reference": {m: r.reference_info.get("shape_fd") for m, r in runners.items()},
         "rows": [{k: v for k, v in r.items() if k != "plan_key"} for r in rows],
     }  # fmt: skip
-    write_json_atomic(out / "ablations.json", json.loads(json.dumps(data, default=float)))
+    write_json_atomic(out / "ablations.json", _rounded(json.loads(json.dumps(data, default=float))))
 
     md = [
         "# Q-Diffusion's ablations on qdiff's shipped models",
@@ -382,7 +415,7 @@ def write_results(rows: list[dict], runners: dict[str, Runner], args: argparse.N
         f"- Metrics vs FP32 from the same seeds: mean PSNR/SSIM of the final images; mean relative L2 of the noise prediction per step (quantized model on the FP32 trajectory's inputs); shape-FD of the {args.num_images} quantized samples to 1000 real test images (classifier features; lower is better).",
         "- These are small samples (one seed set of "
         + f"{args.num_images} images): PSNR differences below ~1 dB and shape-FD differences below the FP32-vs-real spread are noise. The step rel-L2 averages over every image and step, and is the steadiest of the four.",
-        f"- Wall time of this run: {wall / 60:.1f} min on 2 CPU cores (cached rows are not re-measured).",
+        f"- Time: the rows' stage times add up to {_row_minutes(rows, runners):.0f} min (2-core CPU shared with other work, load 2-7, so the same stage took 1x-4x as long at different times; calibration reuses the FP32 trajectory steps all configurations share, see `SharedTrajectoryDenoiser`). This invocation: {wall / 60:.1f} min (cached rows are not re-measured).",
         "",
         "Regenerate:",
         "",
@@ -394,12 +427,14 @@ def write_results(rows: list[dict], runners: dict[str, Runner], args: argparse.N
     for model, runner in runners.items():
         ref = runner.reference_info.get("shape_fd") or {}
         measured = [r for r in rows if r["model"] == model and r["kind"] == "qdiff"]
-        md += [f"## {model}", "", f"{len(measured)} of the design's {len(design(args.design))} configurations measured" + (f" (`--limit {model}={_limit(args.limit, model)}`: the first ones in the design's priority order)." if _limit(args.limit, model) else "."), ""]
+        skipped = [c.id for c in design(args.design) if c.id not in {r["config"] for r in measured}]
+        md += [f"## {model}", "", f"{len(measured)} of the design's {len(design(args.design))} configurations measured" + (f" (`--limit {model}={_limit(args.limit, model)}`: the first ones in the design's priority order; not measured: {', '.join(skipped)}. The entropy calibrator's amax search is the slowest stage, 5-9 min per configuration on this CPU)." if skipped else "."), ""]
         if ref.get("available"):
             md += [f"shape-FD at n={ref['n_generated']}: FP32 samples {_fmt(ref['fp32'])}, real train images {_fmt(ref['real_reference'])} (the floor at this n).", ""]
         stats_row = _find(rows, model=model, preset="w8a8", calibrator="max", window="uniform", split=True, kind="qdiff")
         if stats_row and stats_row.get("stats"):
             ratios = branch_ratios(ROOT / stats_row["stats"])
+            md += [range_peaks(ROOT / stats_row["stats"]), ""]
             if ratios:
                 md += [f"Split-shortcut layers: {len(ratios)}; range ratio of the two concat branches (larger amax / smaller, whole trajectory): {min(r for _, r in ratios):.1f}x to {max(r for _, r in ratios):.1f}x (Q-Diffusion reports up to ~200x on its models).", ""]
         table, cells = window_table(rows, model)
@@ -413,13 +448,16 @@ def write_results(rows: list[dict], runners: dict[str, Runner], args: argparse.N
             body = [[f"{PEER_LABEL} ({p['calibrator']})", _fmt(p["mean_psnr"]), _fmt(p["mean_ssim"], 3), _fmt(p["mean_step_rel_l2"], 4), _fmt(p["shape_fd"])] for p in peers]
             if qdiff_default:
                 body.insert(0, ["qdiff w8a8 (max, uniform, split)", _fmt(qdiff_default["mean_psnr"]), _fmt(qdiff_default["mean_ssim"], 3), _fmt(qdiff_default["mean_step_rel_l2"], 4), _fmt(qdiff_default["shape_fd"])])
-            md += [markdown_table(["quantizer", "PSNR (dB)", "SSIM", "step rel-L2", "shape-FD"], body), "", "Same exported graph, same calibration denoiser calls (`qdiff.calib.trajectories`), same evaluation.", ""]
+            md += [markdown_table(["quantizer", "PSNR (dB)", "SSIM", "step rel-L2", "shape-FD"], body), "", "Same exported graph, same calibration denoiser calls (`qdiff.calib.trajectories`), same evaluation."]
+            if (out / "peer-onnxruntime.md").is_file():
+                md += ["All of ONNX Runtime's calibrators and a diagnosis of the gap (where ORT places its Q/DQ nodes): [peer-onnxruntime.md](peer-onnxruntime.md)."]
+            md += [""]
         else:
             md += ["Not run: `qdiff.peers.onnxruntime_static` was not importable (hook: `Runner.run_peer` in tools/ablations.py).", ""]
         for f in figs.get(model, []):
             md += [f"![{f}]({f})", ""]
     md += ["## All rows", ""]
-    md += [markdown_table(["model", "config", "PSNR (dB)", "min PSNR", "SSIM", "step rel-L2 mean", "max", "shape-FD", "seconds"],
+    md += [markdown_table(["model", "config", "PSNR (dB)", "min PSNR", "SSIM", "step rel-L2 mean", "max", "shape-FD", "seconds (reused stages count 0)"],
                           [[r["model"], r["config"], _fmt(r["mean_psnr"]), _fmt(r["min_psnr"]), _fmt(r["mean_ssim"], 3), _fmt(r["mean_step_rel_l2"], 4), _fmt(r["max_step_rel_l2"], 3), _fmt(r["shape_fd"]), sum(r["seconds"].values())] for r in rows]), ""]  # fmt: skip
     if peer_missing:
         md += ["(No peer rows.)", ""]

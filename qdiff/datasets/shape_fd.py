@@ -29,8 +29,9 @@ CLASSIFIER_DIR = Path(__file__).resolve().parents[1] / "models" / "shape-classif
 WEIGHTS_NAME = "classifier.safetensors"
 META_NAME = "classifier.json"
 SHAPES_MODELS = ("shapes-ddpm", "shapes-cond")
-# Real images shape-FD compares against: test split, indices 0..n-1 (the classifier's own
-# held-out set starts at 100000, so it never saw these).
+# Real images shape-FD compares against: test split, indices 0..n-1 (the classifier trained on
+# the train split only, and measured its accuracy on test indices from 100000). The floor
+# (`real_reference`) uses train images 0..n-1, as docs/default-models.md did.
 DEFAULT_REAL_IMAGES = 1000
 
 
