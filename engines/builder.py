@@ -28,7 +28,7 @@ from typing import Any
 
 from qdiff.engines.compat import Features, features, import_tensorrt, make_logger, parse_tactic_sources, tactic_source_mask
 from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, current_platform
-from qdiff.engines.profiles import Profile, check_shapes, profile_to_json
+from qdiff.engines.profiles import Profile, ShapeRange, check_shapes, profile_to_json
 from qdiff.artifacts import Manifest, folder_lock, is_up_to_date, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic, write_manifest
 from qdiff.errors import EngineBuildError, OnnxModelError
 from qdiff.progress import log, quiet
@@ -360,10 +360,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
     return BuildResult(target, wanted)
 
 
-def _static_range(dims: tuple[int, ...]) -> Any:
+def _static_range(dims: tuple[int, ...]) -> ShapeRange:
     """A ShapeRange that accepts any value in dynamic (-1) dims and only the value in static ones."""
-    from qdiff.engines.profiles import ShapeRange
-
     big = 1 << 30
     lo = tuple(1 if d < 0 else d for d in dims)
     hi = tuple(big if d < 0 else d for d in dims)

@@ -56,14 +56,23 @@ def _shape(value_info: Any) -> list[int] | None:
     return [d.dim_value for d in dims]
 
 
-def graph_nodes(onnx_path: str | Path, input_shapes: Mapping[str, Sequence[int]]) -> list[GraphNode]:
-    """Conv/ConvTranspose/Gemm/MatMul nodes with MACs at `input_shapes` (no weights loaded)."""
+def load_graph(onnx_path: str | Path) -> Any:
+    """The graph without its weights (engines are built from multi-GB files)."""
     import onnx
 
     try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
+        return onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:
         raise OnnxModelError(f"{onnx_path}: not a readable ONNX model ({exc})") from exc
+
+
+def graph_nodes(graph: str | Path | Any, input_shapes: Mapping[str, Sequence[int]], *, name: str | None = None) -> list[GraphNode]:
+    """Conv/ConvTranspose/Gemm/MatMul nodes with MACs at `input_shapes` (no weights loaded).
+    `graph` is a path or a model from `load_graph` (whose input dims this fixes in place)."""
+    import onnx
+
+    model = load_graph(graph) if isinstance(graph, (str, Path)) else graph
+    onnx_path = name or (graph if isinstance(graph, (str, Path)) else "graph")
     for value in model.graph.input:
         if value.name in input_shapes:
             dims = value.type.tensor_type.shape.dim
@@ -143,10 +152,8 @@ def _prod(values: Sequence[int] | None) -> int:
     return out
 
 
-def graph_order(onnx_path: str | Path) -> dict[str, int]:
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
+def graph_order(graph: str | Path | Any) -> dict[str, int]:
+    model = load_graph(graph) if isinstance(graph, (str, Path)) else graph
     return {n.name: i for i, n in enumerate(model.graph.node)}
 
 
@@ -348,7 +355,8 @@ def join(nodes: Sequence[GraphNode], layers: Sequence[EngineLayer], order: Mappi
 
 
 def inspect(onnx_path: str | Path, layer_info: Mapping[str, Any], input_shapes: Mapping[str, Sequence[int]], timings_ms: Mapping[str, float] | None = None) -> InspectReport:
-    report = join(graph_nodes(onnx_path, input_shapes), parse_layers(layer_info), graph_order(onnx_path))
+    model = load_graph(onnx_path)  # once: both the MAC count and the node order read it
+    report = join(graph_nodes(model, input_shapes, name=str(onnx_path)), parse_layers(layer_info), graph_order(model))
     report.timings_ms = dict(timings_ms or {})
     return report
 
