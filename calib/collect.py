@@ -24,7 +24,7 @@ from qdiff.calib.hooks import forward_with_hooks
 from qdiff.calib.observers import ActivationRecorder, weight_amax, weight_amax_of
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable, LayerRanges
-from qdiff.calib.shortcuts import find_split_shortcuts
+from qdiff.calib.shortcuts import find_split_layers
 from qdiff.calib.targets import select_targets
 from qdiff.calib.timestep_stats import TimestepStatsRecorder
 from qdiff.calib.trajectories import calibration_step_indices, calibration_trajectories
@@ -88,9 +88,14 @@ def collect_ranges(
     recorded_timesteps: list[float] = []
     example = example_call(unet, sample_shape, conditioning)
     splits: dict[str, int] = {}
-    if recipe.split_shortcut:
+    conv1_splits: dict[str, int] = {}
+    if recipe.split_shortcut or recipe.split_conv1:
         conv_targets = {t.name for t in targets if t.op == "Conv"}
-        splits = {name: c for name, c in find_split_shortcuts(unet, example).items() if name in conv_targets}
+        shortcuts, conv1s = find_split_layers(unet, example, conv1=recipe.split_conv1)
+        if recipe.split_shortcut:
+            splits = {name: c for name, c in shortcuts.items() if name in conv_targets}
+        conv1_splits = {name: c for name, c in conv1s.items() if name in conv_targets}
+        splits |= conv1_splits
     with _attached(timestep_stats, targets, splits), ActivationRecorder(targets, recipe, splits) as recorder:
 
         def on_step(i: int, t: float, kept: bool) -> None:
@@ -120,6 +125,8 @@ def collect_ranges(
             ranges = LayerRanges(op=target.op, input=amax, weight=weights, macs=macs.get(target.name))
             if target.name in recorder.branch_observers:
                 _add_split_ranges(ranges, target, splits[target.name], recorder.branch_observers[target.name], recipe, table.degenerate)
+                if target.name in conv1_splits:
+                    ranges.split_kind = "conv1"
             table.layers[target.name] = ranges
     table.provenance = {
         "scheduler": scheduler_name,
@@ -135,9 +142,11 @@ def collect_ranges(
         "conditioning": conditioning.source if conditioning else "none (unconditional model)",
         "sample_shape": list(sample_shape),
         "layers_never_run": never_ran,
-        "split_shortcut_layers": {name: splits[name] for name in sorted(splits)},
+        "split_shortcut_layers": {name: splits[name] for name in sorted(splits) if name not in conv1_splits},
         "float_layers": [{"module": s.name, "op": s.op, "reason": s.reason, "macs": macs.get(s.name, 0)} for s in skipped],
     }
+    if recipe.split_conv1:
+        table.provenance["split_conv1_layers"] = {name: conv1_splits[name] for name in sorted(conv1_splits)}
     return table
 
 

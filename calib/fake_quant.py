@@ -52,7 +52,8 @@ class SplitShortcutFakeQuant(nn.Module):
     conv(fq(a, s_a), fq(W[:, :C_a])) + conv(fq(b, s_b), fq(W[:, C_a:])) + bias.
 
     The same function the split-shortcut ONNX rewrite computes (two Convs, bias on the first,
-    then Add)."""
+    then Add). A split resnet `conv1` (recipe `split_conv1`) uses it too: its input is
+    silu(norm1(cat(a, b))), split at the same channel (the export slices it)."""
 
     def __init__(self, layer: nn.Conv2d, split_channels: int, input_scales: tuple[float, float], weight_scales: tuple[torch.Tensor, torch.Tensor], weight_qmax: int):
         super().__init__()
@@ -87,13 +88,14 @@ def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Re
     recipe = recipe or Recipe.from_json(table.recipe)
     quantized = copy.deepcopy(model).eval()
     targets, _ = select_targets(quantized, recipe)
+    split = table.split_layers(recipe.split_shortcut, recipe.split_conv1)
     for target in targets:
         ranges = table.layers.get(target.name)
         if ranges is None:
             continue  # the layer never ran during calibration (and so is not in the export either)
         if ranges.input is None or ranges.weight is None:
             raise CalibrationError(f"layer {target.name!r} has no input or weight range in the table")
-        if recipe.split_shortcut and ranges.split_channels is not None:
+        if target.name in split:
             wrapper = SplitShortcutFakeQuant(
                 target.module,
                 ranges.split_channels,

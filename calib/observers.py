@@ -3,7 +3,9 @@
 Activation statistics are collected with pytorch-quantization's own calibrators (max, and the
 histogram calibrator for percentile, MSE and entropy). Its histogram MSE search calls `.cuda()`
 and fails on a CPU, so `mse_amax_from_histogram` reimplements that one search on whatever device
-the histogram lives on, with the same candidate grid and quantizer.
+the histogram lives on, with the same candidate grid and quantizer. Its entropy search loops over
+bins in Python (minutes per layer set on a CPU); `entropy_amax_from_histogram` is the same
+search vectorized, with the same result to the bit.
 """
 
 from __future__ import annotations
@@ -51,6 +53,48 @@ def mse_amax_from_histogram(
     return best_amax
 
 
+def entropy_amax_from_histogram(hist: np.ndarray, bin_edges: np.ndarray, num_bits: int = 8, start_bin: int = 128, stride: int = 1) -> float:
+    """The amax whose 2**(num_bits-1)-level quantized histogram has the least KL divergence.
+
+    pytorch_quantization.calib.histogram._compute_amax_entropy, with its per-bin Python loops
+    replaced by `np.bincount` (a few seconds per model instead of 5-20 minutes on a 2-core CPU).
+    The result is bit for bit the same: the per-level sums add integer counts in float64
+    (exact in any order), and the KL divergence is `scipy.stats.entropy(p, q)`'s own arithmetic
+    (promote to float64, normalize q then p, sum `rel_entr`) without its per-call dispatch.
+    """
+    from scipy.special import rel_entr
+
+    bins = np.array(hist, dtype=np.int32)  # what HistogramCalibrator.compute_amax hands over
+    bins[0] = bins[1]
+    total_data = np.sum(bins)
+    nbins = 1 << (num_bits - 1)
+    divergences = []
+    for i in range(start_bin, len(bins) + 1, stride):
+        space = np.linspace(0, i, num=nbins + 1)
+        digitized = np.digitize(np.arange(i), space) - 1
+        digitized[bins[:i] == 0] = -1
+        valid = digitized != -1
+        levels = digitized[valid]
+        sums = np.bincount(levels, weights=bins[:i][valid].astype(np.float64), minlength=nbins)
+        members = np.bincount(levels, minlength=nbins)
+        per_level = np.where(members > 0, sums / np.maximum(members, 1), sums)
+        new_density = np.zeros(i, dtype=np.float64)
+        new_density[valid] = per_level[levels]
+        total_counts_new = np.sum(new_density) + np.sum(bins[i:])
+        reference_density = np.array(bins[:i])
+        reference_density[-1] += np.sum(bins[i:])
+        if round(total_counts_new) != total_data or round(np.sum(reference_density)) != total_data:
+            raise CalibrationError(f"entropy calibration: count mismatch ({total_counts_new}, {np.sum(reference_density)}, {total_data})")
+        pk = reference_density.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            qk = new_density / np.sum(new_density, axis=0, keepdims=True)
+            pk = pk / np.sum(pk, axis=0, keepdims=True)
+        divergences.append(np.sum(rel_entr(pk, qk), axis=0))
+    divergences = np.array(divergences)
+    last_argmin = len(divergences) - 1 - np.argmin(divergences[::-1])
+    return float(np.asarray(bin_edges)[last_argmin * stride + start_bin])
+
+
 class ActivationObserver:
     """Collects the input statistics of one layer with a pytorch-quantization calibrator."""
 
@@ -81,7 +125,7 @@ class ActivationObserver:
         elif self.method == "percentile":
             value = self.calibrator.compute_amax("percentile", percentile=self.percentile)
         elif self.method == "entropy":
-            value = self.calibrator.compute_amax("entropy")
+            value = entropy_amax_from_histogram(self.calibrator._calib_hist.int().cpu().numpy(), self.calibrator._calib_bin_edges.cpu().numpy(), self.num_bits)
         else:
             value = mse_amax_from_histogram(
                 self.calibrator._calib_hist, self.calibrator._calib_bin_edges, self.num_bits

@@ -47,6 +47,10 @@ class Recipe:
     # Up-block resnets' `conv_shortcut` sees cat([hidden_states, skip]): give each branch its own
     # activation and weight quantizer (export: two Convs + Add). See calib.shortcuts.
     split_shortcut: bool = False
+    # The same resnets' `conv1` sees that concat after norm1 and SiLU: split it too, at the same
+    # channel (export: Slice -> two Convs + Add). Off by default and in the presets; an option
+    # to measure (docs/results). A recipe JSON without the key keeps it off.
+    split_conv1: bool = False
     histogram_bins: int = 2048
 
     def __post_init__(self) -> None:

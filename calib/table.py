@@ -25,6 +25,10 @@ TABLE_SCHEMA = 1
 ROLES = ("input", "weight", "shortcut_a", "shortcut_b", "weight_a", "weight_b")
 # A split-shortcut layer has all of these or none (see calib.shortcuts).
 SPLIT_FIELDS = ("shortcut_a", "shortcut_b", "weight_a", "weight_b", "split_channels")
+# Which recipe setting a split layer belongs to: "shortcut" (the conv reads the skip Concat;
+# the default, not written) or "conv1" (it reads the concat after norm1 + SiLU; recipe
+# `split_conv1`). The branch roles are the same for both.
+SPLIT_KINDS = ("shortcut", "conv1")
 TOP_LEVEL_FIELDS = ("schema", "model_sha256", "recipe", "provenance", "degenerate", "layers")
 
 
@@ -42,6 +46,8 @@ class LayerRanges:
     weight_b: list[float] | None = None
     # Input channels of the first concat branch, for split-shortcut layers.
     split_channels: int | None = None
+    # "conv1" for a split resnet conv1 (see SPLIT_KINDS); None means "shortcut".
+    split_kind: str | None = None
     # Multiply-accumulates per sample at the calibration resolution (for coverage reports).
     macs: int | None = None
 
@@ -51,7 +57,7 @@ class LayerRanges:
             value = getattr(self, role)
             if value is not None:
                 obj[role] = value
-        for key in ("split_channels", "macs"):
+        for key in ("split_channels", "split_kind", "macs"):
             if getattr(self, key) is not None:
                 obj[key] = getattr(self, key)
         return obj
@@ -130,6 +136,11 @@ class CalibrationTable:
             degenerate=list(degenerate),
         )
 
+    def split_layers(self, split_shortcut: bool, split_conv1: bool) -> dict[str, LayerRanges]:
+        """The split entries a recipe with these settings quantizes per branch, by module name."""
+        wanted = {"shortcut": split_shortcut, "conv1": split_conv1}
+        return {name: r for name, r in self.layers.items() if r.split_channels is not None and wanted[r.split_kind or "shortcut"]}
+
     def check_model(self, model_sha256: str, model_label: str) -> None:
         if self.model_sha256 != model_sha256:
             raise CalibrationError(
@@ -162,7 +173,7 @@ def _parse_layer(name: Any, entry: Any, source: str) -> LayerRanges:
         raise CalibrationError(f"{source}: layer names must be non-empty strings")
     if not isinstance(entry, dict):
         raise CalibrationError(f"{where}: expected an object")
-    unknown = set(entry) - set(ROLES) - {"op", "split_channels", "macs"}
+    unknown = set(entry) - set(ROLES) - {"op", "split_channels", "split_kind", "macs"}
     if unknown:
         raise CalibrationError(f"{where}: unknown field(s) {sorted(map(str, unknown))}")
     op = entry.get("op")
@@ -193,6 +204,10 @@ def _parse_layer(name: Any, entry: Any, source: str) -> LayerRanges:
             f"{where}: a split-shortcut entry needs all of {list(SPLIT_FIELDS)}, it has only {present}",
             hint="the table was edited or is incomplete; rerun `qdiff calibrate`",
         )
+    if "split_kind" in entry:
+        if entry["split_kind"] not in SPLIT_KINDS or not present:
+            raise CalibrationError(f"{where}: 'split_kind' must be one of {list(SPLIT_KINDS)} on a split entry, got {entry['split_kind']!r}")
+        ranges.split_kind = None if entry["split_kind"] == "shortcut" else entry["split_kind"]
     if present:
         lengths = {len(ranges.weight_a), len(ranges.weight_b)} | ({len(ranges.weight)} if ranges.weight is not None else set())
         if len(lengths) != 1:

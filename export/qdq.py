@@ -33,7 +33,7 @@ from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.errors import QuantizationError
 from qdiff.export.graph_index import WeightedNode, weighted_nodes
-from qdiff.export.split_shortcut import channel_counts, split_concat_conv
+from qdiff.export.split_shortcut import channel_counts, split_concat_conv, split_sliced_conv
 
 
 @dataclass
@@ -140,13 +140,15 @@ def _check_weight(wn: WeightedNode, amax: list[float]) -> None:
 
 
 def _quantize_split(graph: gs.Graph, builder: _QdqBuilder, wn: WeightedNode, ranges, recipe: Recipe, counts: dict[str, int], report: QdqReport) -> None:
-    """Split-shortcut layer: two Convs on the concat branches, each with its own Q/DQ, then Add."""
+    """Split-shortcut layer: two Convs on the concat branches, each with its own Q/DQ, then Add.
+    A split conv1 (`split_kind` "conv1") takes its branches from Slices of its input."""
     if wn.op != "Conv":
         raise QuantizationError(f"split-shortcut layer {wn.module!r} (node {wn.node.name}) is a {wn.op}, not a Conv")
     for role in ("weight_a", "weight_b"):
         if len(getattr(ranges, role)) != len(ranges.weight):
             raise QuantizationError(f"layer {wn.module!r}: {role} has {len(getattr(ranges, role))} channels, weight has {len(ranges.weight)}")
-    split = split_concat_conv(graph, wn.node, ranges.split_channels, wn.module, counts)
+    rewrite = split_sliced_conv if ranges.split_kind == "conv1" else split_concat_conv
+    split = rewrite(graph, wn.node, ranges.split_channels, wn.module, counts)
     for branch, conv in (("a", split.conv_a), ("b", split.conv_b)):
         amax = getattr(ranges, f"shortcut_{branch}")
         w_amax = getattr(ranges, f"weight_{branch}")
@@ -164,7 +166,7 @@ def _quantize_split(graph: gs.Graph, builder: _QdqBuilder, wn: WeightedNode, ran
 def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe | None = None) -> tuple[onnx.ModelProto, QdqReport]:
     """Return a Q/DQ copy of `model` and a report of what was quantized."""
     recipe = recipe or Recipe.from_json(table.recipe)
-    splits = {name: r.split_channels for name, r in table.layers.items() if r.split_channels is not None} if recipe.split_shortcut else {}
+    splits = {name: r.split_channels for name, r in table.split_layers(recipe.split_shortcut, recipe.split_conv1).items()}
     counts = channel_counts(model) if splits else {}
     graph = gs.import_onnx(model)
     builder = _QdqBuilder(graph)

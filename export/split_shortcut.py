@@ -5,8 +5,13 @@ slices alike), so each concat branch can carry its own INT8 scale into TensorRT 
 being requantized at the Concat. The Concat stays when something else reads it (the resnet's
 GroupNorm -> conv1 path does); otherwise graph cleanup drops it.
 
+A resnet's `conv1` reads the concat after GroupNorm and SiLU, so its input is no Concat output:
+`split_sliced_conv` cuts that tensor with two Slice nodes on the channel axis ([:Ca], [Ca:])
+and then rewrites the same way (recipe `split_conv1`).
+
 New nodes are named under the layer's module scope (`/unet/<module>/ConvA`, `ConvB`,
-`SplitAdd`), so `graph_index.module_name` still maps them to the PyTorch module.
+`SplitAdd`, and `SliceA`, `SliceB` for conv1), so `graph_index.module_name` still maps them to
+the PyTorch module.
 """
 
 from __future__ import annotations
@@ -81,7 +86,53 @@ def split_concat_conv(graph: gs.Graph, node: gs.Node, split_channels: int, modul
                 f"{where}: Concat {producer.name} input {tensor.name} has {known} channels, the calibration table says {expected}",
                 hint="the table was made for a different model; recalibrate",
             )
-    prefix = node.name.rsplit("/", 1)[0] if "/" in node.name else node.name
+    return _two_convs(graph, node, a, b, split_channels)
+
+
+def split_sliced_conv(graph: gs.Graph, node: gs.Node, split_channels: int, module: str, counts: dict[str, int] | None = None) -> SplitConv:
+    """Rewrite one Conv into Slice [:, :Ca] / [:, Ca:] of its input, two Convs and an Add (FP32).
+
+    For a conv whose input is a channel-wise function of a skip concat (a resnet's conv1 after
+    GroupNorm + SiLU), where there is no Concat to read the branches from."""
+    where = f"split conv1 layer {module!r} (node {node.name})"
+    if node.op != "Conv":
+        raise QuantizationError(f"{where}: expected a Conv node, got {node.op}")
+    if node.attrs.get("group", 1) != 1:
+        raise QuantizationError(f"{where}: grouped convolutions cannot be split")
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant):
+        raise QuantizationError(f"{where}: weight {weight.name} is not a constant")
+    total = weight.values.shape[1]
+    if not 0 < split_channels < total:
+        raise QuantizationError(f"{where}: split_channels={split_channels} is outside (0, {total})", hint="the table was made for a different model; recalibrate")
+    x = node.inputs[0]
+    known = (counts or {}).get(x.name)
+    if known is None and x.shape is not None and len(x.shape) >= 2 and isinstance(x.shape[1], int):
+        known = x.shape[1]
+    if known is not None and known != total:
+        raise QuantizationError(f"{where}: input {x.name} has {known} channels, the weight {total}", hint="the table was made for a different model; recalibrate")
+    prefix = _prefix(node)
+    dtype = x.dtype if x.dtype is not None else np.float32
+    axes = gs.Constant(f"{prefix}/SliceAxes", np.array([1], dtype=np.int64))
+    halves = []
+    for tag, (start, end) in (("A", (0, split_channels)), ("B", (split_channels, total))):
+        starts = gs.Constant(f"{prefix}/Slice{tag}Starts", np.array([start], dtype=np.int64))
+        ends = gs.Constant(f"{prefix}/Slice{tag}Ends", np.array([end], dtype=np.int64))
+        half = gs.Variable(f"{prefix}/Slice{tag}_output_0", dtype=dtype)
+        graph.nodes.append(gs.Node("Slice", f"{prefix}/Slice{tag}", {}, [x, starts, ends, axes], [half]))
+        halves.append(half)
+    return _two_convs(graph, node, halves[0], halves[1], split_channels)
+
+
+def _prefix(node: gs.Node) -> str:
+    return node.name.rsplit("/", 1)[0] if "/" in node.name else node.name
+
+
+def _two_convs(graph: gs.Graph, node: gs.Node, a: gs.Tensor, b: gs.Tensor, split_channels: int) -> SplitConv:
+    """Replace `node` by Conv(a, W[:, :split], bias) + Conv(b, W[:, split:]), same output tensor."""
+    prefix = _prefix(node)
+    weight = node.inputs[1]
+    w = weight.values
     w_a = gs.Constant(f"{weight.name}.split_a", np.ascontiguousarray(w[:, :split_channels]))
     w_b = gs.Constant(f"{weight.name}.split_b", np.ascontiguousarray(w[:, split_channels:]))
     out = node.outputs[0]
@@ -97,10 +148,12 @@ def split_concat_conv(graph: gs.Graph, node: gs.Node, split_channels: int, modul
     return SplitConv(conv_a, conv_b, add)
 
 
-def split_shortcuts(model: onnx.ModelProto, splits: dict[str, int]) -> onnx.ModelProto:
-    """FP32 rewrite of the given layers ({module: split_channels}), no Q/DQ (for checks)."""
+def split_shortcuts(model: onnx.ModelProto, splits: dict[str, int], sliced: dict[str, int] | None = None) -> onnx.ModelProto:
+    """FP32 rewrite of the given layers ({module: split_channels}), no Q/DQ (for checks):
+    `splits` read their Concat, `sliced` (split conv1 layers) slice their input."""
     from qdiff.export.graph_index import weighted_nodes
 
+    sliced = sliced or {}
     counts = channel_counts(model)
     graph = gs.import_onnx(model)
     done = set()
@@ -108,7 +161,10 @@ def split_shortcuts(model: onnx.ModelProto, splits: dict[str, int]) -> onnx.Mode
         if wn.module in splits:
             split_concat_conv(graph, wn.node, splits[wn.module], wn.module, counts)
             done.add(wn.module)
-    missing = sorted(set(splits) - done)
+        elif wn.module in sliced:
+            split_sliced_conv(graph, wn.node, sliced[wn.module], wn.module, counts)
+            done.add(wn.module)
+    missing = sorted((set(splits) | set(sliced)) - done)
     if missing:
         raise QuantizationError(f"split-shortcut layer(s) not found in the graph: {', '.join(missing)}")
     graph.cleanup().toposort()

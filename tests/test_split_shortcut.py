@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import onnx_graphsurgeon as gs
 import pytest
+import torch
 
 from qdiff.api import calibrate
 from qdiff.calib.recipe import PRESETS, Recipe
-from qdiff.calib.shortcuts import find_split_shortcuts
+from qdiff.calib.shortcuts import find_split_layers
 from qdiff.calib.table import CalibrationTable
 from qdiff.errors import CalibrationError, QuantizationError
 from qdiff.export.graph_index import module_name, weighted_nodes
@@ -51,7 +53,9 @@ def test_split_points_found_on_tiny_and_shipped_models(uncond_model_dir):
     """Every up-block conv_shortcut is found, split at the deep feature map's channel count."""
     for path in (uncond_model_dir, SHAPES_DDPM):
         unet = load_model(path).unet
-        found = find_split_shortcuts(unet, example_inputs(unet, batch=1, seed=0))
+        found, conv1s = find_split_layers(unet, example_inputs(unet, batch=1, seed=0), conv1=True)
+        # The conv1 split option: each such resnet's conv1 splits where its conv_shortcut does.
+        assert conv1s == {name.replace(".conv_shortcut", ".conv1"): split for name, split in found.items()}
         expected = [n for n, m in unet.named_modules() if n.startswith("up_blocks.") and n.endswith("conv_shortcut")]
         assert sorted(found) == sorted(expected) and expected
         for name, split in found.items():
@@ -223,3 +227,143 @@ def test_split_on_and_off_on_trained_model(tmp_path):
         psnr[split] = result.report["summary"]["mean PSNR (dB)"]
     print("mean PSNR split on/off:", psnr)
     assert psnr[True] > 24 and psnr[False] > 24, psnr
+
+
+# ----------------------------------------------------------------------------- conv1 split
+# The up-block resnets' conv1 sees the same concat after GroupNorm + SiLU (no Concat node feeds
+# it), so the export slices its input: Slice[:, :Ca] / Slice[:, Ca:] -> per-branch Q/DQ -> two
+# Convs -> Add. Recipe `split_conv1`, off by default.
+
+
+@pytest.fixture(scope="module")
+def conv1_uncond(uncond_model_dir, tmp_path_factory, fast_recipe):
+    return quantize_model(uncond_model_dir, tmp_path_factory.mktemp("conv1_uncond"), fast_recipe.with_overrides(split_shortcut=True, split_conv1=True))
+
+
+def _conv1_layers(table: CalibrationTable) -> dict[str, int]:
+    return {name: r.split_channels for name, r in table.layers.items() if r.split_kind == "conv1"}
+
+
+def test_conv1_split_is_off_by_default_and_reaches_the_recipe_from_the_cli():
+    from qdiff.cli import _recipe_overrides, build_parser
+
+    assert Recipe().split_conv1 is False and not any(r.split_conv1 for r in PRESETS.values())
+    assert Recipe.from_json({"name": "old", "split_shortcut": True}).split_conv1 is False
+    assert Recipe.from_json(Recipe(split_conv1=True).to_json()).split_conv1 is True
+    for flag, value in (("--split-conv1", True), ("--no-split-conv1", False)):
+        for command in (["calibrate", "m", "-o", "o"], ["run"]):
+            assert _recipe_overrides(build_parser().parse_args([*command, flag]))["split_conv1"] is value
+    assert "split_conv1" not in _recipe_overrides(build_parser().parse_args(["run"]))
+
+
+def test_table_has_conv1_branches_only_when_on(split_uncond, conv1_uncond):
+    """Flag on: every conv1 of a split resnet gets branch ranges (split_kind "conv1"), and every
+    other entry is exactly the flag-off table's (same seeds, max calibrator)."""
+    _, _, off, _ = split_uncond
+    _, _, on, _ = conv1_uncond
+    assert not _conv1_layers(off) and "split_conv1_layers" not in off.provenance
+    conv1s = _conv1_layers(on)
+    assert conv1s == {name.replace(".conv_shortcut", ".conv1"): s for name, s in _split_layers(off).items()}
+    assert on.provenance["split_conv1_layers"] == conv1s and on.provenance["split_shortcut_layers"] == off.provenance["split_shortcut_layers"]
+    assert set(on.layers) == set(off.layers)
+    for name, r in on.layers.items():
+        if name in conv1s:
+            assert r.input == pytest.approx(max(r.shortcut_a, r.shortcut_b))  # max: the union of the branches
+            assert np.allclose(np.maximum(r.weight_a, r.weight_b), r.weight)
+            assert (r.input, r.weight) == (off.layers[name].input, off.layers[name].weight)
+        else:
+            assert r.to_json() == off.layers[name].to_json(), name
+    # Round trip; a split_kind is refused without the split fields or with an unknown value.
+    obj = on.to_json()
+    assert CalibrationTable.from_json(obj).to_json() == obj
+    name = sorted(conv1s)[0]
+    with pytest.raises(CalibrationError, match="split_kind"):
+        CalibrationTable.from_json({**obj, "layers": {**obj["layers"], name: {**obj["layers"][name], "split_kind": "conv2"}}})
+    plain = {k: v for k, v in obj["layers"]["down_blocks.0.resnets.0.conv1"].items()}
+    with pytest.raises(CalibrationError, match="split_kind"):
+        CalibrationTable.from_json({**obj, "layers": {**obj["layers"], "down_blocks.0.resnets.0.conv1": {**plain, "split_kind": "conv1"}}})
+
+
+def test_conv1_flag_off_graph_is_unchanged(split_uncond, conv1_uncond):
+    """A conv1-split table quantized with split_conv1=False gives byte for byte the graph of a
+    table calibrated without it."""
+    _, onnx_path, off, _ = split_uncond
+    _, _, on, _ = conv1_uncond
+    model = onnx.load(str(onnx_path))
+    recipe_off = Recipe.from_json(on.recipe).with_overrides(split_conv1=False)
+    a, _ = insert_qdq(model, on, recipe_off)
+    b, _ = insert_qdq(model, off)
+    assert a.SerializeToString() == b.SerializeToString()
+    assert not any(n.op_type == "Slice" and "/conv1/" in n.name for n in a.graph.node)
+
+
+def test_conv1_fp32_sliced_rewrite_is_exact(conv1_uncond):
+    bundle, onnx_path, table, _ = conv1_uncond
+    conv1s = _conv1_layers(table)
+    shortcuts = {n: s for n, s in _split_layers(table).items() if n not in conv1s}
+    model = onnx.load(str(onnx_path))
+    rewritten = split_shortcuts(model, shortcuts, sliced=conv1s)
+    onnx.checker.check_model(rewritten)
+    graph = gs.import_onnx(rewritten)
+    for name, split in conv1s.items():
+        nodes = {n.name.rsplit("/", 1)[1]: n for n in graph.nodes if module_name(n) == name}
+        assert sorted((k, n.op) for k, n in nodes.items()) == [("ConvA", "Conv"), ("ConvB", "Conv"), ("SliceA", "Slice"), ("SliceB", "Slice"), ("SplitAdd", "Add")]
+        assert nodes["SliceA"].inputs[0] is nodes["SliceB"].inputs[0]  # the post-SiLU tensor, sliced twice
+        assert [int(nodes[k].inputs[i].values[0]) for k in ("SliceA", "SliceB") for i in (1, 2)] == [0, split, split, nodes["ConvB"].inputs[1].values.shape[1] + split]
+        assert nodes["ConvA"].inputs[0] is nodes["SliceA"].outputs[0] and len(nodes["ConvA"].inputs) == 3 and len(nodes["ConvB"].inputs) == 2
+    path = onnx_path.parent / "conv1_fp32.onnx"
+    onnx.save(rewritten, str(path))
+    base, split = OnnxRuntimeDenoiser(onnx_path, optimize=False), OnnxRuntimeDenoiser(path, optimize=False)
+    for seed in range(2):
+        inputs = example_inputs(bundle.unet, batch=2, seed=seed)
+        stats = error_stats(split(inputs["sample"], inputs["timestep"]), base(inputs["sample"], inputs["timestep"]))
+        assert stats.rel_l2 < 1e-6, str(stats)
+
+
+def test_conv1_split_qdq_placement(conv1_uncond):
+    _, _, table, q = conv1_uncond
+    conv1s = _conv1_layers(table)
+    assert q.report.to_json()["quantized_layers"] == len(table.layers)
+    graph = gs.import_onnx(onnx.load(str(q.onnx_path)))
+    for name in conv1s:
+        r = table.layers[name]
+        convs = {n.name.rsplit("/", 1)[1]: n for n in graph.nodes if module_name(n) == name and n.op == "Conv"}
+        assert sorted(convs) == ["ConvA", "ConvB"]
+        for branch, conv in (("a", convs["ConvA"]), ("b", convs["ConvB"])):
+            act_dq, w_dq = (conv.inputs[i].inputs[0] for i in range(2))
+            assert act_dq.op == w_dq.op == "DequantizeLinear" and w_dq.attrs["axis"] == 0
+            quant = act_dq.inputs[0].inputs[0]
+            assert quant.op == "QuantizeLinear" and quant.inputs[0].inputs[0].op == "Slice"
+            assert float(act_dq.inputs[1].values) == pytest.approx(getattr(r, f"shortcut_{branch}") / 127)
+        assert len(convs["ConvA"].inputs) == 3 and len(convs["ConvB"].inputs) == 2  # bias once
+
+
+def test_conv1_split_layers_equal_fake_quant_reference(conv1_uncond):
+    """Each split conv1 of the Q/DQ graph (Slice -> Q/DQ -> two Convs -> Add), cut out and fed
+    the very tensor its fake-quant twin sees, computes the same function at float32 round-off.
+    (Fed by the whole model instead, ORT's and PyTorch's GroupNorm differ by ~3e-6 before the
+    quantizer and flip an INT8 rounding now and then; hence the layer-level check, and the
+    usual most-seeds criterion for the whole model.)"""
+    bundle, _, table, q = conv1_uncond
+    conv1s = _conv1_layers(table)
+    reference = build_fake_quant_model(bundle.unet, table)
+    graph = gs.import_onnx(onnx.load(str(q.onnx_path)))
+    seen: dict[str, list] = {name: [] for name in conv1s}
+    handles = [reference.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: seen[name].append((a[0], out))) for name in conv1s]
+    inputs = example_inputs(bundle.unet, batch=2, seed=3)
+    with torch.no_grad():
+        reference(**inputs)
+    for h in handles:
+        h.remove()
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(onnx.load(str(q.onnx_path))))
+    for name in conv1s:
+        nodes = {n.name.rsplit("/", 1)[1]: n for n in graph.nodes if module_name(n) == name}
+        x_name, y_name = nodes["SliceA"].inputs[0].name, nodes["SplitAdd"].outputs[0].name
+        layer = extractor.extract_model([x_name], [y_name])
+        (x, expected), = seen[name]
+        got = ort.InferenceSession(layer.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {x_name: x.numpy()})[0]
+        assert error_stats(torch.from_numpy(got), expected).rel_l2 < 1e-6, name
+    results = compare_with_fake_quant(bundle, table, q.onnx_path, range(1, 6))
+    assert sum(qdq.rel_l2 < 1e-5 for qdq, _ in results) >= 3, [str(qdq) for qdq, _ in results]
+    for qdq_vs_ref, fp32_vs_ref in results:
+        assert qdq_vs_ref.rel_l2 < 2 * fp32_vs_ref.rel_l2 and fp32_vs_ref.rel_l2 > 1e-3

@@ -10,7 +10,9 @@ split shortcut), against FP32 from the same seeds (`qdiff.evaluate.compare`):
 
 The two questions are Q-Diffusion's (Li et al., ICCV 2023): (i) does calibrating on timesteps
 spread over the whole trajectory beat calibrating on one third of it (first = noisiest, middle,
-last)? (ii) does split-shortcut quantization help, especially with 4-bit weights?
+last)? (ii) does split-shortcut quantization help, especially with 4-bit weights? A third is
+ours: (iii) does splitting the up-block resnets' conv1 as well (recipe `split_conv1`: it sees
+the same concat after GroupNorm + SiLU) help on top of the shortcut split?
 
 The full grid is 2 presets x 4 calibrators x 4 windows x 2 split settings = 64 configurations
 per model, too slow for a 2-core CPU; the default `--design fractional` runs two blocks around
@@ -22,6 +24,7 @@ interrupted run resumes and a rerun only re-renders docs/results/.
 
     .venv/bin/python tools/ablations.py                     # both models, fractional design
     .venv/bin/python tools/ablations.py --measure-one        # time one configuration, write nothing
+    .venv/bin/python tools/ablations.py --only w8a8-max-uniform-split-conv1   # just these rows (cached ones are kept)
 """
 
 from __future__ import annotations
@@ -62,10 +65,11 @@ class Config:
     calibrator: str
     window: str
     split: bool
+    conv1: bool = False  # recipe split_conv1: the up-block resnets' conv1 split too
 
     @property
     def id(self) -> str:
-        return f"{self.preset}-{self.calibrator}-{self.window}-{'split' if self.split else 'nosplit'}"
+        return f"{self.preset}-{self.calibrator}-{self.window}-{'split' if self.split else 'nosplit'}" + ("-conv1" if self.conv1 else "")
 
 
 def design(kind: str) -> list[Config]:
@@ -74,11 +78,15 @@ def design(kind: str) -> list[Config]:
     fractional: Block A, the split question: every preset x calibrator, uniform window, split on
     and off (16). Block B, the window question: windows first/middle/last with split on, for
     every preset with the max calibrator and for w8a8 with the mse calibrator (9; their uniform
-    counterparts are in block A). 25 per model instead of 64: the window effect is not measured
-    for percentile and entropy, nor for mse at w4a8, and the window x split interaction not at all.
+    counterparts are in block A). Block C, the conv1 question: for every preset with the max
+    calibrator, uniform window, split shortcut on, the resnets' conv1 split too (2; conv1 off is
+    in block A). 27 per model instead of 64 (+32 conv1 variants): the window effect is not
+    measured for percentile and entropy, nor for mse at w4a8, and the window x split interaction
+    not at all.
     """
     if kind == "full":
-        return [Config(p, c, w, s) for p, c, w, s in itertools.product(PRESETS, CALIBRATORS, WINDOWS, (True, False))]
+        configs = [Config(p, c, w, s) for p, c, w, s in itertools.product(PRESETS, CALIBRATORS, WINDOWS, (True, False))]
+        return configs + [Config(c.preset, c.calibrator, c.window, True, True) for c in configs if c.split]
     # Most informative first, so that `--limit N` keeps the core: the default recipe (it also
     # records the calibration statistics for the figures), split on/off and the windows with the
     # max calibrator, then the other calibrators.
@@ -86,7 +94,8 @@ def design(kind: str) -> list[Config]:
     block_b = [Config(p, "max", w, True) for p, w in itertools.product(PRESETS, ("first", "middle", "last"))]
     block_b += [Config("w8a8", "mse", w, True) for w in ("first", "middle", "last")]
     others = [Config(p, c, "uniform", s) for c, p, s in itertools.product(CALIBRATORS[1:], PRESETS, (True, False))]
-    return core + block_b + others
+    block_c = [Config(p, "max", "uniform", True, True) for p in PRESETS]
+    return core + block_b + others + block_c
 
 
 def _summary_row(comparison) -> dict[str, Any]:
@@ -177,6 +186,8 @@ class Runner:
 
     def _cached(self, key: str) -> dict[str, Any] | None:
         row = self.cache.get(key)
+        if row and "config" in row:
+            row.setdefault("conv1", False)  # rows measured before block C
         return row if row and row.get("plan_key") == self.plan_key else None
 
     def run_config(self, cfg: Config) -> dict[str, Any]:
@@ -188,7 +199,7 @@ class Runner:
         self.trajectories.observed = self.observed_timesteps(WINDOWS[cfg.window])
         calibrated = calibrate(
             self.bundle, folder, cfg.preset, force=False, timestep_stats=(cfg.window == "uniform" and cfg.calibrator == "max"), trajectory_denoiser=self.trajectories,
-            **RUN_CALIBRATION, activation_calibrator=cfg.calibrator, timestep_window=WINDOWS[cfg.window], split_shortcut=cfg.split,
+            **RUN_CALIBRATION, activation_calibrator=cfg.calibrator, timestep_window=WINDOWS[cfg.window], split_shortcut=cfg.split, split_conv1=cfg.conv1,
         )  # fmt: skip
         t1 = time.perf_counter()
         quantized = quantize_onnx(self.fp32, calibrated.table_path, folder / f"denoiser.{cfg.preset}.onnx")
@@ -200,6 +211,8 @@ class Runner:
             "stats": str(calibrated.stats_path.relative_to(ROOT)) if calibrated.stats_path and calibrated.stats_path.is_relative_to(ROOT) else None,
             "plan_key": self.plan_key,
         }  # fmt: skip
+        if cfg.conv1:  # range ratio of the two branches per split layer, from the table
+            row["branch_ratios"] = {n: max(r.shortcut_a, r.shortcut_b) / max(min(r.shortcut_a, r.shortcut_b), 1e-12) for n, r in sorted(calibrated.table.layers.items()) if r.split_channels}
         if not self.reference_info:
             self.cache[f"{self.name}/reference"] = {"shape_fd": comparison.shape_fd, "seconds": self._reference_seconds, "plan_key": self.plan_key}
         self._store(key, row)
@@ -220,7 +233,7 @@ class Runner:
         t1 = time.perf_counter()
         comparison = compare(self.bundle, self.reference, OnnxRuntimeDenoiser(peer.onnx_path), self.plan, label=f"ort-{method}")
         row = {
-            "model": self.name, "config": f"peer-ort-{method}", "preset": "w8a8", "calibrator": f"ort {method}", "window": "uniform", "split": False,
+            "model": self.name, "config": f"peer-ort-{method}", "preset": "w8a8", "calibrator": f"ort {method}", "window": "uniform", "split": False, "conv1": False,
             "kind": "peer", **_summary_row(comparison),
             "seconds": {"calibrate+quantize": round(t1 - t0, 1), "compare": comparison.seconds}, "plan_key": self.plan_key,
         }  # fmt: skip
@@ -245,6 +258,7 @@ def _fmt(x: Any, digits: int = 2) -> str:
 
 
 def _find(rows: list[dict], **match: Any) -> dict | None:
+    match = {"conv1": False, **match}  # the conv1 rows only where asked for
     for r in rows:
         if all(r.get(k) == v for k, v in match.items()):
             return r
@@ -286,7 +300,7 @@ def window_table(rows: list[dict], model: str) -> tuple[str, list[dict]]:
     return markdown_table(header, out), cells
 
 
-def split_verdict(cells: list[dict]) -> list[str]:
+def split_verdict(cells: list[dict], what: str = "split") -> list[str]:
     lines = []
     for preset in PRESETS:
         mine = [c for c in cells if c["preset"] == preset]
@@ -296,8 +310,26 @@ def split_verdict(cells: list[dict]) -> list[str]:
         psnr = sum(c["on"]["mean_psnr"] > c["off"]["mean_psnr"] for c in mine)
         fd = sum(c["on"]["shape_fd"] < c["off"]["shape_fd"] for c in mine)
         ratio = np.mean([c["on"]["mean_step_rel_l2"] / c["off"]["mean_step_rel_l2"] for c in mine])
-        lines.append(f"{preset}: split lowers the step error for {step}/{len(mine)} calibrators (mean ratio {ratio:.2f}), raises PSNR for {psnr}/{len(mine)}, lowers shape-FD for {fd}/{len(mine)}.")
+        lines.append(f"{preset}: {what} lowers the step error for {step}/{len(mine)} calibrators (mean ratio {ratio:.2f}), raises PSNR for {psnr}/{len(mine)}, lowers shape-FD for {fd}/{len(mine)}.")
     return lines
+
+
+def conv1_table(rows: list[dict], model: str) -> tuple[str, list[dict]]:
+    """conv1 split off vs on, split shortcut on, uniform window, per preset and calibrator."""
+    out, cells = [], []
+    for preset, calib in itertools.product(PRESETS, CALIBRATORS):
+        on = _find(rows, model=model, preset=preset, calibrator=calib, window="uniform", split=True, conv1=True, kind="qdiff")
+        off = _find(rows, model=model, preset=preset, calibrator=calib, window="uniform", split=True, kind="qdiff")
+        if not (on and off):
+            continue
+        cells.append({"preset": preset, "calibrator": calib, "on": on, "off": off})
+        conv1_ratios = [v for k, v in on.get("branch_ratios", {}).items() if k.endswith(".conv1")]
+        out.append([preset, calib, f"{_fmt(off['mean_psnr'])} -> {_fmt(on['mean_psnr'])}", f"{_fmt(off['min_psnr'])} -> {_fmt(on['min_psnr'])}", f"{_fmt(off['mean_ssim'], 3)} -> {_fmt(on['mean_ssim'], 3)}",
+                    f"{_fmt(off['mean_step_rel_l2'], 4)} -> {_fmt(on['mean_step_rel_l2'], 4)} ({_rel(on['mean_step_rel_l2'], off['mean_step_rel_l2'])})",
+                    f"{_fmt(off['max_step_rel_l2'], 3)} -> {_fmt(on['max_step_rel_l2'], 3)}", f"{_fmt(off['shape_fd'])} -> {_fmt(on['shape_fd'])}",
+                    f"{min(conv1_ratios):.1f}-{max(conv1_ratios):.1f}x" if conv1_ratios else "n/a"])  # fmt: skip
+    header = ["preset", "calibrator", "PSNR dB (off -> on)", "min PSNR", "SSIM", "step rel-L2 mean", "step rel-L2 max", "shape-FD", "conv1 branch range ratio"]
+    return markdown_table(header, out), cells
 
 
 def window_verdict(cells: list[dict]) -> list[str]:
@@ -355,6 +387,9 @@ def figures(rows: list[dict], runners: dict[str, Runner], out: Path) -> dict[str
             off = _find(rows, model=model, preset=preset, calibrator="max", window="uniform", split=False, kind="qdiff")
             if off:
                 series["uniform, no split"] = off["steps"]
+            conv1 = _find(rows, model=model, preset=preset, calibrator="max", window="uniform", split=True, conv1=True, kind="qdiff")
+            if conv1:
+                series["uniform, split + conv1 split"] = conv1["steps"]
             if series:
                 path = plot_step_errors(series, out / f"steps-{model}-{preset}.png", title=f"{model}, {preset} (max calibrator): noise-prediction error per step")
                 files.append(path.name)
@@ -428,7 +463,8 @@ def write_results(rows: list[dict], runners: dict[str, Runner], args: argparse.N
         ref = runner.reference_info.get("shape_fd") or {}
         measured = [r for r in rows if r["model"] == model and r["kind"] == "qdiff"]
         skipped = [c.id for c in design(args.design) if c.id not in {r["config"] for r in measured}]
-        md += [f"## {model}", "", f"{len(measured)} of the design's {len(design(args.design))} configurations measured" + (f" (`--limit {model}={_limit(args.limit, model)}`: the first ones in the design's priority order; not measured: {', '.join(skipped)}. The entropy calibrator's amax search is the slowest stage, 5-9 min per configuration on this CPU)." if skipped else "."), ""]
+        why = f"`--limit {model}={_limit(args.limit, model)}`: the first ones in the design's priority order; " if _limit(args.limit, model) is not None else ""
+        md += [f"## {model}", "", f"{len(measured)} of the design's {len(design(args.design))} configurations measured" + (f" ({why}not measured: {', '.join(skipped)}. The entropy calibrator's amax search is the slowest stage, 5-9 min per configuration on this CPU)." if skipped else "."), ""]
         if ref.get("available"):
             md += [f"shape-FD at n={ref['n_generated']}: FP32 samples {_fmt(ref['fp32'])}, real train images {_fmt(ref['real_reference'])} (the floor at this n).", ""]
         stats_row = _find(rows, model=model, preset="w8a8", calibrator="max", window="uniform", split=True, kind="qdiff")
@@ -441,6 +477,11 @@ def write_results(rows: list[dict], runners: dict[str, Runner], args: argparse.N
         md += ["### (i) Calibration window (split shortcut on)", "", table, "", *[f"- {line}" for line in window_verdict(cells)], ""]
         table, cells = split_table(rows, model)
         md += ["### (ii) Split shortcut (uniform window)", "", table, "", *[f"- {line}" for line in split_verdict(cells)], ""]
+        table, cells = conv1_table(rows, model)
+        if cells:
+            md += ["### (iii) Splitting conv1 too (split shortcut on, uniform window)", "",
+                   "Recipe `split_conv1`: the up-block resnets' conv1, which sees the skip concat after GroupNorm + SiLU, gets one activation and one weight quantizer per branch too (export: Slice -> two Convs -> Add). Off -> on:", "",
+                   table, "", *[f"- {line}" for line in split_verdict(cells, "the conv1 split")], ""]  # fmt: skip
         peers = [r for r in rows if r["model"] == model and r["kind"] == "peer"]
         qdiff_default = _find(rows, model=model, preset="w8a8", calibrator="max", window="uniform", split=True, kind="qdiff")
         md += ["### Peer: ONNX Runtime static quantization (W8A8)", ""]
@@ -489,8 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--measure-one", action="store_true", help="time the default configuration of the first model and stop")
     p.add_argument("--limit", action="append", default=[], metavar="[MODEL=]N", help="run only the first N configurations of the design (most informative first), for every model or for MODEL (repeatable)")
+    p.add_argument("--only", nargs="+", metavar="CONFIG", help="measure only these configuration ids (e.g. w8a8-max-uniform-split-conv1); the design's other rows are reported if cached, left out if not")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - {c.id for c in design(args.design)})
+    if unknown:
+        p.error(f"--only: {', '.join(unknown)} not in the {args.design} design")
     torch.set_num_threads(args.threads)
     command = " ".join([".venv/bin/python tools/ablations.py", *(argv if argv is not None else sys.argv[1:])])
     started = time.perf_counter()
@@ -502,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
         runner = runners[model] = Runner(model, args, cache)
         configs = design(args.design)[: 1 if args.measure_one else _limit(args.limit, model)]
         for cfg in configs:
+            if args.only and cfg.id not in args.only:
+                if (row := runner._cached(f"{model}/{cfg.id}")) is not None:
+                    rows.append(row)
+                continue
             rows.append(runner.run_config(cfg))
         if args.measure_one:
             print(f"reference: {runner.reference_info}; one configuration: {rows[-1]['seconds']}")
