@@ -76,9 +76,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             num_timesteps=args.timesteps, samples_per_timestep=args.samples, calibration_steps=args.calib_steps, batch_size=args.samples,
         ).table_path
         print(f"calibrate: {time.perf_counter() - t0:.0f} s")
-    placements = {"all": [None], "conv": [("Conv", "ConvTranspose")], "both": [None, ("Conv", "ConvTranspose")]}[args.placement]
-    for ops in placements:
-        q = api.quantize_onnx(onnx, table_path, quantize_ops=ops)
+    for placement in args.placements.split(","):
+        q = api.quantize_onnx(onnx, table_path, placement=placement)
         print(f"quantize: {q.onnx_path} ({time.perf_counter() - t0:.0f} s)")
 
 
@@ -86,19 +85,27 @@ def _graph(work: Path, which: str) -> Path:
     return work / "onnx" / ENGINES[which][0]
 
 
-# Engine name -> (graph in <work>/onnx, precision, label).
+# Engine name -> (graph in <work>/onnx, precision, float layers pinned to, label). The qdiff
+# INT8 graphs are one calibration table under three placements (qdiff.calib.placement); the
+# `-pin` engines add network-level FP16 constraints on the float layers (qdiff.engines.precision).
 ENGINES = {
-    "fp16": ("denoiser.onnx", "fp16", "TensorRT FP16"),
-    "int8": ("denoiser.w8a8.onnx", "int8", "qdiff W8A8 TensorRT (all Conv/Linear, split shortcut)"),
-    "int8-conv": ("denoiser.w8a8-conv-convtranspose.onnx", "int8", "qdiff W8A8 TensorRT (convolutions only, split shortcut)"),
+    "fp16": ("denoiser.onnx", "fp16", None, "TensorRT FP16"),
+    "int8": ("denoiser.w8a8.onnx", "int8", None, "qdiff W8A8 (all Conv/Linear, split shortcut)"),
+    "int8-pin": ("denoiser.w8a8.onnx", "int8", "fp16", "qdiff W8A8 (all Conv/Linear) + float layers pinned FP16"),
+    "int8-conv": ("denoiser.w8a8-conv.onnx", "int8", None, "qdiff W8A8 (convolutions only, split shortcut)"),
+    "int8-conv-pin": ("denoiser.w8a8-conv.onnx", "int8", "fp16", "qdiff W8A8 (convolutions only) + float layers pinned FP16"),
+    "int8-conv-ff": ("denoiser.w8a8-conv-ff.onnx", "int8", None, "qdiff W8A8 (convolutions + feed-forward Linears)"),
+    "int8-conv-ff-pin": ("denoiser.w8a8-conv-ff.onnx", "int8", "fp16", "qdiff W8A8 (convolutions + feed-forward) + float layers pinned FP16"),
+    "modelopt": ("denoiser.modelopt-int8.onnx", "int8", None, "ModelOpt INT8 (its diffusion UNet recipe), same builder"),
 }
 
 
 def cmd_build(args: argparse.Namespace) -> None:
     from qdiff import api
 
+    graph, precision, float_layers, _ = ENGINES[args.which]
     result = api.build_engine(
-        _graph(args.work, args.which), args.work / f"engine-{args.which}", precision=ENGINES[args.which][1],
+        args.work / "onnx" / graph, args.work / f"engine-{args.which}", precision=precision, float_layers=float_layers,
         batch=(1, 2, 2), size=64, tokens=77, optimization_level=args.opt_level, force=args.force,
     )
     print(f"build {args.which}: {result.engine_path} ({result.manifest.details.get('build_seconds')} s)")
@@ -171,10 +178,16 @@ def _gpu_facts() -> dict[str, Any]:
     props = torch.cuda.get_device_properties(0)
     driver = "?"
     try:
-        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout
+        driver = (out.strip().splitlines() or ["?"])[0]  # one line per GPU
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"gpu": props.name, "sm": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1), "driver": driver}
+    import os
+
+    return {
+        "gpu": props.name, "sm": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1), "driver": driver,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -236,7 +249,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for which in [s.removeprefix("trt-") for s in setups if s.startswith("trt-")]:
         engine_dir = args.work / f"engine-{which}"
         info = read_engine_manifest(engine_dir)
-        label = ENGINES[which][2]
+        label = ENGINES[which][3]
         report = api.inspect_engine(engine_dir, profile=args.profile, runs=10, out=args.out / f"inspect-{which}")
         summary = report.summary()
         d = info.manifest.details
@@ -265,15 +278,37 @@ def cmd_bench(args: argparse.Namespace) -> None:
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{(short or 'gpu').lower()}-sd15-unet"
+    stem = f"{(short or 'gpu').lower()}-sd15-unet" + (f".{args.tag}" if args.tag else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (args.out / f"{stem}.md").write_text(to_markdown(result))
     print(to_markdown(result))
 
 
+def cmd_merge(args: argparse.Namespace) -> None:
+    """One table from several `bench` runs of the same session (e.g. one per GPU of a machine).
+
+    Rows keep their order and record the GPU they ran on; runs on different GPU models or with
+    different methods are refused rather than mixed into one table."""
+    parts = [json.loads(Path(f).read_text()) for f in args.inputs]
+    first = parts[0]
+    for part, name in zip(parts, args.inputs):
+        if part["gpu"]["gpu"] != first["gpu"]["gpu"] or part["method"] != first["method"]:
+            raise SystemExit(f"{name}: another GPU or method than {args.inputs[0]}; not merging")
+    rows = []
+    for part in parts:
+        for row in part["rows"]:
+            rows.append({**row, "gpu_slot": part["gpu"].get("cuda_visible_devices", "all")})
+    merged = {**first, "rows": rows, "merged_from": [Path(f).name for f in args.inputs]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(merged, indent=1))
+    args.out.with_suffix(".md").write_text(to_markdown(merged))
+    print(to_markdown(merged))
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     fp16 = next((r for r in rows if r["setup"] == "TensorRT FP16"), None)
+    compiled = next((r for r in rows if r["setup"].startswith("torch.compile")), None)
     lines = [
         f"# SD 1.5 UNet on {result['gpu']['gpu']} ({result['date']})",
         "",
@@ -281,19 +316,34 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{result['method']}. GPU driver {result['gpu']['driver']}; " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()) + ".",
         f"One batch-2 call is {result['gmac_per_call_batch2']} GMAC: at dense peak it cannot go below {result['floor_ms_batch2']['fp16']} ms in FP16 or {result['floor_ms_batch2']['int8']} ms in INT8.",
         "",
-        "| setup | ms/call b1 | ms/call b2 | vs TRT FP16 (b2) | % of FP16 peak (b2) | 50-step e2e (s) | rel-L2 vs FP32 (b2) | INT8 MAC share | build (s) | plan / activations (MiB) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| setup | ms/call b1 | ms/call b2 | vs TRT FP16 (b2) | vs torch.compile (b2) | % of FP16 peak (b2) | 50-step e2e (s) | rel-L2 vs FP32 (b2) | INT8 MAC share | build (s) | plan / activations (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         b2 = r["batch2"]["median_ms"]
         vs = f"{fp16['batch2']['median_ms'] / b2:.2f}x" if fp16 else "-"
+        vs_compile = f"{compiled['batch2']['median_ms'] / b2:.2f}x" if compiled else "-"
         mem = f"{r['plan_mib']} / {r['activation_mib']}" if "plan_mib" in r else f"- / {r['batch2']['torch_peak_extra_mib']:.0f}"
         share = f"{r['int8_mac_share']:.1%}" if "int8_mac_share" in r else "-"
         build = r.get("build_s", r.get("compile_s", "-"))
         pct = 100 * result["floor_ms_batch2"]["fp16"] / b2
         lines.append(
-            f"| {r['setup']} | {r['batch1']['median_ms']:.2f} | {b2:.2f} | {vs} | {pct:.0f}% | {r['e2e_50_steps']['median_s']:.3f} | {r['batch2']['rel_l2_vs_fp32']:.4f} | {share} | {build} | {mem} |"
+            f"| {r['setup']} | {r['batch1']['median_ms']:.2f} | {b2:.2f} | {vs} | {vs_compile} | {pct:.0f}% | {r['e2e_50_steps']['median_s']:.3f} | {r['batch2']['rel_l2_vs_fp32']:.4f} | {share} | {build} | {mem} |"
         )
+    profiled = [r for r in rows if r.get("profile_ms_by_kind")]
+    if profiled:
+        kinds = ["fused block", "INT8", "FP16", "FP32", "standalone quantize", "reformat"]
+        kinds += sorted({k for r in profiled for k in r["profile_ms_by_kind"]} - set(kinds))
+        lines += [
+            "",
+            "Where the time goes (b2, per-layer profile via `qdiff inspect --profile`: the sum of layer medians, ms; profiling syncs after every layer, so sums exceed the call time):",
+            "",
+            "| engine | " + " | ".join(kinds) + " | sum |",
+            "| --- | " + " | ".join("---:" for _ in kinds) + " | ---: |",
+        ]
+        for r in profiled:
+            t = r["profile_ms_by_kind"]
+            lines.append(f"| {r['setup']} | " + " | ".join(f"{t[k]:.2f}" if k in t else "-" for k in kinds) + f" | {sum(t.values()):.2f} |")
     extra = [r for r in rows if "int8_convs" in r]
     if extra:
         lines += ["", "| engine | INT8 convolutions | fused blocks with FP32 I/O | reformat layers |", "| --- | ---: | ---: | ---: |"]
@@ -304,6 +354,9 @@ def to_markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("merge", help="merge several bench JSON files into one table")
+    m.add_argument("inputs", nargs="+")
+    m.add_argument("--out", type=Path, required=True, help="output stem (.json and .md are written)")
     for name in ("export", "quantize", "build", "bench"):
         s = sub.add_parser(name)
         s.add_argument("--work", type=Path, default=Path("/tmp/sd15"))
@@ -315,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--samples", type=int, default=2)
             s.add_argument("--calib-steps", type=int, default=16)
             s.add_argument("--reuse-table", action="store_true", help="use <work>/calib/calibration.json if it exists (same seeded model)")
-            s.add_argument("--placement", choices=["all", "conv", "both"], default="both", help="Q/DQ on all Conv/Linear inputs, on convolutions only, or both graphs")
+            s.add_argument("--placements", default="all,conv,conv-ff", help="comma-separated qdiff.calib.placement names, one Q/DQ graph each")
         if name == "build":
             s.add_argument("--which", choices=list(ENGINES), required=True)
             s.add_argument("--opt-level", type=int)
@@ -328,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--steps", type=int, default=50)
             s.add_argument("--e2e-runs", type=int, default=3)
             s.add_argument("--profile", action="store_true", help="also per-layer profile each engine (qdiff inspect --profile)")
+            s.add_argument("--tag", help="suffix of the output files (<gpu>-sd15-unet.<tag>.json), for runs merged later")
     args = p.parse_args(argv)
-    {"export": cmd_export, "quantize": cmd_quantize, "build": cmd_build, "bench": cmd_bench}[args.cmd](args)
+    {"export": cmd_export, "quantize": cmd_quantize, "build": cmd_build, "bench": cmd_bench, "merge": cmd_merge}[args.cmd](args)
     return 0
 
 

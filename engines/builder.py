@@ -28,6 +28,7 @@ from typing import Any
 
 from qdiff.engines.compat import Features, features, import_tensorrt, make_logger, parse_tactic_sources, tactic_source_mask
 from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, current_platform
+from qdiff.engines.precision import FLOAT_LAYER_PRECISIONS, pin_float_layers
 from qdiff.engines.profiles import Profile, ShapeRange, check_shapes, profile_to_json
 from qdiff.artifacts import Manifest, folder_lock, is_up_to_date, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic, write_manifest
 from qdiff.errors import EngineBuildError, OnnxModelError
@@ -46,7 +47,18 @@ class BuildSettings:
     tactic_sources: str | None = None  # comma-separated names; None: QDIFF_TRT_TACTIC_SOURCES or TensorRT's default
     strongly_typed: bool = False
     timing_cache: Path | None = None  # a cache file to load and merge into; None: no cache
+    float_layers: str | None = None  # "fp16": pin the float layers of a Q/DQ network (engines.precision)
     verbose: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked here, before TensorRT is imported, so a typo fails in a second, not after a parse.
+        if self.float_layers is not None:
+            if self.float_layers not in FLOAT_LAYER_PRECISIONS:
+                raise EngineBuildError(f"float layers in {self.float_layers!r} are not supported", hint=f"use one of {', '.join(FLOAT_LAYER_PRECISIONS)}, or leave them to TensorRT")
+            if self.strongly_typed:
+                raise EngineBuildError("a strongly typed network takes its precisions from the graph; --float-layers does not apply", hint="drop one of the two")
+        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
+            raise EngineBuildError(f"builder optimization level {self.optimization_level} is outside 0..5")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +68,7 @@ class BuildSettings:
             "optimization_level": self.optimization_level,
             "tactic_sources": list(parse_tactic_sources(self.tactic_sources) or []) or "default",
             "strongly_typed": self.strongly_typed,
+            "float_layers": self.float_layers,
         }
 
 
@@ -262,8 +275,6 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
         feats.require("int4", "build INT4 weight-only engines")
     if settings.strongly_typed:
         feats.require("strongly_typed", "build strongly typed networks")
-    if settings.optimization_level is not None and not 0 <= settings.optimization_level <= 5:
-        raise EngineBuildError(f"builder optimization level {settings.optimization_level} is outside 0..5")
     tactic_names = parse_tactic_sources(settings.tactic_sources)
     platform = current_platform()
     target = out_dir / ENGINE_FILE
@@ -301,6 +312,10 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
             config.set_flag(trt.BuilderFlag.FP16)
         if settings.precision in ("int8", "w4a8"):
             config.set_flag(trt.BuilderFlag.INT8)
+    pinned = None
+    if settings.float_layers == "fp16":
+        pinned = pin_float_layers(trt, network, config)
+        log("build: " + pinned.summary())
     if tactic_names is not None:
         config.set_tactic_sources(tactic_source_mask(trt, tactic_names))
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
@@ -323,7 +338,12 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
     seconds = time.perf_counter() - started
     if serialized is None:
         detail = "; ".join(logger.errors[-5:]) or "TensorRT gave no reason"
-        raise EngineBuildError(f"TensorRT failed to build {onnx_path.name} ({settings.precision}): {detail}", hint="rerun with --verbose for TensorRT's log")
+        hint = "rerun with --verbose for TensorRT's log"
+        if pinned is not None and "Could not find any implementation" in detail:
+            # Seen on the H200 with TensorRT 8.6 (cuBLAS/cuDNN tactics off): the GroupNorm+SiLU
+            # fused blocks have no FP16 kernel once pinned (docs/int8-engines.md).
+            hint = f"TensorRT {platform.tensorrt} has no FP16 kernel for a fused block under --float-layers fp16; build without --float-layers"
+        raise EngineBuildError(f"TensorRT failed to build {onnx_path.name} ({settings.precision}): {detail}", hint=hint)
     plan = bytes(serialized)
     if cache_path is not None:
         _save_timing_cache(config, cache, cache_path)
@@ -350,6 +370,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
             "unet_config": facts.unet_config,
             "trt_warnings": len(logger.warnings),
         }
+        if pinned is not None:
+            wanted.details["float_layers_pinned"] = {"pinned": pinned.pinned, "fp16_outputs": pinned.output_types_set, "left_to_tensorrt": dict(pinned.skipped)}
         wanted.versions = {**wanted.versions, "tensorrt": platform.tensorrt}
         write_manifest(target, wanted)
         try:

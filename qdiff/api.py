@@ -25,7 +25,7 @@ from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file,
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.conditioning import Conditioning, resolve_conditioning
-from qdiff.errors import ArtifactMismatchError, ExportError, OnnxModelError, SamplingError
+from qdiff.errors import ArtifactMismatchError, ExportError, OnnxModelError, RecipeError, SamplingError
 from qdiff.models import ModelBundle, load_model
 from qdiff.progress import log, progress
 
@@ -247,8 +247,13 @@ def _stats_intact(table_path: Path, stats_path: Path) -> bool:
 @dataclass
 class QuantizeResult:
     onnx_path: Path
-    report: Any
+    report: Any  # a QdqReport when the graph was just written; its JSON when it was up to date
     reused: bool = False
+
+    @property
+    def coverage(self) -> dict[str, Any]:
+        """The coverage report as JSON, however the graph came about."""
+        return self.report.to_json() if hasattr(self.report, "to_json") else dict(self.report or {})
 
 
 # Recipe fields that only decide where Q/DQ goes, so they may differ between calibration and
@@ -257,28 +262,41 @@ PLACEMENT_FIELDS = ("quantize_ops", "exclude")
 
 
 def quantize_onnx(
-    onnx_path: str | Path, table_path: str | Path, out: str | Path | None = None, *, force: bool = False, quantize_ops: tuple[str, ...] | None = None, exclude: tuple[str, ...] | None = None
+    onnx_path: str | Path,
+    table_path: str | Path,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    placement: str | None = None,
+    quantize_ops: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] | None = None,
 ) -> QuantizeResult:
     """Insert Q/DQ nodes into an exported graph from a calibration table.
 
-    `quantize_ops`/`exclude` narrow the placement the table was calibrated for (e.g. INT8 only
-    on convolutions, leaving attention to fused FP16 kernels); the output name then says so."""
+    `placement` (a name from `qdiff.calib.placement.PLACEMENTS`: all, conv, conv-ff) or
+    `quantize_ops`/`exclude` narrow the set of layers the table was calibrated for (e.g. INT8
+    only on convolutions, leaving attention to fused FP16 kernels); the output name says so."""
+    from qdiff.calib.placement import get_placement
     from qdiff.export.onnx_io import publish_onnx
     from qdiff.export.qdq import quantize_file
 
     onnx_path, table_path = Path(onnx_path), Path(table_path)
     table = CalibrationTable.load(table_path)
     recipe = Recipe.from_json(table.recipe)
-    placement = {k: tuple(v) for k, v in (("quantize_ops", quantize_ops), ("exclude", exclude)) if v is not None}
-    if placement:
-        extra_ops = set(placement.get("quantize_ops", ())) - set(recipe.quantize_ops)
+    if placement is not None:
+        if quantize_ops is not None or exclude is not None:
+            raise RecipeError("give a named placement or quantize_ops/exclude, not both", hint="a placement already sets both")
+        recipe = get_placement(placement).apply(recipe)
+    narrowing = {k: tuple(v) for k, v in (("quantize_ops", quantize_ops), ("exclude", exclude)) if v is not None}
+    if narrowing:
+        extra_ops = set(narrowing.get("quantize_ops", ())) - set(recipe.quantize_ops)
         if extra_ops:
             raise ArtifactMismatchError(
                 f"{table_path.name} was calibrated for {', '.join(recipe.quantize_ops)}; it has no ranges for {', '.join(sorted(extra_ops))}",
                 hint="recalibrate with those ops in the recipe, or quantize a subset",
             )
-        tag = "-".join(op.lower() for op in placement.get("quantize_ops", recipe.quantize_ops)) if "quantize_ops" in placement else "custom"
-        recipe = recipe.with_overrides(name=f"{recipe.name}-{tag}", **placement)
+        tag = "-".join(op.lower() for op in narrowing.get("quantize_ops", recipe.quantize_ops)) if "quantize_ops" in narrowing else "custom"
+        recipe = recipe.with_overrides(name=f"{recipe.name}-{tag}", **narrowing)
     export_manifest = read_manifest(onnx_path)
     if export_manifest is not None:
         exported_from = export_manifest.inputs.get("model_sha256")
@@ -371,6 +389,7 @@ def build_engine(
     tactic_sources: str | None = None,
     timing_cache: str | Path | None = None,
     strongly_typed: bool = False,
+    float_layers: str | None = None,
     force: bool = False,
     verbose: bool = False,
 ):
@@ -398,6 +417,7 @@ def build_engine(
         optimization_level=optimization_level,
         tactic_sources=tactic_sources,
         strongly_typed=strongly_typed,
+        float_layers=float_layers,
         timing_cache=None if timing_cache is None else Path(timing_cache),
         verbose=verbose,
     )

@@ -48,10 +48,11 @@ def _add_recipe(p: argparse.ArgumentParser, default: str = "w8a8") -> None:
     g.add_argument("--calib-batch", dest="batch_size", type=int, help="trajectories per batch during calibration")
     g.add_argument("--scheduler", help="scheduler of the calibration trajectory (default: the recipe's, ddim)")
     g.add_argument("--split-shortcut", action=argparse.BooleanOptionalAction, default=None, help="per-branch quantization of skip-concat convolutions (the presets: on)")
+    g.add_argument("--split-conv1", action=argparse.BooleanOptionalAction, default=None, help="also split the up-block resnets' conv1, which sees the concat after GroupNorm+SiLU (the presets: off)")
 
 
 def _recipe_overrides(args: argparse.Namespace) -> dict:
-    keys = ("activation_calibrator", "percentile", "num_timesteps", "samples_per_timestep", "calibration_steps", "batch_size", "split_shortcut")
+    keys = ("activation_calibrator", "percentile", "num_timesteps", "samples_per_timestep", "calibration_steps", "batch_size", "split_shortcut", "split_conv1")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int4-weight-only", action="store_true", help="INT4 block-quantized MatMul/Gemm weights, activations untouched (opset 21, TensorRT >= 10); no --calib; writes <onnx>.int4wo.onnx")
     p.add_argument("--block-size", type=int, help="with --int4-weight-only: weights per scale along the input channels (default: 128)")
     p.add_argument("-o", "--out", type=Path, help="output .onnx (default: <onnx>.<recipe>.onnx)")
+    p.add_argument("--placement", choices=["all", "conv", "conv-ff"], help="named Q/DQ placement (docs/int8-engines.md): all calibrated layers, convolutions only, or convolutions + feed-forward Linears")
     p.add_argument("--ops", help="quantize only these op types (subset of the table's, e.g. Conv,ConvTranspose)")
     p.add_argument("--exclude", action="append", metavar="PATTERN", help="keep matching modules in float (fnmatch; repeatable; replaces the recipe's list)")
     p.add_argument("--force", action="store_true")
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shape", action="append", default=[], metavar="NAME=MIN:OPT:MAX", help="explicit range for one input, e.g. sample=1x4x64x64:2x4x64x64:4x4x64x64")
     g = p.add_argument_group("builder")
     g.add_argument("--workspace-gib", type=float, help="workspace memory limit")
+    g.add_argument("--float-layers", choices=["fp16"], help="pin the float layers of a Q/DQ network to FP16 (TensorRT < 10 otherwise may run fused blocks next to INT8 layers in FP32)")
     g.add_argument("--opt-level", dest="optimization_level", type=int, help="builder optimization level 0-5 (TensorRT default 3; lower builds faster)")
     g.add_argument("--tactic-sources", help="comma-separated: cublas,cublas_lt,cudnn,edge_mask_convolutions,jit_convolutions (default: $QDIFF_TRT_TACTIC_SOURCES or TensorRT's)")
     g.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update across builds (default: none)")
@@ -174,7 +177,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(result.onnx_path)
     elif args.command == "quantize":
         ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else None
-        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force, quantize_ops=ops, exclude=tuple(args.exclude) if args.exclude else None)
+        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force, placement=args.placement, quantize_ops=ops, exclude=tuple(args.exclude) if args.exclude else None)
         print(result.onnx_path)
     elif args.command == "eval":
         from qdiff.evaluate import evaluate
@@ -198,6 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             tactic_sources=args.tactic_sources,
             timing_cache=args.timing_cache,
             strongly_typed=args.strongly_typed,
+            float_layers=args.float_layers,
             force=args.force,
             verbose=args.verbose,
         )
@@ -218,8 +222,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _check_quantize_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--calib is required for Q/DQ insertion only; INT4 weight-only takes its scales from the weights."""
     if args.int4_weight_only:
-        if args.calib is not None or args.ops:
-            parser.error("quantize --int4-weight-only takes no --calib or --ops (its scales come from the weights)")
+        if args.calib is not None or args.ops or args.placement:
+            parser.error("quantize --int4-weight-only takes no --calib, --ops or --placement (its scales come from the weights)")
+    elif args.placement and (args.ops or args.exclude):
+        parser.error("--placement sets the quantized ops and exclusions itself; give it or --ops/--exclude, not both")
     elif args.block_size is not None:
         parser.error("--block-size applies to --int4-weight-only only")
     elif args.calib is None:

@@ -204,3 +204,31 @@ def test_build_on_a_machine_without_tensorrt_says_so(uncond_graphs, tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 1 and "TensorRT is not importable here" in err and "hint:" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_build_settings_refuse_bad_float_layers_before_tensorrt_is_imported(uncond_graphs, tmp_path):
+    """A typo in --float-layers fails at once, on any machine, naming the choices."""
+    from qdiff import api
+    from qdiff.engines.builder import BuildSettings
+
+    fp32, _ = uncond_graphs
+    with pytest.raises(EngineBuildError, match="'bf16' are not supported") as info:
+        api.build_engine(fp32, tmp_path / "e", precision="int8", float_layers="bf16")
+    assert "fp16" in info.value.hint
+    with pytest.raises(EngineBuildError, match="strongly typed"):
+        BuildSettings(float_layers="fp16", strongly_typed=True)
+    with pytest.raises(EngineBuildError, match="outside 0..5"):
+        BuildSettings(optimization_level=7)
+    assert BuildSettings(float_layers="fp16").to_json()["float_layers"] == "fp16"
+    assert not (tmp_path / "e").exists()
+
+
+def test_cli_build_takes_float_layers_and_quantize_takes_placement():
+    from qdiff.cli import build_parser
+
+    args = build_parser().parse_args(["build", "g.onnx", "-o", "e", "--precision", "int8", "--float-layers", "fp16"])
+    assert args.float_layers == "fp16"
+    args = build_parser().parse_args(["quantize", "g.onnx", "--calib", "t.json", "--placement", "conv-ff"])
+    assert args.placement == "conv-ff"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["quantize", "g.onnx", "--calib", "t.json", "--placement", "attention"])

@@ -145,3 +145,66 @@ def test_w4_weights_take_at_most_16_levels(uncond_model_dir, tmp_path, fast_reci
     bundle = load_model(uncond_model_dir)
     results = compare_with_fake_quant(bundle, table.table, q.onnx_path, range(1, 4))
     assert sum(qdq.rel_l2 < 1e-5 for qdq, _ in results) >= 2
+
+
+def _quantized_modules(onnx_path) -> dict[str, str]:
+    """module -> op of every node fed by a DequantizeLinear, read from the graph itself."""
+    graph = gs.import_onnx(onnx.load(str(onnx_path)))
+    out = {}
+    for node in graph.nodes:
+        if node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") and node.inputs and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "DequantizeLinear":
+            out[node.name] = node.op
+    return out
+
+
+def test_named_placements_narrow_the_graph_and_keep_it_runnable(quantized_cond, tmp_path):
+    """`conv`: no quantized Linear at all; `conv-ff`: feed-forward Linears INT8, attention
+    projections float; both are real graphs that ONNX Runtime runs close to the full placement."""
+    bundle, fp32_onnx, _, full = quantized_cond
+    table_path = full.onnx_path.parent / "calibration.json"
+    conv = quantize_onnx(fp32_onnx, table_path, tmp_path, placement="conv")
+    conv_ff = quantize_onnx(fp32_onnx, table_path, tmp_path, placement="conv-ff")
+    assert conv.onnx_path.name == "denoiser.w8a8-conv.onnx" and conv_ff.onnx_path.name == "denoiser.w8a8-conv-ff.onnx"
+
+    q_all, q_conv, q_ff = (_quantized_modules(r.onnx_path) for r in (full, conv, conv_ff))
+    assert set(q_conv.values()) == {"Conv"} and set(q_conv) < set(q_all)
+    assert {n for n, op in q_all.items() if op == "Conv"} == set(q_conv)  # no convolution lost
+    linears = {n for n, op in q_ff.items() if op != "Conv"}
+    assert linears and all("/ff/" in n or "time_emb" in n or "time_embedding" in n for n in linears), sorted(linears)
+    assert any("/ff/" in n for n in linears)
+    assert not any("/attn1/" in n or "/attn2/" in n for n in q_ff)
+    assert any("/attn1/" in n for n in q_all)  # the full placement does quantize them
+
+    floats = {f["module"]: f["reason"] for f in conv_ff.report.to_json()["float_layers"]}
+    assert any(m.endswith("attn1.to_q") and "*.to_q" in r for m, r in floats.items()), floats
+
+    inputs = example_inputs(bundle.unet, batch=2, seed=4)
+    args = [inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]]
+    reference = OnnxRuntimeDenoiser(fp32_onnx)(*args)
+    for result in (conv, conv_ff):
+        err = error_stats(OnnxRuntimeDenoiser(result.onnx_path)(*args), reference)
+        assert 0 < err.rel_l2 < 0.2, (result.onnx_path.name, str(err))
+
+
+def test_placement_and_explicit_ops_are_exclusive(quantized_cond, tmp_path):
+    _, fp32_onnx, _, full = quantized_cond
+    from qdiff.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="not both"):
+        quantize_onnx(fp32_onnx, full.onnx_path.parent / "calibration.json", tmp_path, placement="conv", quantize_ops=("Conv",))
+    with pytest.raises(RecipeError, match="unknown placement 'attention'") as info:
+        quantize_onnx(fp32_onnx, full.onnx_path.parent / "calibration.json", tmp_path, placement="attention")
+    assert "conv-ff" in info.value.hint
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_conv_ff_keeps_unet2d_attention_projections_float(quantized_uncond, tmp_path):
+    """UNet2DModel's attention has no transformer block: its to_q/k/v/out sit directly under
+    `attentions.N`; the placement must find them there too."""
+    _, fp32_onnx, _, full = quantized_uncond
+    q = quantize_onnx(fp32_onnx, full.onnx_path.parent / "calibration.json", tmp_path, placement="conv-ff")
+    floats = {f["module"] for f in q.report.to_json()["float_layers"]}
+    projections = {m for m in floats if m.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or m.endswith("to_out.0")}
+    assert len(projections) >= 4, floats
+    assert any("/to_q/" in n for n in _quantized_modules(full.onnx_path))
+    assert not any("/to_q/" in n or "/to_out" in n for n in _quantized_modules(q.onnx_path))
