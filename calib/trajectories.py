@@ -176,3 +176,22 @@ def count_calibration_calls(recipe: Recipe) -> int:
     """How many kept denoiser calls `iter_calibration_inputs` yields (one per batch and step)."""
     steps = calibration_step_indices(recipe.calibration_steps, recipe.num_timesteps, recipe.timestep_window)
     return len(trajectory_batches(recipe)) * len(steps)
+
+
+def model_calibration_inputs(
+    bundle: Any, recipe: Recipe, denoiser: Callable[..., torch.Tensor], *, conditioning: Conditioning | None, progress: Callable | None = None
+) -> Iterator[CalibrationInput]:
+    """`iter_calibration_inputs` for a loaded model: its own scheduler and sample shape, qdiff's
+    sampling loop. The peers calibrate on exactly these calls, driven by `denoiser`."""
+    from qdiff.runtime.sampler import denoise
+    from qdiff.runtime.schedulers import make_scheduler
+
+    return iter_calibration_inputs(
+        denoiser,
+        make_scheduler(recipe.scheduler, bundle.scheduler_config),
+        recipe,
+        denoise,
+        sample_shape=(bundle.in_channels, bundle.sample_size, bundle.sample_size),
+        conditioning=conditioning,
+        progress=progress,
+    )

@@ -8,12 +8,8 @@ failure or a kill leaves the previous artifact intact.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,44 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, write_manifest
+from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, staging_dir, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
-from qdiff.conditioning import Conditioning, resolve_conditioning
+from qdiff.conditioning import Conditioning, conditioning_key, resolve_conditioning
 from qdiff.errors import ArtifactMismatchError, ExportError, OnnxModelError, RecipeError, SamplingError
-from qdiff.models import ModelBundle, load_model
+from qdiff.models import ModelBundle, as_bundle, unet_config_of
 from qdiff.progress import log, progress
 
 ONNX_NAME = "denoiser.onnx"
 TABLE_NAME = "calibration.json"
 
 ModelLike = str | Path | ModelBundle | None
-
-
-def _bundle(model: ModelLike, components: bool = True) -> ModelBundle:
-    return model if isinstance(model, ModelBundle) else load_model(model, components=components)
-
-
-STAGING_PREFIX = ".qdiff-staging-"
-
-
-@contextlib.contextmanager
-def _staging(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder inside `out_dir` (same file system, so publishing is a rename).
-
-    Named with the writer's pid; folders of writers that were killed are removed here.
-    """
-    import shutil
-
-    from qdiff.artifacts import pid_alive
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"{STAGING_PREFIX}*"):
-        pid = stale.name[len(STAGING_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir) as tmp:
-        yield Path(tmp)
 
 
 # ----------------------------------------------------------------------------- export
@@ -105,31 +75,25 @@ def export_model(model: ModelLike, out: str | Path, *, opset: int = 17, external
     from qdiff.export.onnx_export import export_unet
     from qdiff.export.onnx_io import publish_onnx
 
-    bundle = _bundle(model, components=False)
+    bundle = as_bundle(model, components=False)
     target = _onnx_target(out)
     wanted = Manifest(kind="onnx-export", inputs={"model_sha256": bundle.model_sha256}, settings={"opset": opset, "unet_class": bundle.unet_class})
     if not force and is_up_to_date(target, wanted):
         log(f"export: {target} is up to date (same model and settings); skipping")
         return ExportResult(target, read_manifest(target).details.get("validation", []), reused=True)
     started = time.perf_counter()
-    with _staging(target.parent) as stage:
+    with staging_dir(target.parent) as stage:
         staged = stage / target.name
         log(f"export: tracing {bundle.unet_class} from {bundle.path} ...")
         export_unet(bundle.unet, staged, opset=opset, external_data=external_data)
         validation = validate_export(bundle.unet, staged) if check else []
         publish_onnx(staged, target)
     wanted.outputs = {"sha256": sha256_file(target)}
-    wanted.details = {"validation": validation, "seconds": round(time.perf_counter() - started, 2), "model_path": str(bundle.path), "unet_config": _unet_config(bundle)}
+    wanted.details = {"validation": validation, "seconds": round(time.perf_counter() - started, 2), "model_path": str(bundle.path), "unet_config": unet_config_of(bundle)}
     write_manifest(target, wanted)
     for v in validation:
         log(f"export: batch {v['batch']}: max|d|={v['max_abs']:.2e} relL2={v['rel_l2']:.2e} vs PyTorch")
     return ExportResult(target, validation)
-
-
-def _unet_config(bundle: ModelBundle) -> dict[str, Any]:
-    """The UNet's diffusers config, kept with the graph so an engine built from it can stand in
-    for the UNet inside a diffusers pipeline (which reads `unet.config`)."""
-    return json.loads(json.dumps(dict(bundle.unet.config), default=str))
 
 
 # ----------------------------------------------------------------------------- calibrate
@@ -142,18 +106,6 @@ class CalibrateResult:
     reused: bool = False
     # Per-timestep ranges and branch histograms beside the table (calib.timestep_stats).
     stats_path: Path | None = None
-
-
-def _conditioning_key(cond: Conditioning | None) -> str:
-    if cond is None:
-        return "none"
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key in sorted(cond.cond):
-        digest.update(cond.cond[key].numpy().tobytes())
-        digest.update(cond.uncond[key].numpy().tobytes())
-    return f"{cond.source}:{digest.hexdigest()[:16]}"
 
 
 def calibrate(
@@ -186,7 +138,7 @@ def calibrate(
     from qdiff.runtime.schedulers import make_scheduler
 
     recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)  # fail fast, before loading
-    bundle = _bundle(model)
+    bundle = as_bundle(model)
     out = Path(out)
     target = out if out.suffix == ".json" else out / TABLE_NAME
     conditioning = resolve_conditioning(
@@ -194,7 +146,7 @@ def calibrate(
     )
     wanted = Manifest(
         kind="calibration-table",
-        inputs={"model_sha256": bundle.model_sha256, "conditioning": _conditioning_key(conditioning)},
+        inputs={"model_sha256": bundle.model_sha256, "conditioning": conditioning_key(conditioning)},
         settings={"recipe": recipe.to_json()},
     )
     stats_path = stats_path_for(target)
@@ -316,7 +268,7 @@ def quantize_onnx(
     if not force and is_up_to_date(target, wanted):
         log(f"quantize: {target} is up to date; skipping")
         return QuantizeResult(target, read_manifest(target).details.get("coverage"), reused=True)
-    with _staging(target.parent) as stage:
+    with staging_dir(target.parent) as stage:
         staged = stage / target.name
         report = quantize_file(onnx_path, table, staged, recipe)
         publish_onnx(staged, target)
@@ -359,7 +311,7 @@ def quantize_int4_weight_only(
     size = (unet_config or {}).get("sample_size")
     size = size[0] if isinstance(size, (list, tuple)) else size
     dims = {"height": int(size), "width": int(size)} if isinstance(size, int) else None  # MACs at the model's own size
-    with _staging(target.parent) as stage:
+    with staging_dir(target.parent) as stage:
         staged = stage / target.name
         report = quantize_file(onnx_path, staged, config, dims=dims)
         publish_onnx(staged, target)
@@ -429,9 +381,9 @@ def inspect_engine(engine: str | Path, *, onnx: str | Path | None = None, profil
 
     Reads the inspector JSON saved at build time, so it runs without a GPU unless asked to
     profile (or the engine folder lacks that file)."""
+    from qdiff.artifacts import write_json_atomic, write_text_atomic
     from qdiff.engines.inspector import inspect, to_markdown
     from qdiff.engines.manifest import read_engine_manifest
-    from qdiff.artifacts import write_json_atomic, write_text_atomic
 
     info = read_engine_manifest(engine)
     onnx = Path(onnx) if onnx is not None else Path(info.manifest.details.get("onnx_path", ""))
@@ -558,7 +510,7 @@ def sample(
 
     from qdiff.report import image_grid, save_png
 
-    bundle = _bundle(model)
+    bundle = as_bundle(model)
     conditioning = resolve_conditioning(bundle, num_images, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random=random_conditioning, seed=seed)
     denoiser = make_denoiser(bundle, backend, onnx, engine=engine)
     if bundle.vae is not None and hasattr(denoiser, "device"):
@@ -629,7 +581,7 @@ def run(
     out_dir = Path(out_dir)
     overrides = {**RUN_CALIBRATION, **recipe_overrides}
     load_recipe(recipe, **overrides)  # fail fast on a bad recipe, before loading the model
-    bundle = _bundle(model)
+    bundle = as_bundle(model)
     exported = export_model(bundle, out_dir, force=force)
     calibrated = calibrate(bundle, out_dir, recipe, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning, force=force, **overrides)
     quantized = quantize_onnx(exported.onnx_path, calibrated.table_path, force=force)

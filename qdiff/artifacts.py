@@ -285,3 +285,23 @@ def is_up_to_date(artifact: str | os.PathLike[str], wanted: Manifest) -> bool:
         return False
     recorded = have.outputs.get("sha256")
     return recorded is None or recorded == sha256_file(artifact)
+
+
+STAGING_PREFIX = ".qdiff-staging-"
+
+
+@contextlib.contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder inside `out_dir` (same file system, so publishing is a rename).
+
+    Named with the writer's pid; folders of writers that were killed are removed here.
+    """
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{STAGING_PREFIX}*"):
+        pid = stale.name[len(STAGING_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir) as tmp:
+        yield Path(tmp)

@@ -191,3 +191,17 @@ def resolve_conditioning(
 
 def _repeat_list(items: list, n: int) -> list:
     return [items[i % len(items)] for i in range(n)]
+
+
+def conditioning_key(cond: Conditioning | None) -> str:
+    """A short fingerprint of the conditioning tensors, for manifests: artifacts calibrated on
+    other prompts or embeddings are never silently reused."""
+    if cond is None:
+        return "none"
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(cond.cond):
+        digest.update(cond.cond[key].numpy().tobytes())
+        digest.update(cond.uncond[key].numpy().tobytes())
+    return f"{cond.source}:{digest.hexdigest()[:16]}"

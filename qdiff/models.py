@@ -285,3 +285,14 @@ def materialize_random_model(config_path: Path, out_dir: Path, seed: int = 0) ->
 
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def as_bundle(model: str | Path | ModelBundle | None, components: bool = True) -> ModelBundle:
+    """A loaded model as is, or a folder (None: the built-in default) loaded."""
+    return model if isinstance(model, ModelBundle) else load_model(model, components=components)
+
+
+def unet_config_of(bundle: ModelBundle) -> dict[str, Any]:
+    """The UNet's diffusers config, JSON-ready: kept with a graph so an engine built from it can
+    stand in for the UNet inside a diffusers pipeline (which reads `unet.config`)."""
+    return json.loads(json.dumps(dict(bundle.unet.config), default=str))

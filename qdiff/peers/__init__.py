@@ -6,7 +6,7 @@ calibrators, and writes a Q/DQ graph that qdiff's backends and reports run uncha
 quantizer differs, so a gap in quality is the quantizer's.
 """
 
-from qdiff.peers.onnxruntime_static import ORT_METHODS, PeerResult, quantize_with_onnxruntime
 from qdiff.peers.modelopt_int8 import ModelOptInt8Settings, quantize_with_modelopt  # imports modelopt only when called
+from qdiff.peers.onnxruntime_static import ORT_METHODS, PeerResult, quantize_with_onnxruntime
 
 __all__ = ["ORT_METHODS", "ModelOptInt8Settings", "PeerResult", "quantize_with_modelopt", "quantize_with_onnxruntime"]

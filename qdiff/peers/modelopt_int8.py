@@ -531,20 +531,10 @@ def calibration_calls(bundle, recipe: Recipe, conditioning, device: str | torch.
 
     A driver that quantizes several ModelOpt variants of one model lists these once and passes
     them as `calibration_inputs`."""
-    from qdiff.calib.trajectories import iter_calibration_inputs
-    from qdiff.runtime.sampler import denoise
-    from qdiff.runtime.schedulers import make_scheduler
+    from qdiff.calib.trajectories import model_calibration_inputs
 
     dev = torch.device(device)
-    return iter_calibration_inputs(
-        _OnDevice(bundle.unet.to(dev).eval(), dev),
-        make_scheduler(recipe.scheduler, bundle.scheduler_config),
-        recipe,
-        denoise,
-        sample_shape=(bundle.in_channels, bundle.sample_size, bundle.sample_size),
-        conditioning=conditioning,
-        progress=progress,
-    )
+    return model_calibration_inputs(bundle, recipe, _OnDevice(bundle.unet.to(dev).eval(), dev), conditioning=conditioning, progress=progress)
 
 
 # ----------------------------------------------------------------------------- the peer
@@ -580,11 +570,12 @@ def quantize_with_modelopt(
     that quantizes several variants compute the calls once (`calibration_calls`); they are
     checked against the recipe's steps.
     """
-    from qdiff.api import _bundle, _conditioning_key, _staging, _unet_config
+    from qdiff.artifacts import staging_dir
     from qdiff.calib.trajectories import calibration_step_indices, count_calibration_calls
-    from qdiff.conditioning import resolve_conditioning
+    from qdiff.conditioning import conditioning_key, resolve_conditioning
     from qdiff.export.onnx_export import export_unet
     from qdiff.export.onnx_io import load_onnx, publish_onnx, save_onnx
+    from qdiff.models import as_bundle, unet_config_of
 
     # Fail fast, before loading anything.
     recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)
@@ -599,7 +590,7 @@ def quantize_with_modelopt(
     if target.suffix != ".onnx":
         target = target / ONNX_NAME
     modelopt, mtq = _import_modelopt()
-    bundle = _bundle(model)
+    bundle = as_bundle(model)
 
     export_manifest = None
     if fp32_onnx is not None:
@@ -616,7 +607,7 @@ def quantize_with_modelopt(
     recipe_json = recipe.to_json()
     wanted = Manifest(
         kind="qdq-onnx",
-        inputs={"model_sha256": bundle.model_sha256, "conditioning": _conditioning_key(conditioning), "quantizer": "nvidia-modelopt"},
+        inputs={"model_sha256": bundle.model_sha256, "conditioning": conditioning_key(conditioning), "quantizer": "nvidia-modelopt"},
         settings={
             "calibration": {k: recipe_json[k] for k in CALIBRATION_FIELDS},
             "modelopt": settings.to_json(),
@@ -686,7 +677,7 @@ def quantize_with_modelopt(
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    with _staging(target.parent) as stage:
+    with staging_dir(target.parent) as stage:
         raw = stage / "raw.onnx"
         try:
             with _quiet():
@@ -726,7 +717,7 @@ def quantize_with_modelopt(
         "calibration": calibration,
         "weight_bits": 8,
         "activation_bits": 8,
-        "unet_config": unet_config if unet_config is not None else _unet_config(bundle),
+        "unet_config": unet_config if unet_config is not None else unet_config_of(bundle),
         "smoothed_linear_layers": amax["smoothed"],
         "constants_moved_to_initializers": moved,
         "pulp": "stand-in (not installed; see _pulp_stand_in)" if getattr(sys.modules.get("pulp"), "__qdiff_stand_in__", False) else "installed",
@@ -763,7 +754,6 @@ def _check_symmetric(path: Path) -> None:
     import numpy as np
     import onnx
     from onnx import numpy_helper
-
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     model = onnx.load(str(path), load_external_data=False)

@@ -50,7 +50,7 @@ import onnx
 
 from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
-from qdiff.calib.trajectories import CalibrationInput, calibration_step_indices, count_calibration_calls, iter_calibration_inputs
+from qdiff.calib.trajectories import CalibrationInput, calibration_step_indices, count_calibration_calls, model_calibration_inputs
 from qdiff.errors import ArtifactMismatchError, OnnxModelError, QuantizationError
 from qdiff.export.qdq import LayerDecision, QdqReport
 from qdiff.progress import log, progress
@@ -294,18 +294,17 @@ def quantize_with_onnxruntime(
     quantize attention's activation x activation MatMuls, as its QDQ defaults do (off: qdiff
     keeps them in float).
     """
-    from qdiff.api import _bundle, _conditioning_key, _staging
-    from qdiff.conditioning import resolve_conditioning
+    from qdiff.artifacts import staging_dir
+    from qdiff.conditioning import conditioning_key, resolve_conditioning
     from qdiff.export.onnx_io import load_onnx, publish_onnx
+    from qdiff.models import as_bundle
     from qdiff.runtime.backends import TorchDenoiser
-    from qdiff.runtime.sampler import denoise
-    from qdiff.runtime.schedulers import make_scheduler
 
     recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)
     settings = ort_settings(recipe, method)  # fail fast, before loading anything
     fp32_onnx = Path(fp32_onnx)
     load_onnx(fp32_onnx, load_weights=False, check=False)  # exists, parses, opset, safe data paths
-    bundle = _bundle(model)
+    bundle = as_bundle(model)
     exported = read_manifest(fp32_onnx)
     exported_from = exported.inputs.get("model_sha256") if exported else None
     if exported_from and exported_from != bundle.model_sha256:
@@ -324,7 +323,7 @@ def quantize_with_onnxruntime(
     recipe_json = recipe.to_json()
     wanted = Manifest(
         kind="ort-static-qdq",
-        inputs={"onnx_sha256": sha256_file(fp32_onnx), "model_sha256": bundle.model_sha256, "conditioning": _conditioning_key(conditioning)},
+        inputs={"onnx_sha256": sha256_file(fp32_onnx), "model_sha256": bundle.model_sha256, "conditioning": conditioning_key(conditioning)},
         settings={
             "calibration": {k: recipe_json[k] for k in RECIPE_FIELDS},
             "ort": settings,
@@ -345,21 +344,13 @@ def quantize_with_onnxruntime(
         f"peer: ONNX Runtime quantize_static ({settings['calibrate_method']}) on {fp32_onnx.name}, calibrated with "
         f"{recipe.samples_per_timestep} trajectories x {len(steps)} timesteps of a {recipe.calibration_steps}-step {recipe.scheduler} loop"
     )
-    with _staging(target.parent) as stage:
+    with staging_dir(target.parent) as stage:
         source = fp32_onnx
         if preprocess:
             source = stage / f"{fp32_onnx.stem}.pre.onnx"
             preprocess_graph(fp32_onnx, source, external)
         nodes_to_exclude = excluded_nodes(source, recipe, activation_matmuls=activation_matmuls)
-        calls = iter_calibration_inputs(
-            TorchDenoiser(bundle.unet),
-            make_scheduler(recipe.scheduler, bundle.scheduler_config),
-            recipe,
-            denoise,
-            sample_shape=(bundle.in_channels, bundle.sample_size, bundle.sample_size),
-            conditioning=conditioning,
-            progress=progress,
-        )
+        calls = model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress)
         input_names = [i.name for i in onnx.load(str(source), load_external_data=False).graph.input]
         reader = CalibrationFeeds(calls, count_calibration_calls(recipe), input_names, fp32_onnx)
         staged = stage / target.name
