@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -182,8 +183,6 @@ def _gpu_facts() -> dict[str, Any]:
         driver = (out.strip().splitlines() or ["?"])[0]  # one line per GPU
     except (OSError, subprocess.SubprocessError):
         pass
-    import os
-
     return {
         "gpu": props.name, "sm": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1), "driver": driver,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "all"),

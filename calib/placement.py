@@ -61,7 +61,7 @@ PLACEMENTS: dict[str, Placement] = {
     p.name: p
     for p in (
         Placement("all", None, (), "every Conv/ConvTranspose/Gemm/MatMul with a weight (the recipe's own set)"),
-        Placement("conv", CONV_OPS, (), "convolutions only; transformer blocks float for TensorRT's fused attention"),
+        Placement("conv", CONV_OPS, (), "convolutions only; transformer blocks float"),
         Placement("conv-ff", CONV_OPS + LINEAR_OPS, ATTENTION_PATTERNS, "convolutions and feed-forward Linears; attention projections float"),
     )
 }

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdiff.engines.compat import Features, features, import_tensorrt, make_logger, parse_tactic_sources, tactic_source_mask
+from qdiff.engines.compat import Features, features, import_tensorrt, make_logger, parse_tactic_sources, tactic_source_mask, version_tuple
 from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, current_platform
 from qdiff.engines.precision import FLOAT_LAYER_PRECISIONS, pin_float_layers
 from qdiff.engines.profiles import Profile, ShapeRange, check_shapes, profile_to_json
@@ -379,7 +379,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
         except Exception as exc:  # noqa: BLE001  (a report must not cost the engine)
             log(f"build: the engine inspector failed ({type(exc).__name__}: {exc}); `qdiff inspect` will retry on a GPU")
     log(f"build: {settings.precision} engine in {seconds:.0f} s, {len(plan) / 2**20:.0f} MiB plan, {engine.device_memory_size / 2**20:.0f} MiB activations -> {target}")
-    if settings.precision in ("int8", "w4a8") and platform.tensorrt.split(".")[0].isdigit() and int(platform.tensorrt.split(".")[0]) < 10:
+    if settings.precision in ("int8", "w4a8") and version_tuple(platform.tensorrt)[:1] < (10,):
         # Measured, not assumed: on TensorRT 8.6 every INT8 SD 1.5 engine was slower than FP16.
         log("build: note: with TensorRT < 10, INT8 UNet engines with attention ran slower than FP16 on the H200 (docs/int8-engines.md); time both with `qdiff inspect --profile` before deploying")
     return BuildResult(target, wanted)

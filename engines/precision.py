@@ -45,16 +45,14 @@ def _layer_types(trt: Any, *names: str) -> set[Any]:
 
 def pin_float_layers(trt: Any, network: Any, config: Any) -> PinReport:
     """Prefer FP16 for the float layers of `network` (see the module docstring)."""
-    qdq = _layer_types(trt, "QUANTIZE", "DEQUANTIZE")
+    quantize, dequantize = _layer_types(trt, "QUANTIZE"), _layer_types(trt, "DEQUANTIZE")
+    qdq = quantize | dequantize
     # A Cast layer's output type is its target type: a constraint on it is an error (8.6 asserts).
     structural = _layer_types(trt, "CAST", "CONSTANT", "SHAPE", "ASSERTION", "CONDITION", "CONDITIONAL_INPUT", "CONDITIONAL_OUTPUT", "ITERATOR", "LOOP_OUTPUT", "RECURRENCE", "TRIP_LIMIT")
     floats = {trt.float32, trt.float16}
     layers = [network.get_layer(i) for i in range(network.num_layers)]
-    dq_outputs = {layer.get_output(0).name for layer in layers if layer.type in _layer_types(trt, "DEQUANTIZE")}
-    feeds_quantize: set[str] = set()
-    for layer in layers:
-        if layer.type in _layer_types(trt, "QUANTIZE"):
-            feeds_quantize.add(layer.get_input(0).name)
+    dq_outputs = {layer.get_output(0).name for layer in layers if layer.type in dequantize}
+    feeds_quantize = {layer.get_input(0).name for layer in layers if layer.type in quantize}
     network_outputs = {network.get_output(i).name for i in range(network.num_outputs)}
 
     report = PinReport()
