@@ -88,6 +88,7 @@ class GraphFacts:
     opset: int
     weight_bits: int | None  # from the Q/DQ graph's manifest, when it has one
     unet_config: dict[str, Any] | None
+    float16_inputs: bool = False  # any FP16 graph input (an FP16 export)
 
 
 def graph_facts(onnx_path: Path) -> GraphFacts:
@@ -108,7 +109,19 @@ def graph_facts(onnx_path: Path) -> GraphFacts:
     manifest = read_manifest(onnx_path)
     details = manifest.details if manifest is not None else {}
     bits = details.get("weight_bits")
-    return GraphFacts(qdq, int4, opset, int(bits) if isinstance(bits, int) else None, details.get("unet_config"))
+    fp16_in = any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input)
+    return GraphFacts(qdq, int4, opset, int(bits) if isinstance(bits, int) else None, details.get("unet_config"), fp16_in)
+
+
+def check_strongly_typed(facts: GraphFacts, onnx_path: Path) -> None:
+    """A strongly typed network runs each layer in the graph's own type (the FP16 flag does not
+    apply), so from an FP32 graph it would build an FP32 engine: slower than the weakly typed
+    FP16 build, never what `--strongly-typed` is for."""
+    if not facts.float16_inputs:
+        raise EngineBuildError(
+            f"{onnx_path.name} is an FP32 graph: a strongly typed network runs every float layer in the graph's own types, so this engine would be FP32",
+            hint="build it without --strongly-typed (its float parts then run in FP16), or give an FP16 graph",
+        )
 
 
 def check_precision(precision: str, facts: GraphFacts, onnx_path: Path) -> str:
@@ -274,6 +287,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
     if settings.precision == "int4-weight-only":
         feats.require("int4", "build INT4 weight-only engines")
     if settings.strongly_typed:
+        check_strongly_typed(facts, onnx_path)
         feats.require("strongly_typed", "build strongly typed networks")
     tactic_names = parse_tactic_sources(settings.tactic_sources)
     platform = current_platform()

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--opt-level", dest="optimization_level", type=int, help="builder optimization level 0-5 (TensorRT default 3; lower builds faster)")
     g.add_argument("--tactic-sources", help="comma-separated: cublas,cublas_lt,cudnn,edge_mask_convolutions,jit_convolutions (default: $QDIFF_TRT_TACTIC_SOURCES or TensorRT's)")
     g.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update across builds (default: none)")
-    g.add_argument("--strongly-typed", action="store_true", help="strongly typed network (TensorRT >= 10)")
+    g.add_argument("--strongly-typed", action="store_true", help="strongly typed network (TensorRT >= 10): layers run in the graph's own types, so it needs an FP16 graph")
     p.add_argument("--force", action="store_true", help="rebuild even if the engine is up to date")
 
     p = sub.add_parser("inspect", help="per-layer precision of an engine: INT8 coverage by MACs, fallbacks, reformats")

@@ -232,3 +232,25 @@ def test_cli_build_takes_float_layers_and_quantize_takes_placement():
     assert args.placement == "conv-ff"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["quantize", "g.onnx", "--calib", "t.json", "--placement", "attention"])
+
+
+def test_strongly_typed_needs_an_fp16_graph(uncond_graphs, tmp_path):
+    """--strongly-typed takes the graph's types: from qdiff's FP32 graphs it would build an FP32
+    engine, so it is refused with the build that does what the user wants."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from qdiff.engines.builder import check_strongly_typed
+
+    fp32, qdq = uncond_graphs
+    for path in (fp32, qdq):
+        with pytest.raises(EngineBuildError, match="FP32 graph") as info:
+            check_strongly_typed(graph_facts(path), path)
+        assert "without --strongly-typed" in info.value.hint
+    x = helper.make_tensor_value_info("sample", TensorProto.FLOAT16, [1, 4])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT16, [1, 4])
+    half = tmp_path / "half.onnx"
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["sample"], ["out"])], "g", [x], [y])), str(half))
+    facts = graph_facts(half)
+    assert facts.float16_inputs
+    check_strongly_typed(facts, half)  # an FP16 graph passes
