@@ -1,0 +1,54 @@
+"""The committed H200 benchmark results: complete, self-consistent, and rendered by the script's
+own code (so the Markdown in the repo is what the JSON says), and `merge` refuses to mix GPUs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.sd15_unet import ENGINES, main, to_markdown
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+@pytest.fixture(scope="module")
+def result():
+    return json.loads((RESULTS / "h200-sd15-unet.json").read_text())
+
+
+def test_every_setup_of_the_issue_is_measured_with_its_facts(result):
+    setups = [r["setup"] for r in result["rows"]]
+    labels = {label for *_, label in ENGINES.values()}
+    assert setups[:2] == ["PyTorch FP16 eager", "torch.compile FP16 (default mode)"]
+    assert "TensorRT FP16" in setups and any(s.startswith("ModelOpt INT8") for s in setups)
+    assert sum(s.startswith("qdiff W8A8") for s in setups) >= 3
+    for row in result["rows"]:
+        for b in ("batch1", "batch2"):
+            assert row[b]["p10_ms"] <= row[b]["median_ms"] <= row[b]["p90_ms"] and row[b]["calls"] >= 30
+        assert row["e2e_50_steps"]["steps"] == 50
+        if row["setup"] in labels:  # a TensorRT engine: coverage, build time, memory and profile
+            assert row["build_s"] > 0 and row["plan_mib"] > 0 and row["activation_mib"] > 0
+            assert sum(row["profile_ms_by_kind"].values()) > row["batch2"]["median_ms"] * 0.9
+    assert result["gpu"]["driver"].count("\n") == 0 and "H200" in result["gpu"]["gpu"]
+    assert result["floor_ms_batch2"]["int8"] == pytest.approx(result["floor_ms_batch2"]["fp16"] / 2, rel=1e-2)
+
+
+def test_committed_markdown_is_the_rendering_of_the_json(result):
+    rendered = [line for line in to_markdown(result).splitlines() if line.startswith("|")]
+    committed = [line for line in (RESULTS / "h200-sd15-unet.md").read_text().splitlines() if line.startswith("|")]
+    assert rendered == committed
+
+
+def test_merge_refuses_runs_from_another_gpu(result, tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(result))
+    other = {**result, "gpu": {**result["gpu"], "gpu": "NVIDIA H100"}}
+    b.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="another GPU"):
+        main(["merge", str(a), str(b), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m.json").exists()
+    main(["merge", str(a), str(a), "--out", str(tmp_path / "m")])
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert len(merged["rows"]) == 2 * len(result["rows"]) and all("gpu_slot" in r for r in merged["rows"])
