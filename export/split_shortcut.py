@@ -66,21 +66,10 @@ def split_concat_conv(graph: gs.Graph, node: gs.Node, split_channels: int, modul
         raise QuantizationError(f"{where}: its input {x.name} is not produced by a Concat", hint="recalibrate with split_shortcut=false, or export the model again")
     if producer.attrs.get("axis") not in (1, -3) or len(producer.inputs) != 2:
         raise QuantizationError(f"{where}: Concat {producer.name} must join exactly 2 tensors on axis 1 (has {len(producer.inputs)} on axis {producer.attrs.get('axis')})")
-    if node.attrs.get("group", 1) != 1:
-        raise QuantizationError(f"{where}: grouped convolutions cannot be split")
-    weight = node.inputs[1]
-    if not isinstance(weight, gs.Constant):
-        raise QuantizationError(f"{where}: weight {weight.name} is not a constant")
-    w = weight.values
-    total = w.shape[1]
-    if not 0 < split_channels < total:
-        raise QuantizationError(f"{where}: split_channels={split_channels} is outside (0, {total})", hint="the table was made for a different model; recalibrate")
+    total = _splittable_input_channels(node, split_channels, where)
     a, b = producer.inputs
-    counts = counts or {}
     for tensor, expected in ((a, split_channels), (b, total - split_channels)):
-        known = counts.get(tensor.name)
-        if known is None and tensor.shape is not None and len(tensor.shape) >= 2 and isinstance(tensor.shape[1], int):
-            known = tensor.shape[1]
+        known = _channels(tensor, counts)
         if known is not None and known != expected:
             raise QuantizationError(
                 f"{where}: Concat {producer.name} input {tensor.name} has {known} channels, the calibration table says {expected}",
@@ -97,18 +86,9 @@ def split_sliced_conv(graph: gs.Graph, node: gs.Node, split_channels: int, modul
     where = f"split conv1 layer {module!r} (node {node.name})"
     if node.op != "Conv":
         raise QuantizationError(f"{where}: expected a Conv node, got {node.op}")
-    if node.attrs.get("group", 1) != 1:
-        raise QuantizationError(f"{where}: grouped convolutions cannot be split")
-    weight = node.inputs[1]
-    if not isinstance(weight, gs.Constant):
-        raise QuantizationError(f"{where}: weight {weight.name} is not a constant")
-    total = weight.values.shape[1]
-    if not 0 < split_channels < total:
-        raise QuantizationError(f"{where}: split_channels={split_channels} is outside (0, {total})", hint="the table was made for a different model; recalibrate")
+    total = _splittable_input_channels(node, split_channels, where)
     x = node.inputs[0]
-    known = (counts or {}).get(x.name)
-    if known is None and x.shape is not None and len(x.shape) >= 2 and isinstance(x.shape[1], int):
-        known = x.shape[1]
+    known = _channels(x, counts)
     if known is not None and known != total:
         raise QuantizationError(f"{where}: input {x.name} has {known} channels, the weight {total}", hint="the table was made for a different model; recalibrate")
     prefix = _prefix(node)
@@ -122,6 +102,27 @@ def split_sliced_conv(graph: gs.Graph, node: gs.Node, split_channels: int, modul
         graph.nodes.append(gs.Node("Slice", f"{prefix}/Slice{tag}", {}, [x, starts, ends, axes], [half]))
         halves.append(half)
     return _two_convs(graph, node, halves[0], halves[1], split_channels)
+
+
+def _splittable_input_channels(node: gs.Node, split_channels: int, where: str) -> int:
+    """The Conv's input channel count, after checking it can be cut at `split_channels`."""
+    if node.attrs.get("group", 1) != 1:
+        raise QuantizationError(f"{where}: grouped convolutions cannot be split")
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant):
+        raise QuantizationError(f"{where}: weight {weight.name} is not a constant")
+    total = weight.values.shape[1]
+    if not 0 < split_channels < total:
+        raise QuantizationError(f"{where}: split_channels={split_channels} is outside (0, {total})", hint="the table was made for a different model; recalibrate")
+    return total
+
+
+def _channels(tensor: gs.Tensor, counts: dict[str, int] | None) -> int | None:
+    """A tensor's channel count: from shape inference (`counts`), else its static shape."""
+    known = (counts or {}).get(tensor.name)
+    if known is None and tensor.shape is not None and len(tensor.shape) >= 2 and isinstance(tensor.shape[1], int):
+        known = tensor.shape[1]
+    return known
 
 
 def _prefix(node: gs.Node) -> str:
