@@ -428,7 +428,7 @@ class SampleResult:
     steps: list[Any] = field(default_factory=list)
 
 
-def make_denoiser(bundle: ModelBundle, backend: str = "pytorch", onnx_path: str | Path | None = None, optimize: bool = True, engine: str | Path | None = None):
+def make_denoiser(bundle: ModelBundle, backend: str = "pytorch", onnx_path: str | Path | None = None, optimize: bool = True, engine: str | Path | None = None, ort_arithmetic: str = "exact"):
     from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser, check_backend
 
     check_backend(backend)
@@ -437,7 +437,7 @@ def make_denoiser(bundle: ModelBundle, backend: str = "pytorch", onnx_path: str 
     if backend == "onnxruntime":
         if onnx_path is None:
             raise SamplingError("the onnxruntime backend needs an ONNX file", hint="pass --onnx PATH")
-        return OnnxRuntimeDenoiser(onnx_path, optimize=optimize)
+        return OnnxRuntimeDenoiser(onnx_path, optimize=optimize, arithmetic=ort_arithmetic)
     if backend == "tensorrt":
         if engine is None:
             raise SamplingError("the tensorrt backend needs an engine", hint="pass --engine ENGINE_DIR (made by `qdiff build`)")
@@ -504,6 +504,7 @@ def sample(
     embeddings: str | Path | None = None,
     random_conditioning: bool = False,
     allow_nonfinite: bool = False,
+    ort_arithmetic: str = "exact",
 ) -> SampleResult:
     """Sample images with any backend and write them as PNGs (plus a grid)."""
     from PIL import Image
@@ -511,8 +512,12 @@ def sample(
     from qdiff.report import image_grid, save_png
 
     bundle = as_bundle(model)
+    if onnx is not None and backend == "onnxruntime":
+        from qdiff.artifacts import check_made_from_model
+
+        check_made_from_model(onnx, bundle.model_sha256, bundle.label, SamplingError)
     conditioning = resolve_conditioning(bundle, num_images, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random=random_conditioning, seed=seed)
-    denoiser = make_denoiser(bundle, backend, onnx, engine=engine)
+    denoiser = make_denoiser(bundle, backend, onnx, engine=engine, ort_arithmetic=ort_arithmetic)
     if bundle.vae is not None and hasattr(denoiser, "device"):
         bundle.vae.to(denoiser.device)  # the VAE decodes where the latents are
     seeds = list(range(seed, seed + num_images))
@@ -522,6 +527,8 @@ def sample(
     for s, img in zip(seeds, result.images):
         result.paths.append(save_png(Image.fromarray(img), out_dir / f"sample_{s:05d}.png"))
     save_png(image_grid([result.images], scale=max(1, 128 // img.shape[0])), out_dir / "grid.png")
+    if bundle.writes_latents:
+        log(f"sample: note: {bundle.output_kind}")
     log(f"sample: {len(seeds)} images ({backend}, {scheduler}, {steps} steps) -> {out_dir}")
     return result
 
@@ -567,6 +574,7 @@ def run(
     class_labels: list[int] | None = None,
     embeddings: str | Path | None = None,
     random_conditioning: bool = False,
+    ort_arithmetic: str = "exact",
     force: bool = False,
     **recipe_overrides: Any,
 ) -> RunResult:
@@ -588,8 +596,9 @@ def run(
     recipe_obj = Recipe.from_json(calibrated.table.recipe)
 
     plan = sampling_plan(bundle, scheduler=scheduler, steps=steps, num_images=num_images, seed=seed, guidance_scale=guidance_scale, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning)
-    reference = reference_samples(bundle, OnnxRuntimeDenoiser(exported.onnx_path), plan)
-    comparison = compare(bundle, reference, OnnxRuntimeDenoiser(quantized.onnx_path), plan, label=recipe_obj.name)
+    reference = reference_samples(bundle, OnnxRuntimeDenoiser(exported.onnx_path, arithmetic=ort_arithmetic), plan)
+    candidate = OnnxRuntimeDenoiser(quantized.onnx_path, arithmetic=ort_arithmetic)
+    comparison = compare(bundle, reference, candidate, plan, label=recipe_obj.name)
     figures = calibration_figures(calibrated.stats_path, out_dir) if calibrated.stats_path else []
     coverage = quantized.report
     coverage_json = coverage.to_json() if hasattr(coverage, "to_json") else coverage
@@ -599,7 +608,7 @@ def run(
     report = {
         "model": model_json(bundle),
         "recipe": recipe_obj.to_json(),
-        "sampling": {"backend": "onnxruntime (CPU)", **plan.to_json()},
+        "sampling": {**candidate.describe(), **plan.to_json()},
         "summary": {
             **comparison.summary,
             "quantized layers": f"{coverage_json['quantized_layers']}/{coverage_json['weighted_layers']}",

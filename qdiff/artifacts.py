@@ -41,8 +41,20 @@ def new_temp_path(target: str | os.PathLike[str], suffix: str = "") -> Path:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{_TEMP_TAG}{os.getpid()}{_TEMP_TAG}", suffix=suffix + ".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        # mkstemp makes the file 0600; once renamed into place it must read like any file the
+        # user writes (0666 less their umask), so set that now, before anything is written.
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return Path(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def pid_alive(pid: int) -> bool:
@@ -270,6 +282,28 @@ def read_manifest(artifact: str | os.PathLike[str]) -> Manifest | None:
     except OSError as exc:
         raise ArtifactMismatchError(f"{path}: cannot be read ({exc})", hint="delete it and rerun the stage") from exc
     return Manifest.from_json(obj, source=str(path))
+
+
+def check_made_from_model(artifact: str | os.PathLike[str], model_sha256: str, model_label: str, error: type[Exception] = ArtifactMismatchError) -> str:
+    """Refuse an artifact whose manifest names another model; say what was checked otherwise.
+
+    Run before an artifact is used with a model (sampling a graph, evaluating it), so a graph
+    exported from one model is never driven with another model's scheduler, size or conditioning.
+    """
+    path = Path(artifact)
+    try:
+        manifest = read_manifest(path)
+    except ArtifactMismatchError as exc:
+        raise error(f"{path}: its manifest is unreadable ({exc.message})", hint="re-export or re-quantize it") from exc
+    if manifest is None:
+        return "no manifest: not checked against the model"
+    made_from = manifest.inputs.get("model_sha256")
+    if made_from and made_from != model_sha256:
+        raise error(
+            f"{path.name} was made from model {made_from[:12]}, but {model_label} is {model_sha256[:12]}",
+            hint="pass the model folder the graph was made from (or re-export and re-quantize it from this one)",
+        )
+    return "manifest matches the model" if made_from else "manifest names no model"
 
 
 def is_up_to_date(artifact: str | os.PathLike[str], wanted: Manifest) -> bool:

@@ -66,6 +66,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int, default=8, help="images to generate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--ort-arithmetic", choices=["exact", "fused-int8"], default="exact",
+                   help="how ONNX Runtime computes Q/DQ graphs: exact = float simulation, TensorRT's arithmetic on every CPU; "
+                        "fused-int8 = ORT's integer kernels, faster, but they saturate on x86 CPUs without VNNI (default: %(default)s)")
 
 
 def _add_eval(sub) -> None:
@@ -165,7 +168,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from qdiff import api
 
     if args.command == "run":
-        api.run(args.model, args.out, recipe=args.recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, force=args.force, **_conditioning(args), **_recipe_overrides(args))
+        api.run(args.model, args.out, recipe=args.recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, ort_arithmetic=args.ort_arithmetic, force=args.force, **_conditioning(args), **_recipe_overrides(args))
     elif args.command == "export":
         result = api.export_model(args.model, args.out, opset=args.opset, external_data=args.external_data, force=args.force, check=args.check)
         print(result.onnx_path)
@@ -182,7 +185,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "eval":
         from qdiff.evaluate import evaluate
 
-        result = evaluate(args.model, args.fp32, args.quantized, args.out, run_dir=args.run_dir, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, shape_fd=args.shape_fd, allow_nonfinite=args.allow_nonfinite, **_conditioning(args))
+        result = evaluate(args.model, args.fp32, args.quantized, args.out, run_dir=args.run_dir, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, shape_fd=args.shape_fd, allow_nonfinite=args.allow_nonfinite, ort_arithmetic=args.ort_arithmetic, **_conditioning(args))
         print(result.paths["markdown"])
     elif args.command == "build":
         from qdiff.engines.profiles import parse_range, parse_shape_spec
@@ -215,7 +218,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.onnx and args.engine:
             raise SamplingError("give --onnx or --engine, not both")
         backend = "tensorrt" if args.engine else "onnxruntime" if args.onnx else "pytorch"
-        api.sample(args.model, args.out, backend=backend, onnx=args.onnx, engine=args.engine, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, allow_nonfinite=args.allow_nonfinite, **_conditioning(args))
+        api.sample(args.model, args.out, backend=backend, onnx=args.onnx, engine=args.engine, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, allow_nonfinite=args.allow_nonfinite, ort_arithmetic=args.ort_arithmetic, **_conditioning(args))
     return 0
 
 

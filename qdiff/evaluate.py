@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from qdiff.artifacts import read_manifest
+from qdiff.artifacts import check_made_from_model, read_manifest
 from qdiff.conditioning import Conditioning, resolve_conditioning
 from qdiff.errors import ArtifactMismatchError, EvaluationError, SamplingError
 from qdiff.models import ModelBundle
@@ -134,7 +134,7 @@ def summarize(images: list[dict[str, float]], per_step: list[dict[str, float]], 
     if fd and fd.get("available"):
         summary["shape-FD fp32"] = fd["fp32"]
         summary["shape-FD quantized"] = fd["quantized"]
-        summary["shape-FD real (same n)"] = fd["real_reference"]
+        summary[f"shape-FD real-vs-real floor (n={fd['n_generated']})"] = fd["real_reference"]
     return summary
 
 
@@ -215,19 +215,7 @@ def _kind(path: Path) -> str | None:
 
 def check_graph_model(path: Path, bundle: ModelBundle) -> str:
     """Refuse a graph whose manifest names another model; say so when there is no manifest."""
-    try:
-        manifest = read_manifest(path)
-    except ArtifactMismatchError as exc:
-        raise EvaluationError(f"{path}: its manifest is unreadable ({exc.message})", hint="re-export or re-quantize it") from exc
-    if manifest is None:
-        return "no manifest: not checked against the model"
-    made_from = manifest.inputs.get("model_sha256")
-    if made_from and made_from != bundle.model_sha256:
-        raise EvaluationError(
-            f"{path.name} was made from model {made_from[:12]}, but {bundle.label} is {bundle.model_sha256[:12]}",
-            hint="pass the model folder the graphs were made from (or re-export and re-quantize this one)",
-        )
-    return "manifest matches the model" if made_from else "manifest names no model"
+    return check_made_from_model(path, bundle.model_sha256, bundle.label, EvaluationError)
 
 
 def _model_for(model, fp32: Path):
@@ -263,6 +251,7 @@ def evaluate(
     random_conditioning: bool = False,
     shape_fd: bool = True,
     allow_nonfinite: bool = False,
+    ort_arithmetic: str = "exact",
 ) -> EvalResult:
     """Compare a quantized graph with its FP32 graph (both under ONNX Runtime) from the same
     seeds; write eval.json, eval.md, eval-grid.png and eval-steps.png into `out_dir`."""
@@ -275,8 +264,8 @@ def evaluate(
     bundle = model if isinstance(model, ModelBundle) else load_model(model)
     checks = {"fp32": check_graph_model(fp32_path, bundle), "quantized": check_graph_model(quantized_path, bundle)}
     plan = sampling_plan(bundle, scheduler=scheduler, steps=steps, num_images=num_images, seed=seed, guidance_scale=guidance_scale, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning)
-    fp32 = OnnxRuntimeDenoiser(fp32_path)
-    candidate = fp32 if fp32_path.resolve() == quantized_path.resolve() else OnnxRuntimeDenoiser(quantized_path)
+    fp32 = OnnxRuntimeDenoiser(fp32_path, arithmetic=ort_arithmetic)
+    candidate = fp32 if fp32_path.resolve() == quantized_path.resolve() else OnnxRuntimeDenoiser(quantized_path, arithmetic=ort_arithmetic)
     label = _graph_label(quantized_path)
     reference = reference_samples(bundle, fp32, plan)
     comparison = compare(bundle, reference, candidate, plan, label=label, shape_fd=shape_fd, allow_nonfinite=allow_nonfinite)
@@ -285,7 +274,7 @@ def evaluate(
         "title": f"qdiff eval: {bundle.label}, {label} vs FP32",
         "model": model_json(bundle),
         "graphs": {"fp32": str(fp32_path), "quantized": str(quantized_path), "checks": checks},
-        "sampling": {"backend": "onnxruntime (CPU)", **plan.to_json()},
+        "sampling": {**candidate.describe(), **plan.to_json()},
         "summary": {**comparison.summary, "wall time (s)": round(time.perf_counter() - started, 1)},
         "images": comparison.images,
         "steps": comparison.steps,
@@ -297,7 +286,7 @@ def evaluate(
 
 
 def model_json(bundle: ModelBundle) -> dict[str, str]:
-    return {"label": bundle.label, "path": str(bundle.path), "unet_class": bundle.unet_class, "sha256": bundle.model_sha256}
+    return {"label": bundle.label, "path": str(bundle.path), "unet_class": bundle.unet_class, "sha256": bundle.model_sha256, "output": bundle.output_kind}
 
 
 def _graph_label(path: Path) -> str:

@@ -73,6 +73,21 @@ class ModelBundle:
         return int(self.unet.config.in_channels)
 
     @property
+    def writes_latents(self) -> bool:
+        """True for a latent denoiser without a VAE: its "images" are raw latents."""
+        return self.vae is None and self.in_channels not in (1, 3)
+
+    @property
+    def output_kind(self) -> str:
+        """What the sampled arrays are, said plainly in logs and reports."""
+        if self.vae is not None:
+            return "images (decoded by the folder's VAE)"
+        if not self.writes_latents:
+            return "images (pixel-space model)"
+        return (f"raw {self.in_channels}-channel latents: the folder has no VAE, so PNGs hold latents "
+                "(RGBA for 4 channels) and PSNR/SSIM compare latents, not images")
+
+    @property
     def label(self) -> str:
         return self.path.name
 
@@ -270,6 +285,9 @@ def materialize_random_model(config_path: Path, out_dir: Path, seed: int = 0) ->
     unet = UNet2DModel(**config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    from qdiff.artifacts import current_umask
+
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would stay on the published folder
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(tmp / "scheduler")
     index = {

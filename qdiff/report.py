@@ -74,6 +74,7 @@ def write_quality_report(out_dir: Path, report: dict[str, Any], name: str = "rep
         + (f", guidance {sampling['guidance_scale']}" if sampling.get("guidance_scale", 1.0) != 1.0 else "")
         + ".",
     ]
+    md += ["", *_setup_lines(report)]
     if "graphs" in report:
         md += ["", f"Graphs: FP32 `{report['graphs']['fp32']}`, quantized `{report['graphs']['quantized']}`."]
     md += [
@@ -110,15 +111,50 @@ def write_quality_report(out_dir: Path, report: dict[str, Any], name: str = "rep
     return json_path, md_path
 
 
+def recipe_line(recipe: dict[str, Any]) -> str:
+    """The settings that change a quantized model's numbers, in one sentence."""
+    window = recipe.get("timestep_window", (0.0, 1.0))
+    window_text = "" if list(window) == [0.0, 1.0] else f" (window {window[0]:g}-{window[1]:g} of the trajectory)"
+    calibrator = recipe["activation_calibrator"] + (f" {recipe['percentile']:g}" if recipe["activation_calibrator"] == "percentile" else "")
+    return (
+        f"Recipe: {recipe['name']} (W{recipe['weight_bits']}A{recipe['activation_bits']}), activation calibrator {calibrator}, "
+        f"weight calibrator {recipe.get('weight_calibrator', 'max')}; {recipe['num_timesteps']} timesteps x {recipe['samples_per_timestep']} samples "
+        f"from a {recipe['calibration_steps']}-step {recipe['scheduler']} trajectory{window_text}; "
+        f"split shortcut {'on' if recipe.get('split_shortcut') else 'off'}, split conv1 {'on' if recipe.get('split_conv1') else 'off'}."
+    )
+
+
+def _setup_lines(report: dict[str, Any]) -> list[str]:
+    """Recipe, backend with its arithmetic, conditioning and what the arrays are: how to read the numbers."""
+    sampling = report["sampling"]
+    lines = []
+    if "recipe" in report:
+        lines += [recipe_line(report["recipe"]), ""]
+    backend = sampling.get("backend", "unknown")
+    if sampling.get("providers"):
+        backend += f" ({sampling['providers']})"
+    if sampling.get("arithmetic"):
+        backend += f"; arithmetic {sampling['arithmetic']}"
+    lines += [f"Backend: {backend}.", "", f"Conditioning: {sampling.get('conditioning', 'none')}."]
+    output = report["model"].get("output")
+    if output:
+        lines += ["", f"Samples: {output}."]
+    return lines
+
+
 def _shape_fd_text(fd: dict[str, Any]) -> str:
     if not fd.get("available"):
         return f"Skipped: {fd.get('reason', 'not computed')}."
-    return "\n".join(
-        [
-            "Frechet distance between the shapes classifier's features of the samples and of "
-            f"{fd['n_real']} real test images (lower is closer to the data). Biased upward at small n: "
-            f"compare with real images at the same n ({fd['n_generated']}).",
-            "",
-            markdown_table(["samples", "shape-FD"], [["FP32", fd["fp32"]], ["quantized", fd["quantized"]], [f"real train images (n={fd['n_generated']})", fd["real_reference"]]]),
-        ]
-    )
+    n = fd["n_generated"]
+    lines = [
+        "Frechet distance between the shapes classifier's features of the samples and of "
+        f"{fd['n_real']} real test images (lower is closer to the data). Biased upward at small n: "
+        f"compare with real images at the same n ({n}), the floor a perfect model would reach.",
+        "",
+        markdown_table(["samples", "shape-FD"], [["FP32", fd["fp32"]], ["quantized", fd["quantized"]], [f"real train images, the floor at n={n}", fd["real_reference"]]]),
+    ]
+    below = [name for name in ("fp32", "quantized") if fd[name] < fd["real_reference"]]
+    if below:
+        lines += ["", f"Noise at this n: {' and '.join('FP32' if b == 'fp32' else 'quantized' for b in below)} below the real-vs-real floor "
+                      f"({fd['real_reference']:.4g} at n={n}), so shape-FD cannot rank them here; use more images."]
+    return "\n".join(lines)

@@ -55,6 +55,72 @@ def check_backend(name: str) -> None:
     raise BackendUnavailableError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
 
 
+# How ONNX Runtime computes a Q/DQ graph. "exact" keeps every QuantizeLinear/DequantizeLinear
+# pair as float simulation (round, clamp, rescale) with the rest of the graph optimized: the same
+# function as TensorRT's INT8 x INT8 -> INT32 arithmetic and as the PyTorch fake-quant reference,
+# on every CPU. "fused-int8" lets ORT fuse Q/DQ + Conv/MatMul into its u8s8 integer kernels:
+# faster on the CPU, but on x86 without VNNI those kernels add u8*s8 products pairwise into
+# saturating int16 (vpmaddubsw), so their output is not what an engine computes.
+ORT_ARITHMETIC = ("exact", "fused-int8")
+ARITHMETIC_DESCRIPTION = {
+    "exact": "exact: Q/DQ simulated in float (TensorRT's INT8 x INT8 -> INT32 arithmetic, same result on every CPU)",
+    "fused-int8": "fused-int8: ONNX Runtime's fused u8s8 integer kernels (CPU-dependent; saturates on x86 without VNNI)",
+}
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def fused_int8_saturates(flags: set[str] | None = None, machine: str | None = None) -> bool | None:
+    """Whether ORT's fused u8s8 kernels can saturate on this CPU (None: cannot tell).
+
+    x86 CPUs with AVX-512 VNNI, AVX-VNNI or AMX accumulate u8 x s8 products straight into int32;
+    older x86 (AVX2, AVX-512 without VNNI) go through a saturating int16 pair sum. Arm's dot
+    product instructions accumulate into int32 as well.
+    """
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686"):
+        return False if machine in ("aarch64", "arm64") else None
+    flags = _cpu_flags() if flags is None else flags
+    if flags is None:
+        return None
+    return not ({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
+
+
+def check_arithmetic(name: str) -> str:
+    if name not in ORT_ARITHMETIC:
+        raise BackendUnavailableError(f"unknown ONNX Runtime arithmetic {name!r}; use one of {', '.join(ORT_ARITHMETIC)}")
+    return name
+
+
+def session_options(*, arithmetic: str = "exact", optimize: bool = True, threads: int | None = None):
+    """ONNX Runtime session options for a denoiser graph with the given Q/DQ arithmetic."""
+    import onnxruntime as ort
+
+    check_arithmetic(arithmetic)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    if arithmetic == "exact":
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    # INT4 weight-only graphs in fused mode: ORT fuses DequantizeLinear + MatMul into
+    # MatMulNBits, whose default accuracy level quantizes activations to INT8; 0 keeps them float.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 def _timestep_batch(timestep: torch.Tensor | float | int, batch: int) -> torch.Tensor:
     t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
     return t.expand(batch).contiguous() if t.numel() == 1 else t
@@ -82,25 +148,26 @@ class TorchDenoiser:
 class OnnxRuntimeDenoiser:
     """An exported denoiser graph (FP32 or Q/DQ) run by ONNX Runtime.
 
-    On the CPU, ONNX Runtime runs Q/DQ graphs with real INT8 kernels where it can fuse them.
-    `optimize=False` turns graph optimizations off so the graph runs node by node, which is how
-    tests compare it exactly with the PyTorch fake-quant reference.
+    `arithmetic` (see ORT_ARITHMETIC): "exact" (the default) computes Q/DQ in float, which is
+    TensorRT's arithmetic and the same on every CPU, so quality numbers predict the engine's;
+    "fused-int8" opts into ORT's integer kernels for CPU speed, with a warning where this CPU
+    saturates them. `optimize=False` turns all graph optimizations off (node by node).
     """
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | os.PathLike[str], *, providers: list[str] | None = None, optimize: bool = True, threads: int | None = None) -> None:
+    def __init__(self, onnx_path: str | os.PathLike[str], *, providers: list[str] | None = None, optimize: bool = True, threads: int | None = None, arithmetic: str = "exact") -> None:
         import onnxruntime as ort
 
         self.path = Path(onnx_path)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
-        # INT4 weight-only graphs: ORT fuses DequantizeLinear + MatMul into MatMulNBits, whose
-        # default accuracy level quantizes activations to INT8; 0 keeps them in float.
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        if threads:
-            options.intra_op_num_threads = threads
+        # Without graph optimizations nothing is fused, so the arithmetic is exact either way.
+        self.arithmetic = check_arithmetic(arithmetic) if optimize else "exact"
+        options = session_options(arithmetic=self.arithmetic, optimize=optimize, threads=threads)
+        if self.arithmetic == "fused-int8" and fused_int8_saturates():
+            from qdiff.progress import log
+
+            log(f"warning: {self.path.name}: ONNX Runtime's fused INT8 kernels saturate on this CPU (x86 without VNNI); "
+                "its output differs from TensorRT's. Use arithmetic 'exact' (--ort-arithmetic exact) for quality numbers.")
         available = ort.get_available_providers()
         providers = providers or ["CPUExecutionProvider"]
         missing = [p for p in providers if p not in available]
@@ -114,6 +181,10 @@ class OnnxRuntimeDenoiser:
         except Exception as exc:
             raise OnnxModelError(f"ONNX Runtime cannot load {self.path}: {exc}") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def describe(self) -> dict[str, str]:
+        """What computed the numbers, for reports: backend, provider, Q/DQ arithmetic."""
+        return {"backend": "onnxruntime", "providers": ", ".join(self.session.get_providers()), "arithmetic": ARITHMETIC_DESCRIPTION[self.arithmetic]}
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, **added_cond):
         feeds = {"sample": sample, "timestep": _timestep_batch(timestep, sample.shape[0])}

@@ -119,3 +119,84 @@ def compare_with_fake_quant(bundle, table, qdq_path, seeds):
         ref = reference(sample, t, **inputs)
         results.append((error_stats(session(sample, t, **inputs), ref), error_stats(TorchDenoiser(bundle.unet)(sample, t, **inputs), ref)))
     return results
+
+
+def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: int = 3, arithmetic: str = "exact") -> dict[str, float]:
+    """Each quantized layer of the Q/DQ graph, cut out (its input tensor -> its Conv/MatMul/Gemm
+    output) and fed the very tensor its fake-quant twin sees: relative L2 per module.
+
+    This is the CPU-independent form of "the graph and the reference compute the same function".
+    Fed by the whole model instead, ORT's and PyTorch's float ops (GroupNorm, attention) differ
+    by ~1e-6 before a quantizer, which now and then flips an INT8 rounding; a tiny random-weight
+    model amplifies a flip, and how often it happens depends on the CPU's kernels. Cut at each
+    layer, both sides quantize the same float tensor, so nothing but round-off remains.
+    A split layer (two Convs + Add per module) is cut from its branch tensors (or, for a split
+    conv1, the tensor its Slices read) to the Add.
+    """
+    from collections import Counter
+
+    import numpy as np
+    import onnx
+    import onnx_graphsurgeon as gs
+    import onnxruntime as ort
+
+    from qdiff.calib.fake_quant import build_fake_quant_model
+    from qdiff.export.graph_index import WEIGHTED_OPS, module_name
+    from qdiff.export.onnx_export import example_inputs
+    from qdiff.runtime.backends import session_options
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(qdq_path)))
+    graph = gs.import_onnx(model)
+    per_module = Counter(module_name(n) for n in graph.nodes if n.op in WEIGHTED_OPS)
+    def quantized_input(node):
+        """The float tensor a quantized node's activation Q/DQ reads, or None if not quantized."""
+        dq = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        return dq.inputs[0].inputs[0].inputs[0] if dq is not None and dq.op == "DequantizeLinear" else None
+
+    cuts = {}
+    for node in graph.nodes:
+        name = module_name(node)
+        if node.op not in WEIGHTED_OPS or name is None or quantized_input(node) is None:
+            continue
+        if per_module[name] == 1:
+            cuts[name] = ([quantized_input(node).name], node.outputs[0].name, node.op)
+        elif node.name.endswith("/ConvA"):  # split: ConvA and ConvB, their sum is the SplitAdd
+            (add,) = [n for n in node.outputs[0].outputs if n.op == "Add" and n.name.endswith("/SplitAdd")]
+            conv_b = next(n for n in add.inputs[1].inputs)
+            branches = [quantized_input(node), quantized_input(conv_b)]
+            if all(b.inputs and b.inputs[0].op == "Slice" for b in branches):  # split conv1
+                branches = [branches[0].inputs[0].inputs[0]]
+            cuts[name] = ([b.name for b in branches], add.outputs[0].name, "Split")
+    reference = build_fake_quant_model(bundle.unet, table, recipe)
+    seen: dict[str, tuple] = {}
+
+    def hook(module, args, out, name):
+        seen.setdefault(name, (args[0].detach(), out.detach(), getattr(module.layer, "bias", None)))
+
+    handles = [reference.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name in cuts]
+    inputs = example_inputs(bundle.unet, batch=2, seed=seed, tokens=3)
+    sample, t = inputs.pop("sample"), inputs.pop("timestep")
+    kwargs = {"encoder_hidden_states": inputs.pop("encoder_hidden_states")} if "encoder_hidden_states" in inputs else {}
+    if inputs:
+        kwargs["added_cond_kwargs"] = inputs
+    with torch.no_grad():
+        reference(sample, t, **kwargs, return_dict=False)
+    for h in handles:
+        h.remove()
+    extractor = onnx.utils.Extractor(model)
+    errors = {}
+    for name, (x_names, y_name, op) in cuts.items():
+        x, expected, bias = seen[name]
+        if op == "MatMul" and bias is not None:  # the exporter adds a Linear's bias after the MatMul
+            expected = expected - bias
+        if len(x_names) == 2:  # the two branches of the concat the fake-quant module sees whole
+            c = table.layers[name].split_channels
+            feeds = {x_names[0]: x[:, :c].numpy(), x_names[1]: x[:, c:].numpy()}
+        else:
+            feeds = {x_names[0]: x.numpy()}
+        layer = extractor.extract_model(list(x_names), [y_name])
+        options = session_options(arithmetic=arithmetic)  # all optimizations on, as the backend runs
+        got = ort.InferenceSession(layer.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        diff = np.asarray(got, np.float64) - expected.double().numpy()
+        errors[name] = float(np.linalg.norm(diff) / max(np.linalg.norm(expected.double().numpy()), 1e-30))
+    return errors

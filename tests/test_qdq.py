@@ -17,7 +17,7 @@ from qdiff.export.qdq import insert_qdq
 from qdiff.export.validate import error_stats
 from qdiff.models import load_model
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
-from tests.conftest import compare_with_fake_quant, quantize_model
+from tests.conftest import compare_with_fake_quant, layerwise_fake_quant_errors, quantize_model
 
 
 @pytest.fixture(scope="module")
@@ -37,26 +37,64 @@ def test_qdq_graph_equals_fake_quant_reference(which, request):
     ONNX Runtime and PyTorch compute float ops (GroupNorm, softmax) with round-off differences
     of ~1e-7; now and then a value sits that close to a rounding boundary, lands one INT8 step
     away, and the flip propagates. A 1e-6 perturbation of the input does the same to the
-    reference alone (tiny random-weight models amplify such a flip a lot). A wrong scale or a
-    misplaced Q/DQ would instead show on every input. So: most inputs agree to ~1e-6, and none
-    disagrees by more than the order of the quantization error itself.
+    reference alone (tiny random-weight models amplify such a flip a lot), and how often it
+    happens depends on the CPU's float kernels. So: every quantized layer, cut out and fed the
+    tensor its fake-quant twin sees, agrees at round-off (on any CPU), and the whole model
+    disagrees by less than the quantization error itself on every input.
     """
     bundle, _, table, q = request.getfixturevalue(which)
+    layers = layerwise_fake_quant_errors(bundle, table, q.onnx_path)
+    assert len(layers) == q.report.to_json()["quantized_layers"]
+    worst = max(layers, key=layers.get)
+    assert layers[worst] < 1e-5, (worst, layers[worst])
     results = compare_with_fake_quant(bundle, table, q.onnx_path, range(1, 6))
-    exact = [qdq.rel_l2 < 1e-5 for qdq, _ in results]
-    assert sum(exact) >= 3, [str(qdq) for qdq, _ in results]
     for qdq_vs_ref, fp32_vs_ref in results:
         assert qdq_vs_ref.rel_l2 < 2 * fp32_vs_ref.rel_l2, (str(qdq_vs_ref), str(fp32_vs_ref))
         assert fp32_vs_ref.rel_l2 > 1e-3  # the quantization error is real, so the check has teeth
 
 
 def test_optimized_ort_session_runs_the_qdq_graph_close_to_reference(quantized_uncond):
-    """With graph optimizations on, ORT fuses Q/DQ into integer kernels: still the same function."""
+    """With graph optimizations on, the default (exact) arithmetic keeps Q/DQ as float
+    simulation: every layer computes the reference's function at round-off, and the whole model
+    stays within the quantization error (see the test above for why not closer)."""
     bundle, _, table, q = quantized_uncond
+    optimized = OnnxRuntimeDenoiser(q.onnx_path, optimize=True)
+    assert optimized.arithmetic == "exact" and "TensorRT" in optimized.describe()["arithmetic"]
+    layers = layerwise_fake_quant_errors(bundle, table, q.onnx_path, arithmetic="exact")
+    assert len(layers) == q.report.to_json()["quantized_layers"] and max(layers.values()) < 1e-5
     reference = TorchDenoiser(build_fake_quant_model(bundle.unet, table))
-    inputs = example_inputs(bundle.unet, batch=2, seed=3)
-    out = OnnxRuntimeDenoiser(q.onnx_path, optimize=True)(inputs["sample"], inputs["timestep"])
-    assert error_stats(out, reference(inputs["sample"], inputs["timestep"])).rel_l2 < 1e-3
+    for seed in (3, 4):
+        inputs = example_inputs(bundle.unet, batch=2, seed=seed)
+        args = inputs["sample"], inputs["timestep"]
+        quant_err = error_stats(TorchDenoiser(bundle.unet)(*args), reference(*args)).rel_l2
+        assert error_stats(optimized(*args), reference(*args)).rel_l2 < 2 * quant_err
+
+
+def test_fused_int8_arithmetic_is_opt_in_and_its_difference_shows_where_the_cpu_saturates(quantized_uncond):
+    """ORT's fused u8s8 kernels: on x86 without VNNI their int16 pair sums saturate and single
+    layers leave the reference by ~1e-2 (measured on an AVX2 EPYC); with VNNI (or on Arm) they
+    agree at round-off. The test asserts whichever this CPU is, so it holds on every CPU and
+    shows the difference where there is one."""
+    from qdiff.runtime.backends import fused_int8_saturates
+
+    bundle, _, table, q = quantized_uncond
+    assert "fused" in OnnxRuntimeDenoiser(q.onnx_path, arithmetic="fused-int8").describe()["arithmetic"]
+    fused = layerwise_fake_quant_errors(bundle, table, q.onnx_path, arithmetic="fused-int8")
+    worst = max(fused, key=fused.get)
+    print(f"fused-int8, worst layer {worst}: rel-L2 {fused[worst]:.3g} vs the reference; saturating CPU: {fused_int8_saturates()}")
+    if fused_int8_saturates():
+        assert fused[worst] > 1e-4
+    else:
+        assert fused[worst] < 1e-5
+
+
+def test_saturation_is_predicted_from_the_cpu_flags():
+    from qdiff.runtime.backends import fused_int8_saturates
+
+    assert fused_int8_saturates({"avx2", "fma"}, "x86_64") is True  # AMD EPYC Zen 2/3, older Xeons
+    assert fused_int8_saturates({"avx2", "avx512f", "avx512_vnni"}, "x86_64") is False
+    assert fused_int8_saturates({"avx2", "avx_vnni"}, "x86_64") is False
+    assert fused_int8_saturates(set(), "aarch64") is False
 
 
 def test_placement_follows_tensorrt_rules(quantized_cond):
@@ -143,8 +181,8 @@ def test_w4_weights_take_at_most_16_levels(uncond_model_dir, tmp_path, fast_reci
             checked += 1
     assert checked == q.report.to_json()["quantized_layers"]
     bundle = load_model(uncond_model_dir)
-    results = compare_with_fake_quant(bundle, table.table, q.onnx_path, range(1, 4))
-    assert sum(qdq.rel_l2 < 1e-5 for qdq, _ in results) >= 2
+    layers = layerwise_fake_quant_errors(bundle, table.table, q.onnx_path)
+    assert len(layers) == checked and max(layers.values()) < 1e-5
 
 
 def _quantized_modules(onnx_path) -> dict[str, str]:

@@ -418,11 +418,16 @@ def test_sigkill_leaves_the_previous_artifact_or_none(tmp_path, mode):
     for round_ in range(4):
         first = 1000 * (round_ + 1)
         proc = _writer(tmp_path, target, mode, first, 1000)
-        time.sleep(rng.uniform(0.4, 1.2))
+        # Synchronise on what the writer has done, not on the clock: wait until it has published
+        # its first version (it prints each version after publishing it), then kill it at a random
+        # moment of the writes that follow, so the kill lands inside a write on any machine.
+        published = proc.stdout.readline()
+        assert published.strip() == str(first), (published, proc.stderr.read() if proc.poll() is not None else "")
+        time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate()
         assert proc.returncode == -signal.SIGKILL
-        printed = [int(v) for v in out.split()]
+        printed = [int(v) for v in (published + out).split()]
         version = _read_version(target, mode)
         allowed = {last_seen, *printed, (printed[-1] + 1) if printed else first}
         # A whole file of the previous or a newer version; "none" only where publishing takes two

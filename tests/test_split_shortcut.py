@@ -22,9 +22,9 @@ from qdiff.export.split_shortcut import split_concat_conv, split_shortcuts
 from qdiff.export.validate import error_stats
 from qdiff.models import PACKAGE_MODELS, load_model
 from qdiff.calib.fake_quant import build_fake_quant_model
-from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
+from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser, session_options
 
-from tests.conftest import compare_with_fake_quant, quantize_model
+from tests.conftest import compare_with_fake_quant, layerwise_fake_quant_errors, quantize_model
 
 SHAPES_DDPM = PACKAGE_MODELS / "shapes-ddpm"
 
@@ -112,11 +112,13 @@ def test_rewrite_refuses_a_wrong_split_point(split_uncond):
 
 
 def test_split_qdq_graph_equals_fake_quant_reference(split_uncond):
-    """The whole model, same criterion as test_qdq's: most inputs agree at float32 round-off."""
+    """Same criterion as test_qdq's: every layer (the split ones cut from their two branches to
+    their Add) at float32 round-off, the whole model within the quantization error."""
     bundle, _, table, q = split_uncond
+    layers = layerwise_fake_quant_errors(bundle, table, q.onnx_path)
+    assert len(layers) == q.report.to_json()["quantized_layers"] and set(_split_layers(table)) <= set(layers)
+    assert max(layers.values()) < 1e-5, max(layers.items(), key=lambda kv: kv[1])
     results = compare_with_fake_quant(bundle, table, q.onnx_path, range(1, 6))
-    exact = [qdq.rel_l2 < 1e-5 for qdq, _ in results]
-    assert sum(exact) >= 3, [str(qdq) for qdq, _ in results]
     for qdq_vs_ref, fp32_vs_ref in results:
         assert qdq_vs_ref.rel_l2 < 2 * fp32_vs_ref.rel_l2, (str(qdq_vs_ref), str(fp32_vs_ref))
         assert fp32_vs_ref.rel_l2 > 1e-3
@@ -127,7 +129,9 @@ def test_split_layers_alone_equal_fake_quant_reference(which, request, tmp_path)
     """Only the split layers quantized: no other INT8 rounding point for a float32 round-off
     flip to propagate through (on the tiny cross-attention model even the unsplit whole-model
     graph flips on 2 of 5 seeds). Four chained split layers can still flip one value now and
-    then, so: most seeds agree at round-off, none by more than a tenth of the quantization error."""
+    then (how often depends on the CPU's float kernels), so: each split layer cut out agrees at
+    round-off, and no seed disagrees by more than half the quantization error (a flip measured
+    here on an AVX-512 Xeon: 0.16 of it)."""
     bundle, onnx_path, table, _ = request.getfixturevalue(which)
     recipe = Recipe.from_json(table.recipe)
     splits = _split_layers(table)
@@ -138,16 +142,15 @@ def test_split_layers_alone_equal_fake_quant_reference(which, request, tmp_path)
     path = tmp_path / "split_only.onnx"
     onnx.save(model, str(path))
     reference = TorchDenoiser(build_fake_quant_model(bundle.unet, table, recipe))
+    layers = layerwise_fake_quant_errors(bundle, table, path, recipe=recipe)
+    assert sorted(layers) == sorted(splits) and max(layers.values()) < 1e-5, layers
     session, fp32 = OnnxRuntimeDenoiser(path, optimize=False), TorchDenoiser(bundle.unet)
-    exact = 0
     for seed in range(1, 5):
         inputs = example_inputs(bundle.unet, batch=2, seed=seed, tokens=3)
         sample, t = inputs.pop("sample"), inputs.pop("timestep")
         ref = reference(sample, t, **inputs)
         qdq_err, quant_err = error_stats(session(sample, t, **inputs), ref).rel_l2, error_stats(fp32(sample, t, **inputs), ref).rel_l2
-        exact += qdq_err < 1e-5
-        assert quant_err > 1e-3 and qdq_err < 0.1 * quant_err, (seed, qdq_err, quant_err)
-    assert exact >= 3
+        assert quant_err > 1e-3 and qdq_err < 0.5 * quant_err, (seed, qdq_err, quant_err)
 
 
 def test_split_graph_placement_and_coverage(split_cond):
@@ -361,9 +364,10 @@ def test_conv1_split_layers_equal_fake_quant_reference(conv1_uncond):
         x_name, y_name = nodes["SliceA"].inputs[0].name, nodes["SplitAdd"].outputs[0].name
         layer = extractor.extract_model([x_name], [y_name])
         (x, expected), = seen[name]
-        got = ort.InferenceSession(layer.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {x_name: x.numpy()})[0]
+        got = ort.InferenceSession(layer.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]).run(None, {x_name: x.numpy()})[0]
         assert error_stats(torch.from_numpy(got), expected).rel_l2 < 1e-6, name
+    layers = layerwise_fake_quant_errors(bundle, table, q.onnx_path)
+    assert set(conv1s) <= set(layers) and max(layers.values()) < 1e-5
     results = compare_with_fake_quant(bundle, table, q.onnx_path, range(1, 6))
-    assert sum(qdq.rel_l2 < 1e-5 for qdq, _ in results) >= 3, [str(qdq) for qdq, _ in results]
     for qdq_vs_ref, fp32_vs_ref in results:
         assert qdq_vs_ref.rel_l2 < 2 * fp32_vs_ref.rel_l2 and fp32_vs_ref.rel_l2 > 1e-3
