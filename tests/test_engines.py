@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -235,25 +236,43 @@ def test_cli_build_takes_float_layers_and_quantize_takes_placement():
 
 
 def test_strongly_typed_needs_an_fp16_graph(uncond_graphs, tmp_path):
-    """--strongly-typed takes the graph's types: from qdiff's FP32 graphs it would build an FP32
-    engine, so it is refused with the build that does what the user wants."""
+    """A strongly typed network (TensorRT >= 10) takes the graph's types: from qdiff's FP32 graphs
+    it would build an FP32 engine, so they are refused, naming the float32 initializers found and
+    the command that makes the FP16 graph. The check reads initializers, not only the inputs."""
+    import numpy as np
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     from qdiff.engines.builder import check_strongly_typed
 
     fp32, qdq = uncond_graphs
-    for path in (fp32, qdq):
+    for path, remake in ((fp32, "qdiff export MODEL -o OUT --dtype fp16"), (qdq, "qdiff quantize FP16_GRAPH.onnx --calib TABLE --dtype fp16")):
         with pytest.raises(EngineBuildError, match="FP32 graph") as info:
-            check_strongly_typed(graph_facts(path), path)
-        assert "without --strongly-typed" in info.value.hint
-    x = helper.make_tensor_value_info("sample", TensorProto.FLOAT16, [1, 4])
-    y = helper.make_tensor_value_info("out", TensorProto.FLOAT16, [1, 4])
-    half = tmp_path / "half.onnx"
-    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["sample"], ["out"])], "g", [x], [y])), str(half))
+            check_strongly_typed(graph_facts(path), path, "int8" if path == qdq else "fp16")
+        facts = graph_facts(path)
+        largest = max(facts.types.fp32_initializers, key=lambda kv: kv[1])[0]
+        assert f"float32 initializers (100% of the float weight elements), e.g. {largest} (" in info.value.message
+        assert remake in info.value.hint and "TensorRT 8.6" in info.value.hint
+    check_strongly_typed(graph_facts(fp32), fp32, "fp32")  # an FP32 engine from an FP32 graph is what was asked
+
+    def graph(path: Path, input_type: int, weight_dtype: Any, island: bool = False) -> Path:
+        x = helper.make_tensor_value_info("sample", input_type, [1, 4])
+        y = helper.make_tensor_value_info("out", input_type, [1, 4])
+        inits = [numpy_helper.from_array(np.ones((4, 4), weight_dtype), "w")]
+        nodes = [helper.make_node("MatMul", ["sample", "w"], ["out"])]
+        if island:  # a small FP32 island (a tensor that would overflow FP16) stays allowed
+            inits.append(numpy_helper.from_array(np.ones((2,), np.float32), "island_scale"))
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits)), str(path))
+        return path
+
+    half = graph(tmp_path / "half.onnx", TensorProto.FLOAT16, np.float16, island=True)
     facts = graph_facts(half)
-    assert facts.float16_inputs
-    check_strongly_typed(facts, half)  # an FP16 graph passes
+    assert facts.float16_inputs and 0 < facts.types.fp32_weight_share < 0.2
+    check_strongly_typed(facts, half)  # an FP16 graph with an FP32 island passes
+    # FP16 inputs are not enough: FP32 weights behind them make it an FP32 graph.
+    sneaky = graph(tmp_path / "sneaky.onnx", TensorProto.FLOAT16, np.float32)
+    with pytest.raises(EngineBuildError, match=r"1 float32 initializers \(100% of the float weight elements\), e.g. w \(16\)"):
+        check_strongly_typed(graph_facts(sneaky), sneaky)
 
 
 # ----------------------------------------------------------------------------- inspector: both JSON schemas
