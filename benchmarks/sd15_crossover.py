@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # after site-packages: an installed qdiff wins over the source folder (its stage folders map by package-dir)
 
 from benchmarks.sd15_unet import CROSSOVER_ENGINES, CROSSOVER_SHAPES, ENGINES, _gpu_facts, _graph, _versions, make_model, time_calls  # noqa: E402
 
