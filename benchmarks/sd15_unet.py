@@ -60,7 +60,17 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     folder = make_model(args.work, args.config)
     t0 = time.perf_counter()
-    result = api.export_model(folder, args.work / "onnx", check=False)
+    if args.dtype == "fp16":  # opset 17 so TensorRT 8.6's parser takes the float graph
+        from qdiff.errors import QdiffError
+
+        try:
+            result = api.export_model(folder, args.work / "onnx-fp16", check=False, opset=17, dtype="fp16")
+        except QdiffError as exc:  # the FP16 exporter may need a newer opset: take its default
+            print(f"export: fp16 at opset 17 refused ({exc}); using the exporter's default opset")
+            result = api.export_model(folder, args.work / "onnx-fp16", check=False, dtype="fp16")
+        _record_graph(args.work, "fp16-g16", Path(result.onnx_path))
+    else:
+        result = api.export_model(folder, args.work / "onnx", check=False)
     print(f"export: {result.onnx_path} in {time.perf_counter() - t0:.0f} s")
 
 
@@ -78,12 +88,31 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         ).table_path
         print(f"calibrate: {time.perf_counter() - t0:.0f} s")
     for placement in args.placements.split(","):
-        q = api.quantize_onnx(onnx, table_path, placement=placement)
+        if args.dtype == "fp16":
+            q = api.quantize_onnx(args.work / "onnx-fp16" / api.ONNX_NAME, table_path, placement=placement, dtype="fp16")
+        else:
+            q = api.quantize_onnx(onnx, table_path, placement=placement)
+        if placement == "all":
+            _record_graph(args.work, "int8-g16" if args.dtype == "fp16" else "int8", Path(q.onnx_path))
         print(f"quantize: {q.onnx_path} ({time.perf_counter() - t0:.0f} s)")
 
 
 def _graph(work: Path, which: str) -> Path:
+    """The graph an engine is built from: what `quantize` recorded in <work>/graphs.json (the
+    quantizer names its outputs), else ENGINES' default name."""
+    recorded = work / "graphs.json"
+    if recorded.exists():
+        known = json.loads(recorded.read_text())
+        if which in known:
+            return Path(known[which])
     return work / "onnx" / ENGINES[which][0]
+
+
+def _record_graph(work: Path, which: str, path: Path) -> None:
+    recorded = work / "graphs.json"
+    known = json.loads(recorded.read_text()) if recorded.exists() else {}
+    known[which] = str(path)
+    recorded.write_text(json.dumps(known, indent=1))
 
 
 # Engine name -> (graph in <work>/onnx, precision, float layers pinned to, label). The qdiff
@@ -98,16 +127,28 @@ ENGINES = {
     "int8-conv-ff": ("denoiser.w8a8-conv-ff.onnx", "int8", None, "qdiff W8A8 (convolutions + feed-forward Linears)"),
     "int8-conv-ff-pin": ("denoiser.w8a8-conv-ff.onnx", "int8", "fp16", "qdiff W8A8 (convolutions + feed-forward) + float layers pinned FP16"),
     "modelopt": ("denoiser.modelopt-int8.onnx", "int8", None, "ModelOpt INT8 (its diffusion UNet recipe), same builder"),
+    # Issue 12: the FP16 graphs (`qdiff export --dtype fp16`, `qdiff quantize --dtype fp16`), in <work>/onnx-fp16.
+    "fp16-g16": ("../onnx-fp16/denoiser.onnx", "fp16", None, "TensorRT FP16 from the FP16 graph"),
+    "int8-g16": ("../onnx-fp16/denoiser.w8a8.onnx", "int8", None, "qdiff W8A8 from the FP16 Q/DQ graph (opset 19)"),
 }
+
+# `crossover`: the shapes where INT8 may cross FP16 on TensorRT 8.6 (batch, latent side), all
+# covered by ONE dynamic profile per engine so each precision is built once.
+CROSSOVER_SHAPES = ((1, 64), (2, 64), (8, 64), (1, 128), (2, 128))
+CROSSOVER_ENGINES = ("fp16", "fp16-g16", "int8", "int8-g16")
 
 
 def cmd_build(args: argparse.Namespace) -> None:
     from qdiff import api
 
     graph, precision, float_layers, _ = ENGINES[args.which]
+    batch, size = (1, 2, 2), 64
+    if args.crossover_profile:  # one profile over every CROSSOVER_SHAPES shape
+        batch = (min(b for b, _ in CROSSOVER_SHAPES), 2, max(b for b, _ in CROSSOVER_SHAPES))
+        size = (min(s for _, s in CROSSOVER_SHAPES), 64, max(s for _, s in CROSSOVER_SHAPES))
     result = api.build_engine(
-        args.work / "onnx" / graph, args.work / f"engine-{args.which}", precision=precision, float_layers=float_layers,
-        batch=(1, 2, 2), size=64, tokens=77, optimization_level=args.opt_level, force=args.force,
+        _graph(args.work, args.which), args.work / f"engine-{args.which}", precision=precision, float_layers=float_layers,
+        batch=batch, size=size, tokens=77, optimization_level=args.opt_level, timing_cache=args.timing_cache, force=args.force,
     )
     print(f"build {args.which}: {result.engine_path} ({result.manifest.details.get('build_seconds')} s)")
 
@@ -359,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("export", "quantize", "build", "bench"):
         s = sub.add_parser(name)
         s.add_argument("--work", type=Path, default=Path("/tmp/sd15"))
+        if name in ("export", "quantize"):
+            s.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="fp16: the FP16 graph (export) / FP16 Q/DQ graph from it (quantize), in <work>/onnx-fp16")
         if name == "export":
             s.add_argument("--config", type=Path, default=CONFIG, help="UNet config (default: SD 1.5)")
         if name == "quantize":
@@ -371,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "build":
             s.add_argument("--which", choices=list(ENGINES), required=True)
             s.add_argument("--opt-level", type=int)
+            s.add_argument("--timing-cache", type=Path, help="builder timing cache file (opt-in: on 8.6 a cache from another graph made builds fail)")
+            s.add_argument("--crossover-profile", action="store_true", help="one dynamic profile over batch 1-8 and 64-128 latents (the crossover shapes)")
             s.add_argument("--force", action="store_true")
         if name == "bench":
             s.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")

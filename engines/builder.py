@@ -1,11 +1,21 @@
 """ONNX graph -> serialized TensorRT engine, with the TensorRT Python API (no trtexec, no shell).
 
 Precision is decided by the graph, not by a calibrator: an `int8`/`w4a8` engine is built from a
-Q/DQ graph (explicit quantization: TensorRT takes every scale from the graph), with FP16 enabled
-so whatever the graph leaves in float runs in FP16 rather than FP32. An `fp16` engine is built
-from the float graph. Asking for INT8 from a graph without Q/DQ (or FP16 from one with Q/DQ) is
-an error, because TensorRT would silently do something else (implicit INT8 with no calibrator,
-or fail late).
+Q/DQ graph (explicit quantization: TensorRT takes every scale from the graph). Asking for INT8
+from a graph without Q/DQ (or FP16 from one with Q/DQ) is an error, because TensorRT would
+silently do something else (implicit INT8 with no calibrator, or fail late). How the float parts
+get their precision depends on the TensorRT version (`compat.network_typing`):
+
+- TensorRT >= 10: a strongly typed network. Every layer runs in the graph's own type, no
+  precision flags are set, so the graph must be FP16 (`qdiff export --dtype fp16`, `qdiff
+  quantize --dtype fp16`); an FP32 graph is refused, since it would build an FP32 engine.
+- TensorRT 8.6: a weakly typed network with the FP16 (and INT8) builder flags, so whatever the
+  graph leaves in float may run in FP16. Takes the FP32 graph and the FP16 graph alike.
+
+The build is four steps that can be called alone, in the manner of polygraphy's loaders:
+`parse_network` (graph -> network), `configure` (builder config: profile, flags, tactic sources,
+optimization level, timing cache), `build_plan` (config -> serialized plan) and `publish` (plan +
+manifest + inspector JSON, atomically). `build_engine` runs them in order.
 
 Builds take minutes for a full-size UNet, so:
 - with `--timing-cache FILE`, the cache is loaded before and merged back after every build, which
@@ -26,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdiff.engines.compat import Features, features, import_tensorrt, make_logger, parse_tactic_sources, tactic_source_mask, version_tuple
+from qdiff.engines.compat import INT8_OPT_LEVEL_STRONG, Features, device_memory_bytes, features, import_tensorrt, make_logger, network_flags, parse_tactic_sources, tactic_source_mask, version_tuple
+from qdiff.engines.graph_types import GraphTypes, graph_types
 from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, current_platform
-from qdiff.engines.precision import FLOAT_LAYER_PRECISIONS, pin_float_layers
+from qdiff.engines.precision import FLOAT_LAYER_PRECISIONS
 from qdiff.engines.profiles import Profile, ShapeRange, check_shapes, profile_to_json
 from qdiff.artifacts import Manifest, folder_lock, is_up_to_date, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic, write_manifest
 from qdiff.errors import EngineBuildError, OnnxModelError
@@ -45,9 +56,9 @@ class BuildSettings:
     workspace_gib: float | None = None
     optimization_level: int | None = None  # TensorRT's default (3) when None
     tactic_sources: str | None = None  # comma-separated names; None: QDIFF_TRT_TACTIC_SOURCES or TensorRT's default
-    strongly_typed: bool = False
+    strongly_typed: bool = False  # ask for it explicitly; on TensorRT >= 10 every build is strongly typed anyway
     timing_cache: Path | None = None  # a cache file to load and merge into; None: no cache
-    float_layers: str | None = None  # "fp16": pin the float layers of a Q/DQ network (engines.precision)
+    float_layers: str | None = None  # "fp16": pin the float layers of a Q/DQ network (engines.precision; TensorRT < 10 only)
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -56,7 +67,7 @@ class BuildSettings:
             if self.float_layers not in FLOAT_LAYER_PRECISIONS:
                 raise EngineBuildError(f"float layers in {self.float_layers!r} are not supported", hint=f"use one of {', '.join(FLOAT_LAYER_PRECISIONS)}, or leave them to TensorRT")
             if self.strongly_typed:
-                raise EngineBuildError("a strongly typed network takes its precisions from the graph; --float-layers does not apply", hint="drop one of the two")
+                raise EngineBuildError("--float-layers applies to TensorRT < 10 only (weakly typed networks); a strongly typed network takes its precisions from the graph", hint="drop one of the two")
         if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
             raise EngineBuildError(f"builder optimization level {self.optimization_level} is outside 0..5")
 
@@ -89,6 +100,7 @@ class GraphFacts:
     weight_bits: int | None  # from the Q/DQ graph's manifest, when it has one
     unet_config: dict[str, Any] | None
     float16_inputs: bool = False  # any FP16 graph input (an FP16 export)
+    types: GraphTypes = field(default_factory=GraphTypes)  # float types of initializers and values
 
 
 def graph_facts(onnx_path: Path) -> GraphFacts:
@@ -110,18 +122,26 @@ def graph_facts(onnx_path: Path) -> GraphFacts:
     details = manifest.details if manifest is not None else {}
     bits = details.get("weight_bits")
     fp16_in = any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input)
-    return GraphFacts(qdq, int4, opset, int(bits) if isinstance(bits, int) else None, details.get("unet_config"), fp16_in)
+    return GraphFacts(qdq, int4, opset, int(bits) if isinstance(bits, int) else None, details.get("unet_config"), fp16_in, graph_types(model))
 
 
-def check_strongly_typed(facts: GraphFacts, onnx_path: Path) -> None:
-    """A strongly typed network runs each layer in the graph's own type (the FP16 flag does not
-    apply), so from an FP32 graph it would build an FP32 engine: slower than the weakly typed
-    FP16 build, never what `--strongly-typed` is for."""
-    if not facts.float16_inputs:
-        raise EngineBuildError(
-            f"{onnx_path.name} is an FP32 graph: a strongly typed network runs every float layer in the graph's own types, so this engine would be FP32",
-            hint="build it without --strongly-typed (its float parts then run in FP16), or give an FP16 graph",
-        )
+def check_strongly_typed(facts: GraphFacts, onnx_path: Path, precision: str = "fp16") -> None:
+    """A strongly typed network runs each layer in the graph's own type (no FP16 flag applies),
+    so from an FP32 graph it builds an FP32 engine: slower than the FP16 build asked for, and
+    TensorRT says nothing. Refuse it, naming the float32 tensors found and the command that
+    makes the FP16 graph. `--precision fp32` from an FP32 graph is what it says and passes."""
+    if precision == "fp32" or not facts.types.is_fp32_graph:
+        return
+    quantized = facts.qdq_nodes > 0 or facts.int4_dq_nodes > 0
+    remake = (
+        "re-quantize it as an FP16 Q/DQ graph (`qdiff quantize FP16_GRAPH.onnx --calib TABLE --dtype fp16`, from `qdiff export MODEL -o OUT --dtype fp16`)"
+        if quantized
+        else "export an FP16 graph (`qdiff export MODEL -o OUT --dtype fp16`)"
+    )
+    raise EngineBuildError(
+        f"{onnx_path.name} is an FP32 graph ({facts.types.float32_summary()}): a strongly typed network (TensorRT >= 10) runs every float layer in the graph's own type, so this {precision} engine would run in FP32",
+        hint=f"{remake} and build that; or build this graph with TensorRT 8.6 (weakly typed: its float parts run in FP16), or ask for --precision fp32",
+    )
 
 
 def check_precision(precision: str, facts: GraphFacts, onnx_path: Path) -> str:
@@ -208,13 +228,19 @@ def _progress_monitor(trt: Any) -> Any:
     return Monitor()
 
 
-def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path, strongly_typed: bool) -> tuple[Any, Any]:
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    if strongly_typed:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+@dataclass
+class ParsedNetwork:
+    """A TensorRT network parsed from an ONNX file, with the objects that must outlive it."""
+
+    network: Any
+    parser: Any  # the network's weights live in the parser: keep it alive until the build ends
+    inputs: dict[str, tuple[int, ...]]
+    typing: str  # "strong" or "weak"
+
+
+def parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path, typing: str) -> ParsedNetwork:
+    """Parse `onnx_path` into a strongly or weakly typed network (`compat.network_flags`)."""
+    network = builder.create_network(network_flags(trt, typing))
     parser = trt.OnnxParser(network, logger)
     # By path, so external weight files next to the graph resolve. (With the 8.6 libraries
     # qdiff is tested on, `parser.set_flag` crashes, so no parser flags are set.)
@@ -226,8 +252,11 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path, strongly_typed:
             node_name = err.node_name() if hasattr(err, "node_name") else ""
             where = f"node {node_name or node}" if node != -1 or node_name else "graph"
             lines.append(f"{where}: {err.desc()}")
-        raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: " + "; ".join(lines or ["no detail given"]), hint="check the graph with `python -m onnx.checker` and that its opset is <= 17 for TensorRT 8.6")
-    return network, parser
+        hint = "check the graph with `python -m onnx.checker`"
+        if typing == "weak":
+            hint += "; TensorRT 8.6's parser takes opset <= 17, and FP16 Q/DQ scales need opset 19 (build the FP32 Q/DQ graph on 8.6)"
+        raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: " + "; ".join(lines or ["no detail given"]), hint=hint)
+    return ParsedNetwork(network, parser, _network_inputs(network), typing)
 
 
 def _network_inputs(network: Any) -> dict[str, tuple[int, ...]]:
@@ -275,8 +304,125 @@ def layer_information(trt: Any, engine: Any, profile: Profile) -> dict[str, Any]
     return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON), strict=False)
 
 
+@dataclass
+class Configured:
+    """A builder config ready to build, and what `configure` decided on the way."""
+
+    config: Any
+    timing_cache: Any
+    timing_cache_path: Path | None
+    optimization_level: int | None  # what the builder was given (None: TensorRT's default)
+    tactic_sources_dropped: tuple[str, ...] = ()  # asked for, but this TensorRT has no such source
+    pinned: Any = None  # precision.PinReport when --float-layers pinned layers
+
+
+def default_optimization_level(settings: BuildSettings, typing: str) -> int | None:
+    """The level to build at when none is given: INT8_OPT_LEVEL_STRONG for INT8/W4A8 on the
+    strongly typed path (unmeasured on TensorRT >= 10 here: see compat), else TensorRT's own."""
+    if settings.optimization_level is not None:
+        return settings.optimization_level
+    if typing == "strong" and settings.precision in ("int8", "w4a8"):
+        return INT8_OPT_LEVEL_STRONG
+    return None
+
+
+def configure(trt: Any, builder: Any, parsed: ParsedNetwork, settings: BuildSettings, feats: Features) -> Configured:
+    """The builder config for `parsed`: memory, optimization level, precision flags (weakly typed
+    path only), float-layer pinning (TensorRT < 10 only), tactic sources (those this version has),
+    profiling verbosity, progress monitor, the optimization profile and the timing cache."""
+    config = builder.create_builder_config()
+    if settings.workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
+    level = default_optimization_level(settings, parsed.typing)
+    if level is not None:
+        feats.require("optimization_level", "set the builder optimization level")
+        config.builder_optimization_level = level
+    pinned = None
+    if parsed.typing == "weak":
+        # Deprecated in 10, gone in 11: only ever set on 8.6's weakly typed networks.
+        if settings.precision in ("fp16", "int8", "w4a8", "int4-weight-only"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if settings.precision in ("int8", "w4a8"):
+            config.set_flag(trt.BuilderFlag.INT8)
+        if settings.float_layers == "fp16":
+            from qdiff.engines.precision import pin_float_layers
+
+            pinned = pin_float_layers(trt, parsed.network, config)
+            log("build: " + pinned.summary())
+    elif settings.float_layers is not None:
+        raise EngineBuildError(
+            f"--float-layers applies to TensorRT < 10 only; TensorRT {feats.version} builds strongly typed networks, whose precisions come from the graph",
+            hint="drop --float-layers and build an FP16 graph (`qdiff export --dtype fp16`, `qdiff quantize --dtype fp16`)",
+        )
+    dropped: tuple[str, ...] = ()
+    tactic_names = parse_tactic_sources(settings.tactic_sources)
+    if tactic_names is not None:
+        mask, dropped = tactic_source_mask(trt, tactic_names)
+        if dropped:
+            log(f"build: TensorRT {feats.version} has no tactic source {', '.join(dropped)}; using {', '.join(n for n in tactic_names if n not in dropped)}")
+        config.set_tactic_sources(mask)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if feats.progress_monitor:
+        config.progress_monitor = _progress_monitor(trt)
+    profile = builder.create_optimization_profile()
+    for name, rng in settings.profile.items():
+        profile.set_shape(name, rng.min, rng.opt, rng.max)
+    config.add_optimization_profile(profile)
+    # Opt-in: with TensorRT 8.6, a cache holding another graph's Myelin entries made builds fail
+    # ("myelinCache deserializeFromBuffer", then "could not find any implementation").
+    cache_path = None if settings.timing_cache in (None, Path("")) else settings.timing_cache
+    cache = _load_timing_cache(config, cache_path)
+    return Configured(config, cache, cache_path, level, dropped, pinned)
+
+
+def build_plan(builder: Any, parsed: ParsedNetwork, configured: Configured, logger: Any, settings: BuildSettings, *, tensorrt: str = "?") -> tuple[bytes, float]:
+    """Build the serialized plan; returns it and the build's wall seconds. Merges the timing cache
+    back into its file when one was given."""
+    started = time.perf_counter()
+    with _Heartbeat(f"building {settings.precision} engine"):
+        serialized = builder.build_serialized_network(parsed.network, configured.config)
+    seconds = time.perf_counter() - started
+    if serialized is None:
+        detail = "; ".join(logger.errors[-5:]) or "TensorRT gave no reason"
+        hint = "rerun with --verbose for TensorRT's log"
+        if configured.pinned is not None and "Could not find any implementation" in detail:
+            # Seen on the H200 with TensorRT 8.6 (cuBLAS/cuDNN tactics off): the GroupNorm+SiLU
+            # fused blocks have no FP16 kernel once pinned (docs/int8-engines.md).
+            hint = f"TensorRT {tensorrt} has no FP16 kernel for a fused block under --float-layers fp16; build without --float-layers"
+        raise EngineBuildError(f"TensorRT failed to build ({settings.precision}): {detail}", hint=hint)
+    if configured.timing_cache_path is not None:
+        _save_timing_cache(configured.config, configured.timing_cache, configured.timing_cache_path)
+    return bytes(serialized), seconds
+
+
+def publish(trt: Any, logger: Any, plan: bytes, out_dir: Path, manifest: Manifest, profile: Profile) -> Any:
+    """Write plan, manifest (with the plan's sha256 and activation memory) and the inspector JSON
+    into `out_dir`, each atomically, the plan and manifest first (a build takes minutes, the
+    inspector is a report). Returns the deserialized engine."""
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise EngineBuildError("TensorRT built the plan but cannot load it: " + "; ".join(logger.errors[-3:]), hint="rerun with --verbose for TensorRT's log")
+    target = out_dir / ENGINE_FILE
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir):
+        (out_dir / "layers.json").unlink(missing_ok=True)  # it described the previous plan
+        write_bytes_atomic(target, plan)
+        manifest.outputs = {"sha256": sha256_file(target)}
+        manifest.details["plan_bytes"] = len(plan)
+        manifest.details["device_memory_bytes"] = device_memory_bytes(engine)
+        manifest.details["io"] = {engine.get_tensor_name(i): str(engine.get_tensor_dtype(engine.get_tensor_name(i))) for i in range(engine.num_io_tensors)}
+        write_manifest(target, manifest)
+        try:
+            write_json_atomic(out_dir / "layers.json", layer_information(trt, engine, profile))
+        except Exception as exc:  # noqa: BLE001  (a report must not cost the engine)
+            log(f"build: the engine inspector failed ({type(exc).__name__}: {exc}); `qdiff inspect` will retry on a GPU")
+    return engine
+
+
 def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSettings, *, force: bool = False) -> BuildResult:
-    """Build `out_dir/engine.plan` (+ manifest, inspector JSON) from `onnx_path`."""
+    """Build `out_dir/engine.plan` (+ manifest, inspector JSON) from `onnx_path`:
+    checks, then parse_network -> configure -> build_plan -> publish."""
     trt = import_tensorrt()
     feats: Features = features(trt)
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
@@ -287,9 +433,15 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
     if settings.precision == "int4-weight-only":
         feats.require("int4", "build INT4 weight-only engines")
     if settings.strongly_typed:
-        check_strongly_typed(facts, onnx_path)
         feats.require("strongly_typed", "build strongly typed networks")
-    tactic_names = parse_tactic_sources(settings.tactic_sources)
+    typing = feats.typing
+    if typing == "strong":
+        check_strongly_typed(facts, onnx_path, settings.precision)
+    if typing == "strong" and settings.float_layers is not None:  # before minutes of parsing
+        raise EngineBuildError(
+            f"--float-layers applies to TensorRT < 10 only; TensorRT {feats.version} builds strongly typed networks, whose precisions come from the graph",
+            hint="drop --float-layers and build an FP16 graph (`qdiff export --dtype fp16`, `qdiff quantize --dtype fp16`)",
+        )
     platform = current_platform()
     target = out_dir / ENGINE_FILE
     wanted = Manifest(
@@ -303,100 +455,52 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
 
     logger = make_logger(trt, settings.verbose)
     builder = trt.Builder(logger)
-    network, _parser = _parse(trt, builder, logger, onnx_path, settings.strongly_typed)
-    inputs = _network_inputs(network)
-    missing = [n for n in inputs if n not in settings.profile]
-    if missing:
-        raise EngineBuildError(f"no profile shapes for input(s) {', '.join(missing)} of {onnx_path.name}", hint="give --batch/--size/--tokens or --shape NAME=MIN:OPT:MAX")
-    for name, rng in settings.profile.items():
-        if name not in inputs:
-            raise EngineBuildError(f"the profile names input {name!r}, which {onnx_path.name} does not have", hint=f"its inputs are {', '.join(inputs)}")
-        # The graph's static dims must agree with the profile at min, opt and max.
-        for label, shape in (("min", rng.min), ("opt", rng.opt), ("max", rng.max)):
-            check_shapes({name: _static_range(inputs[name])}, {name: shape}, where=f"{onnx_path.name} (profile {label})")
+    parsed = parse_network(trt, builder, logger, onnx_path, typing)
+    _check_profile(parsed.inputs, settings.profile, onnx_path)
+    configured = configure(trt, builder, parsed, settings, feats)
+    log(f"build: {onnx_path.name} -> {target} ({settings.precision}, {typing}ly typed, TensorRT {platform.tensorrt}, {platform.gpu})")
+    try:
+        plan, seconds = build_plan(builder, parsed, configured, logger, settings, tensorrt=platform.tensorrt)
+    except EngineBuildError as exc:
+        raise EngineBuildError(f"{onnx_path.name}: {exc.message}", hint=exc.hint) from exc
 
-    config = builder.create_builder_config()
-    if settings.workspace_gib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(settings.workspace_gib * (1 << 30)))
-    if settings.optimization_level is not None:
-        feats.require("optimization_level", "set the builder optimization level")
-        config.builder_optimization_level = settings.optimization_level
-    if not settings.strongly_typed:
-        if settings.precision in ("fp16", "int8", "w4a8", "int4-weight-only"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        if settings.precision in ("int8", "w4a8"):
-            config.set_flag(trt.BuilderFlag.INT8)
-    pinned = None
-    if settings.float_layers == "fp16":
-        pinned = pin_float_layers(trt, network, config)
-        log("build: " + pinned.summary())
-    if tactic_names is not None:
-        config.set_tactic_sources(tactic_source_mask(trt, tactic_names))
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if feats.progress_monitor:
-        config.progress_monitor = _progress_monitor(trt)
-    profile = builder.create_optimization_profile()
-    for name, rng in settings.profile.items():
-        profile.set_shape(name, rng.min, rng.opt, rng.max)
-    config.add_optimization_profile(profile)
-
-    # Opt-in: with TensorRT 8.6, a cache holding another graph's Myelin entries made builds fail
-    # ("myelinCache deserializeFromBuffer", then "could not find any implementation").
-    cache_path = None if settings.timing_cache in (None, Path("")) else settings.timing_cache
-    cache = _load_timing_cache(config, cache_path)
-
-    log(f"build: {onnx_path.name} -> {target} ({settings.precision}, TensorRT {platform.tensorrt}, {platform.gpu})")
-    started = time.perf_counter()
-    with _Heartbeat(f"building {settings.precision} engine"):
-        serialized = builder.build_serialized_network(network, config)
-    seconds = time.perf_counter() - started
-    if serialized is None:
-        detail = "; ".join(logger.errors[-5:]) or "TensorRT gave no reason"
-        hint = "rerun with --verbose for TensorRT's log"
-        if pinned is not None and "Could not find any implementation" in detail:
-            # Seen on the H200 with TensorRT 8.6 (cuBLAS/cuDNN tactics off): the GroupNorm+SiLU
-            # fused blocks have no FP16 kernel once pinned (docs/int8-engines.md).
-            hint = f"TensorRT {platform.tensorrt} has no FP16 kernel for a fused block under --float-layers fp16; build without --float-layers"
-        raise EngineBuildError(f"TensorRT failed to build {onnx_path.name} ({settings.precision}): {detail}", hint=hint)
-    plan = bytes(serialized)
-    if cache_path is not None:
-        _save_timing_cache(config, cache, cache_path)
-
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        raise EngineBuildError(f"TensorRT built {onnx_path.name} but cannot load the result: " + "; ".join(logger.errors[-3:]))
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out_dir):
-        # The plan and its manifest first: a build takes minutes, the inspector is a report.
-        (out_dir / "layers.json").unlink(missing_ok=True)  # it described the previous plan
-        write_bytes_atomic(target, plan)
-        wanted.outputs = {"sha256": sha256_file(target)}
-        wanted.details = {
-            "onnx_path": str(onnx_path),
-            "weights": weights_label,
-            "build_seconds": round(seconds, 1),
-            "plan_bytes": len(plan),
-            "device_memory_bytes": int(engine.device_memory_size),
-            "timing_cache": str(cache_path) if cache_path else None,
-            "io": {engine.get_tensor_name(i): str(engine.get_tensor_dtype(engine.get_tensor_name(i))) for i in range(engine.num_io_tensors)},
-            "unet_config": facts.unet_config,
-            "trt_warnings": len(logger.warnings),
-        }
-        if pinned is not None:
-            wanted.details["float_layers_pinned"] = {"pinned": pinned.pinned, "fp16_outputs": pinned.output_types_set, "left_to_tensorrt": dict(pinned.skipped)}
-        wanted.versions = {**wanted.versions, "tensorrt": platform.tensorrt}
-        write_manifest(target, wanted)
-        try:
-            write_json_atomic(out_dir / "layers.json", layer_information(trt, engine, settings.profile))
-        except Exception as exc:  # noqa: BLE001  (a report must not cost the engine)
-            log(f"build: the engine inspector failed ({type(exc).__name__}: {exc}); `qdiff inspect` will retry on a GPU")
-    log(f"build: {settings.precision} engine in {seconds:.0f} s, {len(plan) / 2**20:.0f} MiB plan, {engine.device_memory_size / 2**20:.0f} MiB activations -> {target}")
-    if settings.precision in ("int8", "w4a8") and version_tuple(platform.tensorrt)[:1] < (10,):
+    wanted.details = {
+        "onnx_path": str(onnx_path),
+        "weights": weights_label,
+        "typing": typing,
+        "tensorrt": platform.tensorrt,
+        "optimization_level": configured.optimization_level,
+        "tactic_sources_dropped": list(configured.tactic_sources_dropped),
+        "build_seconds": round(seconds, 1),
+        "timing_cache": str(configured.timing_cache_path) if configured.timing_cache_path else None,
+        "graph_fp32_weight_share": round(facts.types.fp32_weight_share, 4),
+        "unet_config": facts.unet_config,
+        "trt_warnings": len(logger.warnings),
+    }
+    if configured.pinned is not None:
+        pinned = configured.pinned
+        wanted.details["float_layers_pinned"] = {"pinned": pinned.pinned, "fp16_outputs": pinned.output_types_set, "left_to_tensorrt": dict(pinned.skipped)}
+    wanted.versions = {**wanted.versions, "tensorrt": platform.tensorrt}
+    publish(trt, logger, plan, out_dir, wanted, settings.profile)
+    activations = wanted.details["device_memory_bytes"]
+    log(f"build: {settings.precision} engine ({typing}ly typed) in {seconds:.0f} s, {len(plan) / 2**20:.0f} MiB plan, {activations / 2**20:.0f} MiB activations -> {target}")
+    if settings.precision in ("int8", "w4a8") and typing == "weak" and version_tuple(platform.tensorrt)[:1] < (10,):
         # Measured, not assumed: on TensorRT 8.6 every INT8 SD 1.5 engine was slower than FP16.
         log("build: note: with TensorRT < 10, INT8 UNet engines with attention ran slower than FP16 on the H200 (docs/int8-engines.md); time both with `qdiff inspect --profile` before deploying")
     return BuildResult(target, wanted)
+
+
+def _check_profile(inputs: dict[str, tuple[int, ...]], profile: Profile, onnx_path: Path) -> None:
+    """Every network input has a profile range, every range names an input, and the graph's
+    static dims agree with the profile at min, opt and max."""
+    missing = [n for n in inputs if n not in profile]
+    if missing:
+        raise EngineBuildError(f"no profile shapes for input(s) {', '.join(missing)} of {onnx_path.name}", hint="give --batch/--size/--tokens or --shape NAME=MIN:OPT:MAX")
+    for name, rng in profile.items():
+        if name not in inputs:
+            raise EngineBuildError(f"the profile names input {name!r}, which {onnx_path.name} does not have", hint=f"its inputs are {', '.join(inputs)}")
+        for label, shape in (("min", rng.min), ("opt", rng.opt), ("max", rng.max)):
+            check_shapes({name: _static_range(inputs[name])}, {name: shape}, where=f"{onnx_path.name} (profile {label})")
 
 
 def _static_range(dims: tuple[int, ...]) -> ShapeRange:

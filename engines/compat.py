@@ -1,9 +1,22 @@
 """The one place qdiff imports TensorRT, and what the running version can do.
 
-qdiff supports TensorRT 8.6 and 10.x with one code path: both have the tensor-name APIs
-(`set_input_shape`, `set_tensor_address`, `execute_async_v3`). Features only 10.x has are
-probed here by attribute, never by parsing version strings at call sites, so a build that asks
-for one on 8.6 fails with one sentence that names the feature and the version needed.
+qdiff supports TensorRT 8.6, 10.x and 11.x with one code path. All three have the tensor-name
+APIs (`set_input_shape`, `set_tensor_address`, `execute_async_v3`). What differs is decided
+here, by version or by probing attributes, never at call sites:
+
+- network typing: 8.6 builds weakly typed networks (precision from builder flags); >= 10 builds
+  strongly typed ones (precision from the graph's own types). 11.x has no weak typing at all:
+  `BuilderFlag.FP16/INT8`, `ILayer.precision`, `NetworkDefinitionCreationFlag.EXPLICIT_BATCH`
+  are gone there, so the weak path must never run on it;
+- activation memory: `ICudaEngine.device_memory_size_v2` (>= 10) or `device_memory_size` (8.6,
+  removed in 11);
+- tactic sources by availability: 11.x has no cuBLAS/cuBLASLt/cuDNN sources.
+
+`VERSION_GUARDED` lists every TensorRT name the code touches only under a version guard, and
+`OBJECT_MEMBERS` the members of TensorRT objects (builder, config, engine, ...) the code uses.
+tests/test_tensorrt_api_surface.py imports the real 10.x and 11.x bindings and checks every
+`trt.*` name used in engines/ and runtime/ (found with `ast`), plus these tables, against them;
+a new unguarded name that a version lacks fails that test.
 """
 
 from __future__ import annotations
@@ -22,6 +35,62 @@ _TRT: ModuleType | None = None
 # default for such a machine so every build on it, tests included, does the same.
 TACTIC_SOURCE_NAMES = ("cublas", "cublas_lt", "cudnn", "edge_mask_convolutions", "jit_convolutions")
 TACTIC_SOURCES_ENV = "QDIFF_TRT_TACTIC_SOURCES"
+
+# The first TensorRT major that builds strongly typed networks by default in qdiff (and the
+# first where the weakly typed builder flags are deprecated; 11 removed them).
+STRONG_TYPING_MAJOR = 10
+
+# Builder optimization level for INT8/W4A8 builds on TensorRT >= 10 when none is given. Level 4
+# follows NVIDIA's diffusion demos; it is NOT measured on TensorRT >= 10 here (nothing >= 10 runs
+# on the GPU machine), and builds take longer than at TensorRT's default 3. Override with
+# `--opt-level`.
+INT8_OPT_LEVEL_STRONG = 4
+
+# Names the code uses only under a guard: "NAME": (first major using it, first major NOT using
+# it or None, how the code guards it). The API-surface test skips a name outside its range and
+# checks that the guard matches the real bindings (it must exist inside its range).
+VERSION_GUARDED: dict[str, tuple[int, int | None, str]] = {
+    "BuilderFlag.FP16": (8, STRONG_TYPING_MAJOR, "weakly typed path only (network_typing == 'weak')"),
+    "BuilderFlag.INT8": (8, STRONG_TYPING_MAJOR, "weakly typed path only"),
+    "BuilderFlag.PREFER_PRECISION_CONSTRAINTS": (8, STRONG_TYPING_MAJOR, "--float-layers, refused on strongly typed builds"),
+    "ILayer.precision": (8, STRONG_TYPING_MAJOR, "--float-layers, refused on strongly typed builds"),
+    "ILayer.set_output_type": (8, STRONG_TYPING_MAJOR, "--float-layers, refused on strongly typed builds"),
+    "NetworkDefinitionCreationFlag.EXPLICIT_BATCH": (8, STRONG_TYPING_MAJOR, "set only on the weakly typed path (implicit in >= 10)"),
+    "NetworkDefinitionCreationFlag.STRONGLY_TYPED": (STRONG_TYPING_MAJOR, None, "strongly typed path only"),
+    "ICudaEngine.device_memory_size": (8, STRONG_TYPING_MAJOR, "device_memory_bytes() prefers device_memory_size_v2"),
+    "ICudaEngine.device_memory_size_v2": (STRONG_TYPING_MAJOR, None, "device_memory_bytes(), when present"),
+    "IBuilderConfig.progress_monitor": (STRONG_TYPING_MAJOR, None, "Features.progress_monitor"),
+    "IProgressMonitor": (STRONG_TYPING_MAJOR, None, "Features.progress_monitor"),
+    "TacticSource.CUBLAS": (8, None, "tactic_source_mask(): only sources the version has"),
+    "TacticSource.CUBLAS_LT": (8, None, "tactic_source_mask(): only sources the version has"),
+    "TacticSource.CUDNN": (8, None, "tactic_source_mask(): only sources the version has"),
+    "DataType.BF16": (9, None, "torch_dtype(), when present"),
+    "DataType.INT64": (10, None, "torch_dtype(), when present"),
+    "DataType.INT4": (10, None, "Features.int4"),
+    "DataType.FP8": (9, None, "Features.fp8"),
+}
+# Of those, the ones probed by availability (getattr with a default) rather than by version: they
+# may be missing inside their range without breaking anything.
+BY_AVAILABILITY = frozenset({"TacticSource.CUBLAS", "TacticSource.CUBLAS_LT", "TacticSource.CUDNN", "DataType.BF16", "DataType.INT64", "DataType.INT4", "DataType.FP8", "IBuilderConfig.progress_monitor", "IProgressMonitor"})
+
+# Members of TensorRT objects that engines/ and runtime/ call (they are reached through objects,
+# so `ast` cannot see them as `trt.X.Y`): class -> members. Version-guarded members are in
+# VERSION_GUARDED instead.
+OBJECT_MEMBERS: dict[str, tuple[str, ...]] = {
+    "Builder": ("create_network", "create_builder_config", "create_optimization_profile", "build_serialized_network"),
+    "IBuilderConfig": ("set_memory_pool_limit", "builder_optimization_level", "set_flag", "set_tactic_sources", "profiling_verbosity", "add_optimization_profile", "create_timing_cache", "set_timing_cache"),
+    "INetworkDefinition": ("num_inputs", "get_input", "num_outputs", "get_output", "num_layers", "get_layer"),
+    "ILayer": ("type", "num_inputs", "get_input", "num_outputs", "get_output"),
+    "ITensor": ("name", "shape", "dtype", "is_shape_tensor"),
+    "OnnxParser": ("parse_from_file", "num_errors", "get_error"),
+    "ParserError": ("desc", "node", "node_name"),
+    "IOptimizationProfile": ("set_shape",),
+    "ITimingCache": ("combine", "serialize"),
+    "Runtime": ("deserialize_cuda_engine",),
+    "ICudaEngine": ("create_execution_context", "create_engine_inspector", "num_io_tensors", "get_tensor_name", "get_tensor_mode", "get_tensor_dtype"),
+    "IExecutionContext": ("set_input_shape", "set_tensor_address", "get_tensor_shape", "execute_async_v3", "profiler"),
+    "EngineInspector": ("execution_context", "get_engine_information"),
+}
 
 
 def import_tensorrt() -> ModuleType:
@@ -70,10 +139,16 @@ class Features:
     fp8: bool
     progress_monitor: bool
     optimization_level: bool
+    weak_typing: bool = True  # BuilderFlag.FP16 exists (gone in 11.x)
 
     @property
     def major(self) -> int:
         return version_tuple(self.version)[0]
+
+    @property
+    def typing(self) -> str:
+        """'strong' on TensorRT >= 10 (the graph's types decide), 'weak' on 8.6 (builder flags)."""
+        return "strong" if self.strongly_typed and (self.major >= STRONG_TYPING_MAJOR or not self.weak_typing) else "weak"
 
     def require(self, feature: str, why: str) -> None:
         """Fail plainly when `feature` is missing, e.g. INT4 weight-only on TensorRT 8.6."""
@@ -95,7 +170,38 @@ def features(trt: Any | None = None) -> Features:
         fp8=dtypes is not None and hasattr(dtypes, "FP8"),
         progress_monitor=hasattr(trt, "IProgressMonitor"),
         optimization_level=hasattr(getattr(trt, "IBuilderConfig", object), "builder_optimization_level"),
+        weak_typing=hasattr(getattr(trt, "BuilderFlag", object), "FP16"),
     )
+
+
+def network_typing(trt: Any | None = None) -> str:
+    """'strong' or 'weak': how this TensorRT builds qdiff's networks (see the module docstring)."""
+    return features(trt).typing
+
+
+def network_flags(trt: Any, typing: str) -> int:
+    """`create_network` flags: STRONGLY_TYPED on the strong path; EXPLICIT_BATCH on the weak one
+    (8.6 needs it; it is deprecated in 10 and gone in 11, where every network is explicit-batch)."""
+    flags = 0
+    if typing == "strong":
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    elif hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    return flags
+
+
+def device_memory_bytes(engine: Any) -> int:
+    """Activation (scratch) memory of an engine: `device_memory_size_v2` on >= 10 (the old
+    property is deprecated there and removed in 11), `device_memory_size` on 8.6."""
+    if hasattr(engine, "device_memory_size_v2"):
+        return int(engine.device_memory_size_v2)
+    return int(engine.device_memory_size)
+
+
+def available_tactic_sources(trt: Any) -> tuple[str, ...]:
+    """The names in TACTIC_SOURCE_NAMES this TensorRT has (11.x: no cuBLAS/cuBLASLt/cuDNN)."""
+    source = getattr(trt, "TacticSource", None)
+    return tuple(n for n in TACTIC_SOURCE_NAMES if source is not None and hasattr(source, n.upper()))
 
 
 def parse_tactic_sources(spec: str | None) -> tuple[str, ...] | None:
@@ -111,14 +217,22 @@ def parse_tactic_sources(spec: str | None) -> tuple[str, ...] | None:
     return names
 
 
-def tactic_source_mask(trt: Any, names: tuple[str, ...]) -> int:
+def tactic_source_mask(trt: Any, names: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
+    """The builder's tactic-source bit mask from the sources in `names` this TensorRT has, and the
+    names it dropped because this version has no such source (cuBLAS/cuDNN on 11.x). Fails only
+    when nothing asked for is available."""
+    present = available_tactic_sources(trt)
+    used = tuple(n for n in names if n in present)
+    dropped = tuple(n for n in names if n not in present)
+    if names and not used:
+        raise EngineBuildError(
+            f"TensorRT {getattr(trt, '__version__', '?')} has none of the tactic sources {', '.join(names)}",
+            hint=f"choose from {', '.join(present) or 'the default (leave --tactic-sources out)'}",
+        )
     mask = 0
-    for name in names:
-        member = getattr(trt.TacticSource, name.upper(), None)
-        if member is None:
-            raise EngineBuildError(f"TensorRT {trt.__version__} has no tactic source {name!r}")
-        mask |= 1 << int(member)
-    return mask
+    for name in used:
+        mask |= 1 << int(getattr(trt.TacticSource, name.upper()))
+    return mask, dropped
 
 
 def make_logger(trt: Any, verbose: bool = False) -> Any:

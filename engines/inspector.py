@@ -14,7 +14,16 @@ inspector gives each engine layer its kernel and tensor formats. Joining them by
 - the fused Myelin blocks ({ForeignNode[first...last]}) with their I/O precisions. TensorRT 8.6
   does not break these down, so nodes inside one are attributed to the block by graph order.
 
-Everything here is plain JSON processing, so it is tested on machines without a GPU.
+The inspector JSON comes in two shapes, and both are read:
+
+- TensorRT 8.6 (and early 10.x): per-layer tensors carry one "Format/Datatype" string ("Channel
+  major FP16 format where channel % 8 == 0"), engine I/O is a "Bindings" list of names;
+- later 10.x and 11.x: per-layer tensors carry "Format" and a separate "Datatype" (spelled
+  "DataType" in places), and engine I/O is an "I/O Tensors" list of objects (Name, IOMode,
+  DataType, ...). The datatype field wins over the format text when both exist.
+
+Everything here is plain JSON processing, so it is tested on machines without a GPU
+(tests/data/inspector-*.layers.json hold one fixture of each shape).
 """
 
 from __future__ import annotations
@@ -163,7 +172,9 @@ def graph_order(graph: str | Path | Any) -> dict[str, int]:
 def precision_of(fmt: str) -> str:
     """'Thirty-two wide channel vectorized row major Int8 format' -> 'INT8', 'Half' -> 'FP16'."""
     low = fmt.lower()
-    for keys, label in ((("int8",), "INT8"), (("fp8",), "FP8"), (("bf16",), "BF16"), (("fp16", "half"), "FP16"), (("fp32", "float"), "FP32"), (("int32",), "INT32"), (("int64",), "INT64"), (("bool",), "BOOL")):
+    if low.startswith("n/a"):  # "N/A due to dynamic shapes" (TensorRT 8.6)
+        return "?"
+    for keys, label in ((("int8",), "INT8"), (("int4",), "INT4"), (("fp8",), "FP8"), (("fp4",), "FP4"), (("bf16", "bfloat16"), "BF16"), (("fp16", "half"), "FP16"), (("fp32", "float"), "FP32"), (("int32",), "INT32"), (("int64",), "INT64"), (("bool",), "BOOL")):
         if any(k in low for k in keys):
             return label
     return "?"
@@ -208,8 +219,37 @@ class EngineLayer:
         return "?"
 
 
+def tensor_precision(tensor: Mapping[str, Any]) -> str:
+    """A layer tensor's precision in either schema: the separate "Datatype"/"DataType" field
+    (10.x/11.x) when present, else the combined "Format/Datatype" text (8.6), else "Format"."""
+    for key in ("Datatype", "DataType"):
+        if tensor.get(key):
+            return precision_of(str(tensor[key]))
+    return precision_of(str(tensor.get("Format/Datatype", tensor.get("Format", ""))))
+
+
+@dataclass
+class EngineIO:
+    name: str
+    mode: str  # "input" / "output" / "?" (8.6's "Bindings" gives names only)
+    precision: str  # "?" when the schema does not say
+
+
+def parse_io(info: Mapping[str, Any]) -> list[EngineIO]:
+    """The engine's I/O tensors: 10.x/11.x "I/O Tensors" objects, or 8.6's "Bindings" names."""
+    io = info.get("I/O Tensors")
+    if isinstance(io, list):
+        out = []
+        for t in io:
+            if isinstance(t, Mapping):
+                dtype = t.get("DataType", t.get("Datatype"))
+                out.append(EngineIO(str(t.get("Name", "")), str(t.get("IOMode", "?")).lower(), precision_of(str(dtype)) if dtype else "?"))
+        return out
+    return [EngineIO(str(n), "?", "?") for n in info.get("Bindings", []) if isinstance(n, str)]
+
+
 def parse_layers(info: Mapping[str, Any]) -> list[EngineLayer]:
-    """Parse TensorRT's LayerInformationFormat.JSON (8.6 and 10.x spell a few fields differently)."""
+    """Parse TensorRT's LayerInformationFormat.JSON, in the 8.6 or the 10.x/11.x schema."""
     raw = info.get("Layers", info.get("layers"))
     if not isinstance(raw, list):
         raise OnnxModelError("engine layer information has no 'Layers' list", hint="build the engine with qdiff (profiling verbosity DETAILED)")
@@ -218,7 +258,7 @@ def parse_layers(info: Mapping[str, Any]) -> list[EngineLayer]:
         if isinstance(entry, str):  # built without DETAILED verbosity: names only
             entry = {"Name": entry}
         name = str(entry.get("Name", ""))
-        fmts = lambda key: [precision_of(str(t.get("Format/Datatype", t.get("Format", "")))) for t in entry.get(key, []) if isinstance(t, Mapping)]  # noqa: E731
+        fmts = lambda key: [tensor_precision(t) for t in entry.get(key, []) if isinstance(t, Mapping)]  # noqa: E731
         match = _FOREIGN.search(name)
         foreign = None
         nodes: list[str] = []
@@ -262,6 +302,7 @@ class InspectReport:
     nodes: list[NodePrecision]
     layers: list[EngineLayer]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    io: list[EngineIO] = field(default_factory=list)
 
     # -- summaries
     def _compute(self, ops: Sequence[str]) -> list[NodePrecision]:
@@ -288,6 +329,7 @@ class InspectReport:
             "standalone_quantize_layers": sum(1 for lay in reformats if lay.is_standalone_quantize),
             "fused_blocks": len(myelin),
             "fused_blocks_with_fp32_io": sum(1 for lay in myelin if "FP32" in lay.inputs + lay.outputs),
+            "io": {t.name: t.precision for t in self.io},
         }
         if self.timings_ms:
             total = sum(self.timings_ms.values())
@@ -358,6 +400,7 @@ def inspect(onnx_path: str | Path, layer_info: Mapping[str, Any], input_shapes: 
     model = load_graph(onnx_path)  # once: both the MAC count and the node order read it
     report = join(graph_nodes(model, input_shapes, name=str(onnx_path)), parse_layers(layer_info), graph_order(model))
     report.timings_ms = dict(timings_ms or {})
+    report.io = parse_io(layer_info)
     return report
 
 
@@ -374,6 +417,8 @@ def to_markdown(report: InspectReport, title: str = "Engine inspection", top: in
         f"- matmuls: {m['total']} ({m['int8']} INT8, {m['fp16']} FP16, {m['fp32']} FP32, {m['in_fused_blocks']} in fused blocks)",
         f"- engine layers: {s['layers']}; reformat layers: {s['reformat_layers']} ({s['standalone_quantize_layers']} of them QuantizeLinear that TensorRT could not fuse into the producer); fused (Myelin) blocks: {s['fused_blocks']}, {s['fused_blocks_with_fp32_io']} with FP32 inputs/outputs (formats are reported only for static-shape engines)",
     ]
+    if report.io:
+        lines.append("- engine I/O: " + ", ".join(f"{t.name} ({t.mode}, {t.precision})" if t.mode != "?" else t.name for t in report.io))
     if report.timings_ms:
         lines.append(f"- profiled time per call (sum of layers): {s['profile_ms_total']:.3f} ms; by kind: " + ", ".join(f"{k} {v:.3f} ms" for k, v in s["profile_ms_by_kind"].items()))
         lines += ["", f"## Slowest {top} layers", "", "| ms | share | type | precision (in -> out) | layer |", "| ---: | ---: | --- | --- | --- |"]

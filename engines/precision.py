@@ -1,5 +1,11 @@
 """Network-level precision for the float parts of an explicitly quantized (Q/DQ) network.
 
+TensorRT < 10 only (weakly typed networks). On TensorRT >= 10 qdiff builds strongly typed
+networks, whose precisions come from the graph; the APIs used here (`ILayer.precision`,
+`ILayer.set_output_type`, `BuilderFlag.PREFER_PRECISION_CONSTRAINTS`) are deprecated in 10 and
+removed in 11, so `pin_float_layers` refuses to run there and the builder refuses
+`--float-layers` before parsing.
+
 Why this exists: in a Q/DQ network TensorRT takes INT8 from the graph, and the FP16 builder
 flag only *allows* FP16 elsewhere. On the SD 1.5 UNet with TensorRT 8.6 every INT8 engine ran
 its float transformer blocks 2.6x slower than the FP16 engine, with 14x the activation memory
@@ -25,6 +31,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from qdiff.engines.compat import network_typing
+from qdiff.errors import EngineBuildError
+
 FLOAT_LAYER_PRECISIONS = ("fp16",)
 
 
@@ -45,6 +54,11 @@ def _layer_types(trt: Any, *names: str) -> set[Any]:
 
 def pin_float_layers(trt: Any, network: Any, config: Any) -> PinReport:
     """Prefer FP16 for the float layers of `network` (see the module docstring)."""
+    if not hasattr(trt.BuilderFlag, "PREFER_PRECISION_CONSTRAINTS") or network_typing(trt) == "strong":
+        raise EngineBuildError(
+            f"--float-layers applies to TensorRT < 10 only (weakly typed networks); TensorRT {getattr(trt, '__version__', '?')} takes every precision from the graph",
+            hint="drop --float-layers and build an FP16 graph (`qdiff export --dtype fp16`)",
+        )
     quantize, dequantize = _layer_types(trt, "QUANTIZE"), _layer_types(trt, "DEQUANTIZE")
     qdq = quantize | dequantize
     # A Cast layer's output type is its target type: a constraint on it is an error (8.6 asserts).

@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 
 from qdiff.engines.compat import import_tensorrt
+from qdiff.engines.runner import TensorRTEngine
 
 
 def profile_layers(engine: str | Path, feeds: dict[str, torch.Tensor], *, runs: int = 20, warmup: int = 5, verify: bool = True) -> dict[str, float]:
     """Median milliseconds per engine layer at the shapes of `feeds`."""
-    from qdiff.runtime.tensorrt_backend import TensorRTEngine
-
     trt = import_tensorrt()
     runner = TensorRTEngine(engine, verify=verify, cuda_graphs=False)
     inputs = runner.prepare(feeds)

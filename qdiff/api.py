@@ -394,7 +394,7 @@ def inspect_engine(engine: str | Path, *, onnx: str | Path | None = None, profil
         layer_info = json.loads(layers_file.read_text(encoding="utf-8"), strict=False)
     else:
         from qdiff.engines.builder import layer_information
-        from qdiff.runtime.tensorrt_backend import TensorRTEngine
+        from qdiff.engines.runner import TensorRTEngine
 
         runner = TensorRTEngine(info.path)
         layer_info = layer_information(runner.trt, runner.engine, info.profile)

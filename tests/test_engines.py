@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -235,22 +236,104 @@ def test_cli_build_takes_float_layers_and_quantize_takes_placement():
 
 
 def test_strongly_typed_needs_an_fp16_graph(uncond_graphs, tmp_path):
-    """--strongly-typed takes the graph's types: from qdiff's FP32 graphs it would build an FP32
-    engine, so it is refused with the build that does what the user wants."""
+    """A strongly typed network (TensorRT >= 10) takes the graph's types: from qdiff's FP32 graphs
+    it would build an FP32 engine, so they are refused, naming the float32 initializers found and
+    the command that makes the FP16 graph. The check reads initializers, not only the inputs."""
+    import numpy as np
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     from qdiff.engines.builder import check_strongly_typed
 
     fp32, qdq = uncond_graphs
-    for path in (fp32, qdq):
+    for path, remake in ((fp32, "qdiff export MODEL -o OUT --dtype fp16"), (qdq, "qdiff quantize FP16_GRAPH.onnx --calib TABLE --dtype fp16")):
         with pytest.raises(EngineBuildError, match="FP32 graph") as info:
-            check_strongly_typed(graph_facts(path), path)
-        assert "without --strongly-typed" in info.value.hint
-    x = helper.make_tensor_value_info("sample", TensorProto.FLOAT16, [1, 4])
-    y = helper.make_tensor_value_info("out", TensorProto.FLOAT16, [1, 4])
-    half = tmp_path / "half.onnx"
-    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["sample"], ["out"])], "g", [x], [y])), str(half))
+            check_strongly_typed(graph_facts(path), path, "int8" if path == qdq else "fp16")
+        facts = graph_facts(path)
+        largest = max(facts.types.fp32_initializers, key=lambda kv: kv[1])[0]
+        assert f"float32 initializers (100% of the float weight elements), e.g. {largest} (" in info.value.message
+        assert remake in info.value.hint and "TensorRT 8.6" in info.value.hint
+    check_strongly_typed(graph_facts(fp32), fp32, "fp32")  # an FP32 engine from an FP32 graph is what was asked
+
+    def graph(path: Path, input_type: int, weight_dtype: Any, island: bool = False) -> Path:
+        x = helper.make_tensor_value_info("sample", input_type, [1, 4])
+        y = helper.make_tensor_value_info("out", input_type, [1, 4])
+        inits = [numpy_helper.from_array(np.ones((4, 4), weight_dtype), "w")]
+        nodes = [helper.make_node("MatMul", ["sample", "w"], ["out"])]
+        if island:  # a small FP32 island (a tensor that would overflow FP16) stays allowed
+            inits.append(numpy_helper.from_array(np.ones((2,), np.float32), "island_scale"))
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits)), str(path))
+        return path
+
+    half = graph(tmp_path / "half.onnx", TensorProto.FLOAT16, np.float16, island=True)
     facts = graph_facts(half)
-    assert facts.float16_inputs
-    check_strongly_typed(facts, half)  # an FP16 graph passes
+    assert facts.float16_inputs and 0 < facts.types.fp32_weight_share < 0.2
+    check_strongly_typed(facts, half)  # an FP16 graph with an FP32 island passes
+    # FP16 inputs are not enough: FP32 weights behind them make it an FP32 graph.
+    sneaky = graph(tmp_path / "sneaky.onnx", TensorProto.FLOAT16, np.float32)
+    with pytest.raises(EngineBuildError, match=r"1 float32 initializers \(100% of the float weight elements\), e.g. w \(16\)"):
+        check_strongly_typed(graph_facts(sneaky), sneaky)
+
+
+# ----------------------------------------------------------------------------- inspector: both JSON schemas
+
+
+def _small_qdq_graph(path: Path) -> Path:
+    """The graph tests/data/inspector-*.layers.json describe: x -> Q/DQ -> conv1 (weight via DQ)
+    -> relu -> conv2 (float) -> out, FP16."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    h = lambda name, a: numpy_helper.from_array(np.asarray(a, dtype=np.float16), name)  # noqa: E731
+    inits = [
+        h("x_scale", 0.02), numpy_helper.from_array(np.int8(0), "x_zp"),
+        numpy_helper.from_array(np.ones((8, 4, 3, 3), np.int8), "w1_q"), h("w1_scale", np.full(8, 0.01)), numpy_helper.from_array(np.zeros(8, np.int8), "w1_zp"),
+        h("w2", np.zeros((4, 8, 3, 3))),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"], name="q_x"),
+        helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="dq_x"),
+        helper.make_node("DequantizeLinear", ["w1_q", "w1_scale", "w1_zp"], ["w1"], name="dq_w", axis=0),
+        helper.make_node("Conv", ["x_dq", "w1"], ["c1"], name="/conv1/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="/relu/Relu"),
+        helper.make_node("Conv", ["r1", "w2"], ["out"], name="/conv2/Conv", pads=[1, 1, 1, 1]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT16, [1, 4, 8, 8])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 19)])
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("schema", ["trt86", "trt10"])
+def test_inspector_reads_the_86_and_the_10_11_json_schema(schema, tmp_path):
+    """TensorRT 8.6 writes one "Format/Datatype" string per tensor and "Bindings"; 10.x/11.x write
+    "Format" + "Datatype" and "I/O Tensors". The same engine gives the same precisions in both."""
+    graph = _small_qdq_graph(tmp_path / "g.onnx")
+    info = json.loads((DATA / f"inspector-{schema}.layers.json").read_text())
+    report = inspect(graph, info, {"x": (1, 4, 8, 8)})
+    by_node = {n.node: n for n in report.nodes}
+    assert by_node["/conv1/Conv"].precision == "INT8" and by_node["/conv1/Conv"].quantized_in_graph
+    assert by_node["/conv2/Conv"].precision == "FP16" and "unquantized" in by_node["/conv2/Conv"].reason
+    assert [lay.inputs for lay in report.layers] == [["FP16"], ["FP16"], ["INT8"], ["FP16"]]
+    assert [lay.outputs for lay in report.layers] == [["FP16"], ["INT8"], ["FP16"], ["FP16"]]
+    s = report.summary()
+    assert s["convolutions"] == {"total": 2, "int8": 1, "fp16": 1, "fp32": 0, "in_fused_blocks": 0}
+    assert s["int8_mac_share"] == 0.5  # two convs of equal MACs
+    assert s["standalone_quantize_layers"] == 1 and s["reformat_layers"] == 2
+    if schema == "trt10":
+        assert s["io"] == {"x": "FP16", "out": "FP16"}
+        assert "engine I/O: x (input, FP16), out (output, FP16)" in to_markdown(report)
+    else:
+        assert s["io"] == {"x": "?", "out": "?"}  # 8.6's Bindings are names only
+
+
+def test_precision_strings_of_the_separate_datatype_field():
+    from qdiff.engines.inspector import tensor_precision
+
+    assert tensor_precision({"Format": "Channel major", "Datatype": "Int8"}) == "INT8"
+    assert tensor_precision({"Format": "Row major linear", "DataType": "BFloat16"}) == "BF16"
+    assert tensor_precision({"Format/Datatype": "Row major linear FP32"}) == "FP32"
+    assert tensor_precision({"Format/Datatype": "N/A due to dynamic shapes"}) == "?"
+    assert precision_of("BFloat16") == "BF16" and precision_of("FP8") == "FP8"

@@ -1,0 +1,259 @@
+"""Issue 12 part 5 in ONE GPU command: FP16-graph engines on TensorRT 8.6, and where INT8 crosses FP16.
+
+    python benchmarks/sd15_crossover.py --work /tmp/sd15 --out $OUT --budget-s 530 --opt-level 1
+
+Why one command: a device session has 30 minutes and a machine is given back between calls,
+so export, calibration, four engine builds and the timing must fit in one ~9-minute call. So:
+
+- the FP32 and the FP16 export run at once (separate processes), calibration follows the FP32
+  export, and each engine build starts as soon as its graph exists, in its own background
+  process (the machine has 16 cores; builds are mostly CPU-bound tactic search);
+- each precision is built ONCE, with one dynamic profile covering every shape in
+  CROSSOVER_SHAPES (batch 1, 2, 8 at 64x64 latents; 1, 2 at 128x128), and timed per shape: a
+  static-shape engine per shape would not fit. A dynamic-profile engine may pick other tactics
+  than a static one, so these ms are not the same experiment as the static rows of
+  h200-sd15-unet.md, and the builder optimization level (`--opt-level`) is lowered to fit the
+  budget; both are recorded in the output;
+- every step that finishes is written at once (JSON + Markdown in --out), so a run cut short
+  still returns what it measured; a step that fails (e.g. 8.6's parser on the opset-19 FP16
+  Q/DQ graph) is a row with its error, not a crash.
+
+Engines: TensorRT FP16 from the FP32 graph (today's), FP16 from the FP16 graph, W8A8 from the
+FP32 Q/DQ graph (today's), W8A8 from the FP16 Q/DQ graph. Per engine and shape: ms per call
+(median of --iters after --warmup, CUDA events, CUDA-graph replay), relative L2 error vs the
+FP32 PyTorch UNet on the same inputs; per engine: activation memory (device memory of the
+engine at its profile's max), INT8 share of conv/matmul MACs (engine inspector), build seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # after site-packages: an installed qdiff wins over the source folder (its stage folders map by package-dir)
+
+from benchmarks.sd15_unet import CROSSOVER_ENGINES, CROSSOVER_SHAPES, ENGINES, _gpu_facts, _graph, _versions, make_model, time_calls  # noqa: E402
+
+SCRIPT = str(ROOT / "benchmarks" / "sd15_unet.py")
+
+
+def _gpu_or_none() -> dict[str, Any]:
+    try:
+        return _gpu_facts()
+    except (AssertionError, RuntimeError) as exc:  # no CUDA here: a dry run of the orchestration
+        return {"gpu": "none", "driver": "-", "error": str(exc)[:200]}
+
+
+class Run:
+    """The result document, rewritten (JSON + Markdown) after every step."""
+
+    def __init__(self, out: Path, args: argparse.Namespace) -> None:
+        self.out = out
+        self.t0 = time.monotonic()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "logs").mkdir(exist_ok=True)
+        self.doc: dict[str, Any] = {
+            "what": "SD 1.5 UNet (qdiff/configs/sd15-unet.json, seeded random weights), 77 text tokens; FP32 vs FP16 graphs, FP16 vs W8A8 engines",
+            "method": (
+                f"one engine per precision, built once with ONE dynamic profile covering batch 1-8 and 64-128 latents (opt: batch 2, 64x64), timed per shape; "
+                f"builder optimization level {args.opt_level}; cuBLAS/cuDNN tactics {os.environ.get('QDIFF_TRT_TACTIC_SOURCES', 'default')}; "
+                f"CUDA events, {args.warmup} warm-up calls then the median of {args.iters}, CUDA-graph replay; inputs/outputs FP32 on the GPU; "
+                f"error = relative L2 vs the FP32 PyTorch UNet on the same inputs; calibration: {args.timesteps} timesteps x 2 samples, {args.calib_steps}-step DDIM"
+            ),
+            "budget_s": args.budget_s,
+            "gpu": _gpu_or_none(),
+            "versions": _versions(),
+            "date": time.strftime("%Y-%m-%d"),
+            "steps": [],
+            "engines": {},
+            "rows": [],
+        }
+        self.save()
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.t0:5.0f} s] {msg}", flush=True)
+
+    def save(self) -> None:
+        (self.out / "h200-sd15-crossover.json").write_text(json.dumps(self.doc, indent=1))
+        (self.out / "h200-sd15-crossover.md").write_text(to_markdown(self.doc))
+
+
+class Job:
+    def __init__(self, name: str, argv: list[str], after: tuple[str, ...] = ()) -> None:
+        self.name, self.argv, self.after = name, argv, after
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.state = "waiting"  # waiting / running / ok / failed / skipped / timeout
+
+
+def run_jobs(run: Run, jobs: list[Job], deadline: float) -> dict[str, Job]:
+    """Start each job when the jobs it needs succeeded; kill what is still running at the deadline."""
+    by_name = {j.name: j for j in jobs}
+    while True:
+        now = time.monotonic()
+        for job in jobs:
+            if job.state == "waiting":
+                deps = [by_name[d].state for d in job.after]
+                if any(s in ("failed", "skipped", "timeout") for s in deps):
+                    job.state = "skipped"
+                    _step(run, job, f"skipped: needs {', '.join(job.after)}", 0.0)
+                elif all(s == "ok" for s in deps):
+                    log = open(run.out / "logs" / f"{job.name}.log", "w")
+                    job.proc = subprocess.Popen([sys.executable, SCRIPT, *job.argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                    job.started, job.state = now, "running"
+                    run.log(f"start {job.name}")
+            elif job.state == "running" and job.proc is not None:
+                rc = job.proc.poll()
+                if rc is not None:
+                    job.state = "ok" if rc == 0 else "failed"
+                    _step(run, job, "ok" if rc == 0 else f"exit {rc}: {_tail(run, job)}", now - job.started)
+                elif now > deadline:
+                    job.proc.kill()
+                    job.proc.wait()
+                    job.state = "timeout"
+                    _step(run, job, f"not finished within the budget ({now - job.started:.0f} s); killed", now - job.started)
+        if all(j.state not in ("waiting", "running") for j in jobs):
+            return by_name
+        time.sleep(2.0)
+
+
+def _tail(run: Run, job: Job, lines: int = 4) -> str:
+    text = (run.out / "logs" / f"{job.name}.log").read_text(errors="replace").strip().splitlines()
+    keep = [ln for ln in text if "error" in ln.lower() or "hint" in ln.lower()] or text
+    return " | ".join(keep[-lines:])[-1200:]
+
+
+def _step(run: Run, job: Job, result: str, seconds: float) -> None:
+    run.doc["steps"].append({"step": job.name, "result": result, "seconds": round(seconds, 1)})
+    run.log(f"{job.name}: {result}")
+    run.save()
+
+
+def bench(run: Run, args: argparse.Namespace, built: list[str]) -> None:
+    """Time every built engine at every crossover shape; error vs the FP32 PyTorch UNet."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from qdiff import api
+    from qdiff.engines.manifest import read_engine_manifest
+    from qdiff.metrics import relative_l2
+    from qdiff.runtime.tensorrt_backend import TensorRTDenoiser
+
+    def inputs(batch: int, side: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(batch * 1000 + side)
+        return {"sample": torch.randn(batch, 4, side, side, generator=g).cuda(), "timestep": torch.full((batch,), 500.0).cuda(), "encoder_hidden_states": torch.randn(batch, 77, 768, generator=g).cuda()}
+
+    feeds = {shape: inputs(*shape) for shape in CROSSOVER_SHAPES}
+    unet = UNet2DConditionModel.from_pretrained(args.work / "sd15-unet").eval().cuda()
+    with torch.no_grad():
+        ref = {k: unet(f["sample"], f["timestep"], f["encoder_hidden_states"], return_dict=False)[0].float() for k, f in feeds.items()}
+    del unet
+    torch.cuda.empty_cache()
+    for which in built:
+        engine_dir = args.work / f"engine-{which}"
+        d = read_engine_manifest(engine_dir).manifest.details
+        facts: dict[str, Any] = {"label": ENGINES[which][3], "graph": str(_graph(args.work, which).name), "typing": d.get("typing"), "build_s": d.get("build_seconds"), "plan_mib": round(d.get("plan_bytes", 0) / 2**20), "activation_mib_at_profile_max": round(d.get("device_memory_bytes", 0) / 2**20), "optimization_level": d.get("optimization_level")}
+        try:
+            summary = api.inspect_engine(engine_dir, out=run.out / f"inspect-{which}").summary()
+            facts.update(int8_mac_share=summary["int8_mac_share"], int8_convs=f"{summary['convolutions']['int8']}/{summary['convolutions']['total']}", fused_blocks_fp32_io=f"{summary['fused_blocks_with_fp32_io']}/{summary['fused_blocks']}")
+        except Exception as exc:  # noqa: BLE001  (a report must not cost the timing)
+            facts["inspect_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        run.doc["engines"][which] = facts
+        run.save()
+        denoiser = TensorRTDenoiser(engine_dir)
+        for (batch, side), f in feeds.items():
+            call = lambda f=f: denoiser(f["sample"], f["timestep"], f["encoder_hidden_states"])  # noqa: E731
+            try:
+                stats = time_calls(call, args.warmup, args.iters)
+                row = {"engine": which, "batch": batch, "latent": side, **stats, "rel_l2_vs_fp32": relative_l2(call().float(), ref[(batch, side)])}
+            except Exception as exc:  # noqa: BLE001
+                row = {"engine": which, "batch": batch, "latent": side, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            run.doc["rows"].append(row)
+            run.log(json.dumps(row))
+            run.save()
+        del denoiser
+        torch.cuda.empty_cache()
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    gpu, v = doc["gpu"], doc["versions"]
+    lines = [
+        f"# SD 1.5 UNet on {gpu['gpu']}: FP16 graphs and the INT8/FP16 crossover on TensorRT {v.get('tensorrt')} ({doc['date']})",
+        "",
+        doc["what"] + ".",
+        f"Method: {doc['method']}. GPU driver {gpu.get('driver')}; " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "",
+        "## Engines",
+        "",
+        "| engine | graph | typing | build (s) | plan / activations at profile max (MiB) | INT8 MAC share | INT8 convs |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for which, e in doc["engines"].items():
+        share = f"{e['int8_mac_share']:.1%}" if "int8_mac_share" in e else e.get("inspect_error", "-")
+        lines.append(f"| {e['label']} | {e['graph']} | {e.get('typing')} | {e.get('build_s')} | {e['plan_mib']} / {e['activation_mib_at_profile_max']} | {share} | {e.get('int8_convs', '-')} |")
+    lines += ["", "## ms per call (median) and rel-L2 vs FP32 PyTorch, per shape", "", "| engine | " + " | ".join(f"b{b} {s}x{s}" for b, s in CROSSOVER_SHAPES) + " |", "| --- |" + " ---: |" * len(CROSSOVER_SHAPES)]
+    for which in doc["engines"]:
+        cells = []
+        for b, s in CROSSOVER_SHAPES:
+            r = next((r for r in doc["rows"] if r["engine"] == which and r["batch"] == b and r["latent"] == s), None)
+            cells.append("-" if r is None else f"error: {r['error'][:60]}" if "error" in r else f"{r['median_ms']:.2f} ({r['rel_l2_vs_fp32']:.3f})")
+        lines.append(f"| {doc['engines'][which]['label']} | " + " | ".join(cells) + " |")
+    fp16 = {(r["batch"], r["latent"]): r["median_ms"] for r in doc["rows"] if r["engine"] == "fp16" and "median_ms" in r}
+    int8 = [r for r in doc["rows"] if r["engine"].startswith("int8") and "median_ms" in r]
+    if fp16 and int8:
+        lines += ["", "INT8 vs TensorRT FP16 (FP32 graph) at each shape, FP16 ms / INT8 ms (> 1: INT8 faster):", ""]
+        for r in int8:
+            key = (r["batch"], r["latent"])
+            if key in fp16:
+                lines.append(f"- {r['engine']} b{key[0]} {key[1]}x{key[1]}: {fp16[key] / r['median_ms']:.2f}x")
+    lines += ["", "## Steps", "", "| step | seconds | result |", "| --- | ---: | --- |"]
+    lines += [f"| {s['step']} | {s['seconds']} | {s['result'].replace('|', '/')} |" for s in doc["steps"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/sd15"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--budget-s", type=float, default=530.0, help="wall seconds for the whole run; builds are killed at budget minus --bench-reserve-s")
+    p.add_argument("--bench-reserve-s", type=float, default=110.0)
+    p.add_argument("--opt-level", type=int, default=1, help="builder optimization level for every engine (lowered from 3 to fit the budget)")
+    p.add_argument("--timesteps", type=int, default=4)
+    p.add_argument("--calib-steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--engines", default=",".join(CROSSOVER_ENGINES))
+    args = p.parse_args(argv)
+    run = Run(args.out, args)
+    deadline = run.t0 + args.budget_s - args.bench_reserve_s
+    make_model(args.work)
+    w = ["--work", str(args.work)]
+    build = lambda which, after: Job(f"build-{which}", ["build", *w, "--which", which, "--crossover-profile", "--opt-level", str(args.opt_level)], after)  # noqa: E731
+    quant = ["--timesteps", str(args.timesteps), "--samples", "2", "--calib-steps", str(args.calib_steps), "--placements", "all"]
+    wanted = args.engines.split(",")
+    jobs = [
+        Job("export-fp32", ["export", *w]),
+        Job("export-fp16", ["export", *w, "--dtype", "fp16"]),
+        Job("quantize-fp32", ["quantize", *w, *quant], ("export-fp32",)),
+        Job("quantize-fp16", ["quantize", *w, *quant, "--reuse-table", "--dtype", "fp16"], ("export-fp16", "quantize-fp32")),
+    ]
+    needs = {"fp16": ("export-fp32",), "fp16-g16": ("export-fp16",), "int8": ("quantize-fp32",), "int8-g16": ("quantize-fp16",)}
+    jobs += [build(which, needs[which]) for which in wanted]
+    done = run_jobs(run, jobs, deadline)
+    built = [which for which in wanted if done[f"build-{which}"].state == "ok"]
+    run.log(f"built: {', '.join(built) or 'nothing'}; timing")
+    if built:
+        bench(run, args, built)
+    run.log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
