@@ -197,23 +197,20 @@ def overflow_islands(model: onnx.ModelProto, maxima: dict[str, float], limit: fl
                     if m > FP16_MAX:
                         big_constants[node.output[0]] = m
     for node in model.graph.node:
-        if node.name in islands:
+        found = next(((n, big_constants[n]) for n in node.input if n in big_constants), None)
+        if found is not None:
+            name, c = found
+            islands[node.name] = Fp32Island(node.name, node.op_type, name, c, f"constant {name} holds {c:.4g} > FP16 max {FP16_MAX:g}")
             continue
-        for name in node.output:
-            m = maxima.get(name, 0.0)
-            if m > limit:
-                islands[node.name] = Fp32Island(node.name, node.op_type, name, m, f"output {name} reaches {m:.4g} > {limit:g} on the probe inputs")
-                break
-        else:
-            for name in node.input:
-                m = maxima.get(name, 0.0)
-                if m > limit:
-                    islands[node.name] = Fp32Island(node.name, node.op_type, name, m, f"input {name} reaches {m:.4g} > {limit:g} on the probe inputs")
-                    break
-                if name in big_constants:
-                    c = big_constants[name]
-                    islands[node.name] = Fp32Island(node.name, node.op_type, name, c, f"constant {name} holds {c:.4g} > FP16 max {FP16_MAX:g}")
-                    break
+        found = next(((n, maxima[n]) for n in node.output if maxima.get(n, 0.0) > limit), None)
+        if found is not None:
+            name, m = found
+            islands[node.name] = Fp32Island(node.name, node.op_type, name, m, f"output {name} reaches {m:.4g} > {limit:g} on the probe inputs")
+            continue
+        found = next(((n, maxima[n]) for n in node.input if maxima.get(n, 0.0) > limit), None)
+        if found is not None:
+            name, m = found
+            islands[node.name] = Fp32Island(node.name, node.op_type, name, m, f"input {name} reaches {m:.4g} > {limit:g} on the probe inputs")
     unnamed = [i for i in islands if not i]
     if unnamed:
         raise QuantizationError("an FP16 overflow was found at a node without a name; the FP32 island cannot be addressed", hint="re-export with `qdiff export` (it names every node)")

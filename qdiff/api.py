@@ -349,18 +349,21 @@ def _probe_size(export_manifest: Manifest | None) -> int:
 
 
 def quantize_int4_weight_only(
-    onnx_path: str | Path, out: str | Path | None = None, *, block_size: int = 128, exclude: tuple[str, ...] = (), force: bool = False
+    onnx_path: str | Path, out: str | Path | None = None, *, block_size: int = 128, exclude: tuple[str, ...] = (), force: bool = False, dtype: str = "fp32"
 ) -> QuantizeResult:
     """INT4 block-quantized MatMul/Gemm weights (weight-only, opset 21) for TensorRT >= 10.
 
-    Needs no calibration: scales come from the weights. Writes `<stem>.int4wo.onnx`; see
+    Needs no calibration: scales come from the weights. Writes `<stem>.int4wo.onnx`
+    (`<stem>.int4wo.fp16.onnx` with `dtype="fp16"`: FP16 graph, FP16 block scales); see
     `qdiff.export.int4_weight_only` for the format."""
+    from qdiff.export.fp16 import check_dtype
     from qdiff.export.int4_weight_only import Int4WeightOnlyConfig, quantize_file
     from qdiff.export.onnx_io import publish_onnx
 
+    check_dtype(dtype)
     onnx_path = Path(onnx_path)
     config = Int4WeightOnlyConfig(block_size=block_size, exclude=tuple(exclude or ()))
-    name = f"{onnx_path.stem}.int4wo.onnx"
+    name = f"{onnx_path.stem}.int4wo.onnx" if dtype == "fp32" else f"{onnx_path.stem}.int4wo.fp16.onnx"
     target = Path(out) if out is not None else onnx_path.with_name(name)
     if target.suffix != ".onnx":
         target = target / name
@@ -370,7 +373,7 @@ def quantize_int4_weight_only(
     inputs = {"onnx_sha256": sha256_file(onnx_path)}
     if export_manifest is not None and export_manifest.inputs.get("model_sha256"):
         inputs["model_sha256"] = export_manifest.inputs["model_sha256"]
-    wanted = Manifest(kind="int4-weight-only-onnx", inputs=inputs, settings={"int4_weight_only": config.to_json()})
+    wanted = Manifest(kind="int4-weight-only-onnx", inputs=inputs, settings={"int4_weight_only": config.to_json(), "dtype": dtype})
     if not force and is_up_to_date(target, wanted):
         log(f"quantize: {target} is up to date; skipping")
         return QuantizeResult(target, read_manifest(target).details.get("coverage"), reused=True)
@@ -380,7 +383,7 @@ def quantize_int4_weight_only(
     dims = {"height": int(size), "width": int(size)} if isinstance(size, int) else None  # MACs at the model's own size
     with staging_dir(target.parent) as stage:
         staged = stage / target.name
-        report = quantize_file(onnx_path, staged, config, dims=dims)
+        report = quantize_file(onnx_path, staged, config, dims=dims, dtype=dtype)
         publish_onnx(staged, target)
     wanted.outputs = {"sha256": sha256_file(target)}
     wanted.details = {"coverage": report.to_json(), "weight_bits": 4, "int4_weight_only": True, "block_size": config.block_size}
