@@ -93,7 +93,9 @@ def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Re
     the graph stores them (`scale_in_dtype`), quantize/dequantize in float32 with the result
     rounded to FP16, as ONNX Runtime computes FP16 Q/DQ."""
     recipe = recipe or Recipe.from_json(table.recipe)
-    quantized = copy.deepcopy(model).eval().to(dtype)
+    quantized = copy.deepcopy(model).eval()
+    if dtype != torch.float32:
+        quantized = quantized.to(dtype)
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
 
     def scale_of(amax, qmax) -> np.ndarray:  # the shared rule, then the graph's storage type
