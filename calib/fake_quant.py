@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qdiff.calib.quant_math import fake_quantize, scale_from_amax
+import numpy as np
+
+from qdiff.calib.quant_math import fake_quantize, scale_from_amax, scale_in_dtype
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.calib.targets import select_targets
@@ -83,10 +85,22 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Recipe | None = None) -> nn.Module:
-    """A deep copy of `model` with every layer the table quantizes wrapped in `FakeQuantLayer`."""
+def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A deep copy of `model` with every layer the table quantizes wrapped in `FakeQuantLayer`.
+
+    `dtype=torch.float16` is the reference of the FP16 Q/DQ graph: the model in FP16 (run it
+    on the CPU in float16; torch has CPU kernels for every UNet op), scales rounded to FP16 as
+    the graph stores them (`scale_in_dtype`), quantize/dequantize in float32 with the result
+    rounded to FP16, as ONNX Runtime computes FP16 Q/DQ."""
     recipe = recipe or Recipe.from_json(table.recipe)
     quantized = copy.deepcopy(model).eval()
+    if dtype != torch.float32:
+        quantized = quantized.to(dtype)
+    np_dtype = np.float16 if dtype == torch.float16 else np.float32
+
+    def scale_of(amax, qmax) -> np.ndarray:  # the shared rule, then the graph's storage type
+        return scale_in_dtype(scale_from_amax(amax, qmax), np_dtype)
+
     targets, _ = select_targets(quantized, recipe)
     split = table.split_layers(recipe.split_shortcut, recipe.split_conv1)
     for target in targets:
@@ -99,14 +113,14 @@ def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Re
             wrapper = SplitShortcutFakeQuant(
                 target.module,
                 ranges.split_channels,
-                (float(scale_from_amax(ranges.shortcut_a, recipe.activation_qmax)), float(scale_from_amax(ranges.shortcut_b, recipe.activation_qmax))),
-                (torch.from_numpy(scale_from_amax(ranges.weight_a, recipe.weight_qmax)), torch.from_numpy(scale_from_amax(ranges.weight_b, recipe.weight_qmax))),
+                (float(scale_of(ranges.shortcut_a, recipe.activation_qmax)), float(scale_of(ranges.shortcut_b, recipe.activation_qmax))),
+                (torch.from_numpy(scale_of(ranges.weight_a, recipe.weight_qmax)), torch.from_numpy(scale_of(ranges.weight_b, recipe.weight_qmax))),
                 recipe.weight_qmax,
             )
             _set_submodule(quantized, target.name, wrapper)
             continue
-        input_scale = float(scale_from_amax(ranges.input, recipe.activation_qmax))
-        weight_scale = torch.from_numpy(scale_from_amax(ranges.weight, recipe.weight_qmax))
+        input_scale = float(scale_of(ranges.input, recipe.activation_qmax))
+        weight_scale = torch.from_numpy(scale_of(ranges.weight, recipe.weight_qmax))
         wrapper = FakeQuantLayer(target.module, input_scale, weight_scale, target.weight_axis, recipe.weight_qmax)
         _set_submodule(quantized, target.name, wrapper)
     return quantized

@@ -33,6 +33,22 @@ def scale_from_amax(amax: np.ndarray | float, qmax: int) -> np.ndarray:
     return (safe / qmax).astype(np.float32)
 
 
+def scale_in_dtype(scale: np.ndarray | float, dtype: type = np.float32) -> np.ndarray:
+    """A scale as an FP16 (or FP32) Q/DQ graph stores it: rounded to `dtype`, and never 0.
+
+    FP16 graphs carry FP16 scales (ONNX opset >= 19); a range below ~8e-6 x qmax would round
+    its scale to 0, which QuantizeLinear divides by, so such scales become FP16's smallest
+    subnormal instead. The graph pass and the FP16 fake-quant reference both call this, so both
+    quantize with the same stored scale.
+    """
+    stored = np.asarray(scale, dtype=np.float32).astype(dtype)
+    if np.dtype(dtype) == np.float16:
+        stored = np.maximum(stored, np.float16(np.finfo(np.float16).smallest_subnormal))
+        if not np.all(np.isfinite(stored)):
+            raise ValueError(f"a scale does not fit in FP16 (max {float(np.max(scale)):.3g})")
+    return np.asarray(stored, dtype=dtype)
+
+
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, axis: int | None = None, qmax: int = INT8_MAX
 ) -> torch.Tensor:
@@ -42,13 +58,18 @@ def fake_quantize(
     gives narrower integer grids (7 for INT4 values), clamped to [-qmax - 1, qmax] as the
     Q/DQ pass clips such weights before they reach an INT8 QuantizeLinear.
     """
-    scale = scale.to(dtype=x.dtype, device=x.device)
+    # In float32 whatever the tensor's type, as ONNX Runtime computes FP16 Q/DQ (x / scale and
+    # q * scale in float32, the DequantizeLinear output rounded to FP16 once); for a float32 x
+    # this is the same arithmetic as before.
+    out_dtype = x.dtype
+    x = x.float()
+    scale = scale.to(dtype=torch.float32, device=x.device)
     if axis is not None and scale.ndim == 1:
         shape = [1] * x.ndim
         shape[axis] = -1
         scale = scale.reshape(shape)
     q = torch.clamp(torch.round(x / scale), -qmax - 1, qmax)
-    return q * scale
+    return (q * scale).to(out_dtype)
 
 
 def is_finite_positive(value: float) -> bool:

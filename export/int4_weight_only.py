@@ -140,6 +140,10 @@ class Int4Report:
     ragged_blocks: list[str] = field(default_factory=list)
     model_bytes_before: int = 0
     model_bytes_after: int = 0
+    # "fp16": the graph was converted to FP16 first (FP16 scales, FP16 DequantizeLinear outputs,
+    # no Cast before the MatMul); the nodes kept FP32 by the overflow guard (`qdiff.export.fp16`).
+    dtype: str = "fp32"
+    fp32_islands: list[dict] = field(default_factory=list)
 
     @property
     def converted(self) -> list[Int4LayerDecision]:
@@ -185,6 +189,9 @@ class Int4Report:
         ]
         for d in self.skipped:
             lines.append(f"  float: {d.module} ({d.op}): {d.reason}")
+        if self.dtype == "fp16":
+            lines.append(f"  FP16 graph: {len(self.fp32_islands)} node(s) kept in FP32 (FP16 would overflow)")
+            lines += [f"  fp32: {i['node']} ({i['op']}): {i['reason']}" for i in self.fp32_islands]
         if self.ragged_blocks:
             shown = ", ".join(self.ragged_blocks[:5]) + (" ..." if len(self.ragged_blocks) > 5 else "")
             lines.append(f"  {len(self.ragged_blocks)} weight(s) with K not a multiple of {self.config.block_size} (shorter last block): {shown}")
@@ -205,6 +212,8 @@ class Int4Report:
             "opset_from": self.opset_from,
             "opset_upgrade": self.opset_upgrade,
             "ragged_blocks": self.ragged_blocks,
+            "dtype": self.dtype,
+            "fp32_islands": self.fp32_islands,
             "float_layers": [{"module": d.module, "op": d.op, "reason": d.reason, "macs": d.macs} for d in self.skipped],
             "layers": [
                 {"module": d.module, "op": d.op, "shape": list(d.shape), "macs": d.macs, "weight_rel_l2": d.weight_rel_l2}
@@ -530,10 +539,14 @@ def int4_weight_only(
 
 
 def quantize_file(
-    onnx_path: str | Path, out_path: str | Path, config: Int4WeightOnlyConfig | None = None, *, dims: dict[str, int] | None = None
+    onnx_path: str | Path, out_path: str | Path, config: Int4WeightOnlyConfig | None = None, *, dims: dict[str, int] | None = None, dtype: str = "fp32"
 ) -> Int4Report:
     """The pass from file to file. External data (graphs above 2 GB) stays external: the opset
-    is lifted on the weightless graph and the weights are read only for the rewrite."""
+    is lifted on the weightless graph and the weights are read only for the rewrite.
+
+    `dtype="fp16"`: the FP32 graph is probed for FP16 overflows, converted to FP16
+    (`qdiff.export.fp16`), and its block scales are FP16, so each DequantizeLinear gives FP16
+    straight into its MatMul/Gemm."""
     from onnx.external_data_helper import load_external_data_for_model
 
     from qdiff.export.onnx_io import external_data_locations, load_onnx, save_onnx
@@ -552,6 +565,16 @@ def quantize_file(
             load_external_data_for_model(upgraded, str(onnx_path.parent))
         except Exception as exc:
             raise OnnxModelError(f"{onnx_path}: its external data cannot be read ({type(exc).__name__}: {exc})", hint="the .data file may be truncated; re-export it") from exc
+    if dtype == "fp16":
+        from qdiff.export.fp16 import convert_to_fp16, is_fp16_graph, overflow_islands, probe_feeds, tensor_maxima
+
+        if is_fp16_graph(upgraded):
+            raise QuantizationError(f"{onnx_path.name} is already an FP16 graph", hint="give the FP32 graph from `qdiff export`; --dtype fp16 converts it")
+        maxima = tensor_maxima(onnx_path, probe_feeds(upgraded, size=int((dims or {}).get("height", DEFAULT_DIMS["height"]))))
+        islands = overflow_islands(upgraded, maxima)
+        upgraded = convert_to_fp16(upgraded, {i.node for i in islands})
+        config = Int4WeightOnlyConfig(**{**config.to_json(), "exclude": config.exclude, "scale_dtype": "float16"})
+        report.config, report.dtype, report.fp32_islands = config, "fp16", [i.to_json() for i in islands]
     out = rewrite_int4(upgraded, config, report, macs)
     del upgraded
     report.weighted_macs = sum(macs.values()) if macs else None

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qdiff.calib.quant_math import MIN_AMAX, scale_from_amax
+from qdiff.calib.quant_math import MIN_AMAX, scale_from_amax, scale_in_dtype
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.errors import QuantizationError
@@ -54,6 +54,10 @@ class QdqReport:
     unused_table_entries: list[str] = field(default_factory=list)
     # Ranges that took the degenerate-range rule (scale 1 / qmax), as `module:role[channel]`.
     degenerate_ranges: list[str] = field(default_factory=list)
+    # The graph's float type, and (FP16 graphs) the nodes kept in FP32 because FP16 would
+    # overflow there, each with its tensor, max |x| and reason (`qdiff.export.fp16`).
+    dtype: str = "fp32"
+    fp32_islands: list[dict] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[LayerDecision]:
@@ -75,6 +79,9 @@ class QdqReport:
         ]
         for d in self.skipped:
             lines.append(f"  float: {d.module} ({d.op}, {d.macs / 1e6:.2f} MMAC): {d.reason}")
+        if self.dtype == "fp16":
+            lines.append(f"  FP16 graph: {len(self.fp32_islands)} node(s) kept in FP32 (FP16 would overflow)")
+            lines += [f"  fp32: {i['node']} ({i['op']}): {i['reason']}" for i in self.fp32_islands]
         if self.degenerate_ranges:
             shown = ", ".join(self.degenerate_ranges[:5]) + (" ..." if len(self.degenerate_ranges) > 5 else "")
             lines.append(f"  {len(self.degenerate_ranges)} zero range(s) got scale 1/qmax: {shown}")
@@ -89,6 +96,8 @@ class QdqReport:
             "float_layers": [{"module": d.module, "op": d.op, "reason": d.reason, "macs": d.macs} for d in self.skipped],
             "unused_table_entries": self.unused_table_entries,
             "degenerate_ranges": self.degenerate_ranges,
+            "dtype": self.dtype,
+            "fp32_islands": self.fp32_islands,
         }
 
 
@@ -109,16 +118,29 @@ class _QdqBuilder:
         key = (tensor.name, scale.tobytes() + str(axis).encode())
         if key in self.cache:
             return self.cache[key]
-        scale_c = gs.Constant(f"{name}/scale", np.asarray(scale, dtype=np.float32))
+        # The scale and the DequantizeLinear output take the tensor's own float type: FP16 in an
+        # FP16 graph (opset >= 19), so no Cast sits between a DequantizeLinear and its layer.
+        dtype = tensor_dtype(tensor)
+        try:
+            stored = scale_in_dtype(scale, dtype)
+        except ValueError as exc:
+            raise QuantizationError(f"{name}: scale for tensor {tensor.name}: {exc}", hint="keep this layer in FP32 (--exclude) or use --dtype fp32") from exc
+        scale_c = gs.Constant(f"{name}/scale", stored)
         zero_c = gs.Constant(f"{name}/zero_point", np.zeros(scale.shape, dtype=np.int8))
         attrs = {"axis": axis} if axis is not None else {}
         quantized = gs.Variable(f"{name}/quantized", dtype=np.int8)
-        dequantized = gs.Variable(f"{name}/dequantized", dtype=np.float32)
+        dequantized = gs.Variable(f"{name}/dequantized", dtype=dtype)
         self.graph.nodes.append(gs.Node("QuantizeLinear", f"{name}/QuantizeLinear", attrs, [tensor, scale_c, zero_c], [quantized]))
         self.graph.nodes.append(gs.Node("DequantizeLinear", f"{name}/DequantizeLinear", attrs, [quantized, scale_c, zero_c], [dequantized]))
         self.cache[key] = dequantized
         self.pairs += 1
         return dequantized
+
+
+def tensor_dtype(tensor: gs.Tensor) -> type:
+    """The float type of a graph tensor (a Constant's values, a Variable's declared type)."""
+    dtype = tensor.values.dtype if isinstance(tensor, gs.Constant) else tensor.dtype
+    return np.float16 if dtype is not None and np.dtype(dtype) == np.float16 else np.float32
 
 
 def _clip_weight(weight: np.ndarray, scale: np.ndarray, axis: int, qmax: int) -> np.ndarray:
@@ -217,12 +239,60 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
     return out, report
 
 
-def quantize_file(onnx_path: str | Path, table: CalibrationTable, out_path: str | Path, recipe: Recipe | None = None) -> QdqReport:
+def table_overflow_islands(model: onnx.ModelProto, table: CalibrationTable, limit: float) -> list:
+    """Weighted layers whose input range in the calibration table (real calibration data, from
+    the model's own sampling loop) is above the FP16 limit: they stay FP32 too."""
+    from qdiff.export.fp16 import Fp32Island
+
+    islands = []
+    for wn in weighted_nodes(gs.import_onnx(model)):
+        ranges = table.layers.get(wn.module)
+        amaxes = [] if ranges is None else [("input", ranges.input), ("shortcut_a", ranges.shortcut_a), ("shortcut_b", ranges.shortcut_b)]
+        for role, amax in amaxes:
+            if amax is not None and amax > limit:
+                islands.append(Fp32Island(wn.node.name, wn.op, wn.activation.name, float(amax), f"calibration range of {wn.module}:{role} is {amax:.4g} > {limit:g}"))
+                break
+    return islands
+
+
+def fp16_qdq(model: onnx.ModelProto, onnx_path: Path, table: CalibrationTable, recipe: Recipe | None, *, probe_size: int, tokens: int = 77, limit: float | None = None) -> tuple[onnx.ModelProto, QdqReport]:
+    """The FP16 Q/DQ graph: overflow guard on the FP32 graph, opset 19, FP16 conversion, then
+    the same Q/DQ pass, whose scales and DequantizeLinear outputs follow the FP16 tensors."""
+    from qdiff.export.fp16 import DEFAULT_FP16_LIMIT, QDQ_FP16_OPSET, convert_to_fp16, is_fp16_graph, overflow_islands, probe_feeds, tensor_maxima
+    from qdiff.export.int4_weight_only import upgrade_opset
+
+    limit = DEFAULT_FP16_LIMIT if limit is None else limit
+    if is_fp16_graph(model):
+        raise QuantizationError(
+            f"{onnx_path.name} is already an FP16 graph; the FP16 Q/DQ pass starts from the FP32 export (its overflow check runs the FP32 graph)",
+            hint="give the graph from `qdiff export` without --dtype fp16",
+        )
+    maxima = tensor_maxima(onnx_path, probe_feeds(model, size=probe_size, tokens=tokens))
+    islands = {i.node: i for i in overflow_islands(model, maxima, limit)}
+    for island in table_overflow_islands(model, table, limit):
+        islands.setdefault(island.node, island)
+    upgraded, _ = upgrade_opset(model, QDQ_FP16_OPSET)
+    converted = convert_to_fp16(upgraded, set(islands))
+    quantized, report = insert_qdq(converted, table, recipe)
+    report.dtype = "fp16"
+    report.fp32_islands = [i.to_json() for i in islands.values()]
+    return quantized, report
+
+
+def quantize_file(
+    onnx_path: str | Path, table: CalibrationTable, out_path: str | Path, recipe: Recipe | None = None, *, dtype: str = "fp32", probe_size: int = 64, fp16_limit: float | None = None
+) -> QdqReport:
+    """The pass from file to file. `dtype="fp16"` writes the FP16 Q/DQ graph (`fp16_qdq`);
+    `probe_size` is the latent size of the overflow probe's inputs."""
     from qdiff.export.onnx_io import load_onnx, save_onnx
 
+    onnx_path = Path(onnx_path)
     model = load_onnx(onnx_path)  # the full checks: this graph may come from anywhere
     external = bool(Path(str(onnx_path) + ".data").exists())
-    quantized, report = insert_qdq(model, table, recipe)
+    if dtype == "fp16":
+        quantized, report = fp16_qdq(model, onnx_path, table, recipe, probe_size=probe_size, limit=fp16_limit)
+    else:
+        quantized, report = insert_qdq(model, table, recipe)
     save_onnx(quantized, out_path, external_data=external or None)
     try:
         onnx.checker.check_model(str(out_path), full_check=True)

@@ -56,7 +56,7 @@ def channel_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def split_concat_conv(graph: gs.Graph, node: gs.Node, split_channels: int, module: str, counts: dict[str, int] | None = None) -> SplitConv:
-    """Rewrite one Conv that reads a 2-input channel Concat into two Convs plus an Add (FP32)."""
+    """Rewrite one Conv that reads a 2-input channel Concat into two Convs plus an Add (in the graph's float type)."""
     where = f"split-shortcut layer {module!r} (node {node.name})"
     if node.op != "Conv":
         raise QuantizationError(f"{where}: expected a Conv node, got {node.op}")
@@ -137,8 +137,9 @@ def _two_convs(graph: gs.Graph, node: gs.Node, a: gs.Tensor, b: gs.Tensor, split
     w_a = gs.Constant(f"{weight.name}.split_a", np.ascontiguousarray(w[:, :split_channels]))
     w_b = gs.Constant(f"{weight.name}.split_b", np.ascontiguousarray(w[:, split_channels:]))
     out = node.outputs[0]
-    y_a = gs.Variable(f"{prefix}/ConvA_output_0", dtype=np.float32)
-    y_b = gs.Variable(f"{prefix}/ConvB_output_0", dtype=np.float32)
+    dtype = out.dtype if out.dtype is not None else w.dtype  # FP16 in an FP16 graph
+    y_a = gs.Variable(f"{prefix}/ConvA_output_0", dtype=dtype)
+    y_b = gs.Variable(f"{prefix}/ConvB_output_0", dtype=dtype)
     bias = list(node.inputs[2:3])
     conv_a = gs.Node("Conv", f"{prefix}/ConvA", dict(node.attrs), [a, w_a, *bias], [y_a])
     conv_b = gs.Node("Conv", f"{prefix}/ConvB", dict(node.attrs), [b, w_b], [y_b])

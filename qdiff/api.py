@@ -26,6 +26,7 @@ from qdiff.models import ModelBundle, as_bundle, unet_config_of
 from qdiff.progress import log, progress
 
 ONNX_NAME = "denoiser.onnx"
+ONNX_FP16_NAME = "denoiser.fp16.onnx"
 TABLE_NAME = "calibration.json"
 
 ModelLike = str | Path | ModelBundle | None
@@ -41,9 +42,37 @@ class ExportResult:
     reused: bool = False
 
 
-def _onnx_target(out: str | Path) -> Path:
+def _onnx_target(out: str | Path, dtype: str = "fp32") -> Path:
     out = Path(out)
-    return out if out.suffix == ".onnx" else out / ONNX_NAME
+    return out if out.suffix == ".onnx" else out / (ONNX_NAME if dtype == "fp32" else ONNX_FP16_NAME)
+
+
+def _export_tolerance(dtype: str):
+    """FP32: the export's round-off (~1e-6). FP16: one FP16 rounding (2^-11 ~ 4.9e-4 relative)
+    per layer, amplified through ~100 layers, measured at 0.8-1.7e-3 relative L2 on the tiny
+    test UNets (the same as the PyTorch model run in FP16): 1e-2 leaves 6x headroom and still
+    fails a graph with a wrong weight or a lost layer (~1e-1 and above)."""
+    from qdiff.export.validate import Tolerance
+
+    return Tolerance() if dtype == "fp32" else Tolerance(rel_l2=1e-2, max_abs_fraction=2e-2)
+
+
+def _convert_export_to_fp16(unet: torch.nn.Module, fp32_path: Path, out_path: Path, external_data: bool | None):
+    """FP32 export -> FP16 graph with the overflow guard run on the validation's own inputs."""
+    from qdiff.export.fp16 import fp16_graph, tensor_maxima
+    from qdiff.export.onnx_export import example_inputs
+    from qdiff.export.onnx_io import load_onnx, save_onnx
+
+    feeds = []
+    for seed, batch in enumerate((1, 3)):  # the inputs `validate_export` checks with
+        inputs = example_inputs(unet, batch=batch, seed=100 + seed, tokens=7 + seed)
+        feeds.append({k: v.numpy() for k, v in inputs.items()})
+    maxima = tensor_maxima(fp32_path, feeds)
+    model = load_onnx(fp32_path, check=False)
+    converted, islands = fp16_graph(model, maxima)
+    external = bool(Path(str(fp32_path) + ".data").exists())
+    save_onnx(converted, out_path, external_data=external_data or external or None)
+    return islands
 
 
 def validate_export(unet: torch.nn.Module, onnx_path: Path, tolerance=None, batches: tuple[int, ...] = (1, 3)) -> list[dict[str, Any]]:
@@ -70,14 +99,25 @@ def validate_export(unet: torch.nn.Module, onnx_path: Path, tolerance=None, batc
     return results
 
 
-def export_model(model: ModelLike, out: str | Path, *, opset: int = 17, external_data: bool | None = None, force: bool = False, check: bool = True) -> ExportResult:
-    """Export the model's denoiser to ONNX (FP32) and check it against PyTorch."""
+def export_model(
+    model: ModelLike, out: str | Path, *, opset: int = 17, external_data: bool | None = None, force: bool = False, check: bool = True, dtype: str = "fp32"
+) -> ExportResult:
+    """Export the model's denoiser to ONNX and check it against PyTorch.
+
+    `dtype="fp32"` (default; what TensorRT 8.6 builds with its FP16 flag) or `"fp16"`: FP16
+    weights and activations with FP32 graph I/O (one Cast per input/output) and FP32 islands only
+    where the FP32 graph's tensors would overflow FP16 on the validation inputs
+    (`qdiff.export.fp16`); what a strongly typed TensorRT >= 10 build needs. A folder `out` gets
+    `denoiser.onnx` or `denoiser.fp16.onnx`; the dtype is part of the manifest's settings, so an
+    FP32 export is never reused for FP16."""
+    from qdiff.export.fp16 import check_dtype
     from qdiff.export.onnx_export import export_unet
     from qdiff.export.onnx_io import publish_onnx
 
+    check_dtype(dtype)
     bundle = as_bundle(model, components=False)
-    target = _onnx_target(out)
-    wanted = Manifest(kind="onnx-export", inputs={"model_sha256": bundle.model_sha256}, settings={"opset": opset, "unet_class": bundle.unet_class})
+    target = _onnx_target(out, dtype)
+    wanted = Manifest(kind="onnx-export", inputs={"model_sha256": bundle.model_sha256}, settings={"opset": opset, "unet_class": bundle.unet_class, "dtype": dtype})
     if not force and is_up_to_date(target, wanted):
         log(f"export: {target} is up to date (same model and settings); skipping")
         return ExportResult(target, read_manifest(target).details.get("validation", []), reused=True)
@@ -85,11 +125,21 @@ def export_model(model: ModelLike, out: str | Path, *, opset: int = 17, external
     with staging_dir(target.parent) as stage:
         staged = stage / target.name
         log(f"export: tracing {bundle.unet_class} from {bundle.path} ...")
-        export_unet(bundle.unet, staged, opset=opset, external_data=external_data)
-        validation = validate_export(bundle.unet, staged) if check else []
+        islands = None
+        if dtype == "fp16":
+            fp32_staged = stage / "fp32" / "denoiser.onnx"
+            fp32_staged.parent.mkdir()
+            export_unet(bundle.unet, fp32_staged, opset=opset, external_data=external_data)
+            islands = _convert_export_to_fp16(bundle.unet, fp32_staged, staged, external_data)
+        else:
+            export_unet(bundle.unet, staged, opset=opset, external_data=external_data)
+        validation = validate_export(bundle.unet, staged, _export_tolerance(dtype)) if check else []
         publish_onnx(staged, target)
     wanted.outputs = {"sha256": sha256_file(target)}
     wanted.details = {"validation": validation, "seconds": round(time.perf_counter() - started, 2), "model_path": str(bundle.path), "unet_config": unet_config_of(bundle)}
+    if islands is not None:
+        wanted.details["fp32_islands"] = [i.to_json() for i in islands]
+        log(f"export: FP16 graph, {len(islands)} node(s) kept in FP32" + "".join(f"\n  fp32: {i.node} ({i.op}): {i.reason}" for i in islands))
     write_manifest(target, wanted)
     for v in validation:
         log(f"export: batch {v['batch']}: max|d|={v['max_abs']:.2e} relL2={v['rel_l2']:.2e} vs PyTorch")
@@ -222,16 +272,25 @@ def quantize_onnx(
     placement: str | None = None,
     quantize_ops: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] | None = None,
+    dtype: str = "fp32",
 ) -> QuantizeResult:
     """Insert Q/DQ nodes into an exported graph from a calibration table.
 
     `placement` (a name from `qdiff.calib.placement.PLACEMENTS`: all, conv, conv-ff) or
     `quantize_ops`/`exclude` narrow the set of layers the table was calibrated for (e.g. INT8
-    only on convolutions, leaving attention to fused FP16 kernels); the output name says so."""
+    only on convolutions, leaving attention to fused FP16 kernels); the output name says so.
+
+    `dtype="fp16"` (from the FP32 export) writes the FP16 Q/DQ graph TensorRT >= 10 builds
+    strongly typed: opset 19, FP16 weights/activations/scales, FP16 DequantizeLinear outputs
+    feeding their layers directly, FP32 graph I/O, FP32 islands where FP16 would overflow
+    (listed in the report); named `<stem>.<recipe>.fp16.onnx`. The default FP32 graph is the
+    one TensorRT 8.6 parses (its parser stops at opset 17)."""
     from qdiff.calib.placement import get_placement
+    from qdiff.export.fp16 import check_dtype
     from qdiff.export.onnx_io import publish_onnx
     from qdiff.export.qdq import quantize_file
 
+    check_dtype(dtype)
     onnx_path, table_path = Path(onnx_path), Path(table_path)
     table = CalibrationTable.load(table_path)
     recipe = Recipe.from_json(table.recipe)
@@ -257,20 +316,21 @@ def quantize_onnx(
                 f"{onnx_path.name} was exported from model {exported_from[:12]}, but {table_path.name} calibrates model {table.model_sha256[:12]}",
                 hint="export and calibrate the same model folder",
             )
-    target = Path(out) if out is not None else onnx_path.with_name(f"{onnx_path.stem}.{recipe.name}.onnx")
+    name = f"{onnx_path.stem}.{recipe.name}.onnx" if dtype == "fp32" else f"{onnx_path.stem}.{recipe.name}.fp16.onnx"
+    target = Path(out) if out is not None else onnx_path.with_name(name)
     if target.suffix != ".onnx":
-        target = target / f"{onnx_path.stem}.{recipe.name}.onnx"
+        target = target / name
     wanted = Manifest(
         kind="qdq-onnx",
         inputs={"onnx_sha256": sha256_file(onnx_path), "table_sha256": sha256_file(table_path), "model_sha256": table.model_sha256},
-        settings={"recipe": recipe.to_json()},
+        settings={"recipe": recipe.to_json(), "dtype": dtype},
     )
     if not force and is_up_to_date(target, wanted):
         log(f"quantize: {target} is up to date; skipping")
         return QuantizeResult(target, read_manifest(target).details.get("coverage"), reused=True)
     with staging_dir(target.parent) as stage:
         staged = stage / target.name
-        report = quantize_file(onnx_path, table, staged, recipe)
+        report = quantize_file(onnx_path, table, staged, recipe, dtype=dtype, probe_size=_probe_size(export_manifest))
         publish_onnx(staged, target)
     wanted.outputs = {"sha256": sha256_file(target)}
     wanted.details = {"coverage": report.to_json(), "weight_bits": recipe.weight_bits, "activation_bits": recipe.activation_bits}
@@ -281,19 +341,29 @@ def quantize_onnx(
     return QuantizeResult(target, report)
 
 
+def _probe_size(export_manifest: Manifest | None) -> int:
+    """Latent size of the FP16 overflow probe: the model's own sample_size where the export
+    recorded it, else SD's 64."""
+    size = ((export_manifest.details.get("unet_config") if export_manifest is not None else None) or {}).get("sample_size", 64)
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
 def quantize_int4_weight_only(
-    onnx_path: str | Path, out: str | Path | None = None, *, block_size: int = 128, exclude: tuple[str, ...] = (), force: bool = False
+    onnx_path: str | Path, out: str | Path | None = None, *, block_size: int = 128, exclude: tuple[str, ...] = (), force: bool = False, dtype: str = "fp32"
 ) -> QuantizeResult:
     """INT4 block-quantized MatMul/Gemm weights (weight-only, opset 21) for TensorRT >= 10.
 
-    Needs no calibration: scales come from the weights. Writes `<stem>.int4wo.onnx`; see
+    Needs no calibration: scales come from the weights. Writes `<stem>.int4wo.onnx`
+    (`<stem>.int4wo.fp16.onnx` with `dtype="fp16"`: FP16 graph, FP16 block scales); see
     `qdiff.export.int4_weight_only` for the format."""
+    from qdiff.export.fp16 import check_dtype
     from qdiff.export.int4_weight_only import Int4WeightOnlyConfig, quantize_file
     from qdiff.export.onnx_io import publish_onnx
 
+    check_dtype(dtype)
     onnx_path = Path(onnx_path)
     config = Int4WeightOnlyConfig(block_size=block_size, exclude=tuple(exclude or ()))
-    name = f"{onnx_path.stem}.int4wo.onnx"
+    name = f"{onnx_path.stem}.int4wo.onnx" if dtype == "fp32" else f"{onnx_path.stem}.int4wo.fp16.onnx"
     target = Path(out) if out is not None else onnx_path.with_name(name)
     if target.suffix != ".onnx":
         target = target / name
@@ -303,7 +373,7 @@ def quantize_int4_weight_only(
     inputs = {"onnx_sha256": sha256_file(onnx_path)}
     if export_manifest is not None and export_manifest.inputs.get("model_sha256"):
         inputs["model_sha256"] = export_manifest.inputs["model_sha256"]
-    wanted = Manifest(kind="int4-weight-only-onnx", inputs=inputs, settings={"int4_weight_only": config.to_json()})
+    wanted = Manifest(kind="int4-weight-only-onnx", inputs=inputs, settings={"int4_weight_only": config.to_json(), "dtype": dtype})
     if not force and is_up_to_date(target, wanted):
         log(f"quantize: {target} is up to date; skipping")
         return QuantizeResult(target, read_manifest(target).details.get("coverage"), reused=True)
@@ -313,7 +383,7 @@ def quantize_int4_weight_only(
     dims = {"height": int(size), "width": int(size)} if isinstance(size, int) else None  # MACs at the model's own size
     with staging_dir(target.parent) as stage:
         staged = stage / target.name
-        report = quantize_file(onnx_path, staged, config, dims=dims)
+        report = quantize_file(onnx_path, staged, config, dims=dims, dtype=dtype)
         publish_onnx(staged, target)
     wanted.outputs = {"sha256": sha256_file(target)}
     wanted.details = {"coverage": report.to_json(), "weight_bits": 4, "int4_weight_only": True, "block_size": config.block_size}

@@ -101,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the denoiser to ONNX and check it against PyTorch")
     p.add_argument("model", type=Path, help="local diffusers pipeline or UNet folder")
     p.add_argument("-o", "--out", type=Path, required=True, help="output .onnx file or folder")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s; TensorRT 8.6 parses up to 17)")
     p.add_argument("--external-data", action="store_true", default=None, help="store weights in a .data file (automatic above 2 GB)")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph float type: fp32 (TensorRT 8.6 with its FP16 flag) or fp16 (FP16 weights/activations, FP32 I/O, FP32 only where FP16 would overflow; what TensorRT >= 10 strongly typed needs; writes denoiser.fp16.onnx) (default: %(default)s)")
     p.add_argument("--force", action="store_true")
 
     p = sub.add_parser("calibrate", help="timestep-uniform calibration; writes a calibration table")
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=["all", "conv", "conv-ff"], help="named Q/DQ placement (docs/int8-engines.md): all calibrated layers, convolutions only, or convolutions + feed-forward Linears")
     p.add_argument("--ops", help="quantize only these op types (subset of the table's, e.g. Conv,ConvTranspose)")
     p.add_argument("--exclude", action="append", metavar="PATTERN", help="keep matching modules in float (fnmatch; repeatable; replaces the recipe's list)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="float type of the written graph, from the FP32 export: fp32 (opset 17, TensorRT 8.6) or fp16 (opset >= 19, FP16 scales and DequantizeLinear outputs, FP32 I/O, FP32 islands where FP16 would overflow; TensorRT >= 10 strongly typed; <onnx>.<recipe>.fp16.onnx) (default: %(default)s)")
     p.add_argument("--force", action="store_true")
 
     _add_eval(sub)
@@ -170,17 +172,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         api.run(args.model, args.out, recipe=args.recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, ort_arithmetic=args.ort_arithmetic, force=args.force, **_conditioning(args), **_recipe_overrides(args))
     elif args.command == "export":
-        result = api.export_model(args.model, args.out, opset=args.opset, external_data=args.external_data, force=args.force, check=args.check)
+        result = api.export_model(args.model, args.out, opset=args.opset, external_data=args.external_data, force=args.force, check=args.check, dtype=args.dtype)
         print(result.onnx_path)
     elif args.command == "calibrate":
         result = api.calibrate(args.model, args.out, args.recipe, scheduler=args.scheduler, force=args.force, **_conditioning(args), **_recipe_overrides(args))
         print(result.table_path)
     elif args.command == "quantize" and args.int4_weight_only:
-        result = api.quantize_int4_weight_only(args.onnx, args.out, block_size=args.block_size or 128, exclude=tuple(args.exclude or ()), force=args.force)
+        result = api.quantize_int4_weight_only(args.onnx, args.out, block_size=args.block_size or 128, exclude=tuple(args.exclude or ()), force=args.force, dtype=args.dtype)
         print(result.onnx_path)
     elif args.command == "quantize":
         ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else None
-        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force, placement=args.placement, quantize_ops=ops, exclude=tuple(args.exclude) if args.exclude else None)
+        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force, placement=args.placement, quantize_ops=ops, exclude=tuple(args.exclude) if args.exclude else None, dtype=args.dtype)
         print(result.onnx_path)
     elif args.command == "eval":
         from qdiff.evaluate import evaluate
