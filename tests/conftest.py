@@ -121,7 +121,7 @@ def compare_with_fake_quant(bundle, table, qdq_path, seeds):
     return results
 
 
-def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: int = 3, arithmetic: str = "exact") -> dict[str, float]:
+def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: int = 3, arithmetic: str = "exact", dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """Each quantized layer of the Q/DQ graph, cut out (its input tensor -> its Conv/MatMul/Gemm
     output) and fed the very tensor its fake-quant twin sees: relative L2 per module.
 
@@ -131,7 +131,9 @@ def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: i
     model amplifies a flip, and how often it happens depends on the CPU's kernels. Cut at each
     layer, both sides quantize the same float tensor, so nothing but round-off remains.
     A split layer (two Convs + Add per module) is cut from its branch tensors (or, for a split
-    conv1, the tensor its Slices read) to the Add.
+    conv1, the tensor its Slices read) to the Add. `arithmetic` is the ONNX Runtime Q/DQ
+    arithmetic the cut layers run with (graph optimizations on, as the backend runs them);
+    `dtype=torch.float16` checks an FP16 Q/DQ graph against the FP16 reference.
     """
     from collections import Counter
 
@@ -167,14 +169,14 @@ def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: i
             if all(b.inputs and b.inputs[0].op == "Slice" for b in branches):  # split conv1
                 branches = [branches[0].inputs[0].inputs[0]]
             cuts[name] = ([b.name for b in branches], add.outputs[0].name, "Split")
-    reference = build_fake_quant_model(bundle.unet, table, recipe)
+    reference = build_fake_quant_model(bundle.unet, table, recipe, dtype=dtype)
     seen: dict[str, tuple] = {}
 
     def hook(module, args, out, name):
         seen.setdefault(name, (args[0].detach(), out.detach(), getattr(module.layer, "bias", None)))
 
     handles = [reference.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name in cuts]
-    inputs = example_inputs(bundle.unet, batch=2, seed=seed, tokens=3)
+    inputs = {k: v.to(dtype) if k != "timestep" else v for k, v in example_inputs(bundle.unet, batch=2, seed=seed, tokens=3).items()}
     sample, t = inputs.pop("sample"), inputs.pop("timestep")
     kwargs = {"encoder_hidden_states": inputs.pop("encoder_hidden_states")} if "encoder_hidden_states" in inputs else {}
     if inputs:
@@ -187,8 +189,9 @@ def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: i
     errors = {}
     for name, (x_names, y_name, op) in cuts.items():
         x, expected, bias = seen[name]
+        expected = expected.double()
         if op == "MatMul" and bias is not None:  # the exporter adds a Linear's bias after the MatMul
-            expected = expected - bias
+            expected = expected - bias.double()
         if len(x_names) == 2:  # the two branches of the concat the fake-quant module sees whole
             c = table.layers[name].split_channels
             feeds = {x_names[0]: x[:, :c].numpy(), x_names[1]: x[:, c:].numpy()}
@@ -197,6 +200,6 @@ def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: i
         layer = extractor.extract_model(list(x_names), [y_name])
         options = session_options(arithmetic=arithmetic)  # all optimizations on, as the backend runs
         got = ort.InferenceSession(layer.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-        diff = np.asarray(got, np.float64) - expected.double().numpy()
-        errors[name] = float(np.linalg.norm(diff) / max(np.linalg.norm(expected.double().numpy()), 1e-30))
+        diff = np.asarray(got, np.float64) - expected.numpy()
+        errors[name] = float(np.linalg.norm(diff) / max(np.linalg.norm(expected.numpy()), 1e-30))
     return errors

@@ -19,7 +19,7 @@ from qdiff.export.qdq import quantize_file
 from qdiff.export.validate import error_stats
 from qdiff.models import load_model
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
-from tests.conftest import save_pipeline, tiny_cond_unet, tiny_unet2d
+from tests.conftest import layerwise_fake_quant_errors, save_pipeline, tiny_cond_unet, tiny_unet2d
 
 CONFIGS = ["unet2d", "sd", "sd2", "sdxl"]
 
@@ -223,3 +223,17 @@ def test_cli_dtype_flags_default_to_fp32():
     sub = parser._subparsers._group_actions[0].choices
     for command in ("export", "quantize"):
         assert "(default: fp32)" in " ".join(sub[command].format_help().split())
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_fp16_qdq_layers_equal_the_fp16_fake_quant_reference(graphs, config):
+    """The tight form of the check above: every quantized layer of the FP16 Q/DQ graph (split
+    ones from their branches to their Add), cut out and fed the very FP16 tensor its FP16
+    fake-quant twin sees, computes the same function at FP16 round-off. No flip can propagate,
+    so what is left is FP16 rounding of the layer's own output and accumulation order."""
+    bundle, table, _, _, q16 = graphs(config)
+    layers = layerwise_fake_quant_errors(bundle, table, q16.onnx_path, dtype=torch.float16)
+    assert len(layers) == q16.report.to_json()["quantized_layers"]
+    worst = max(layers, key=layers.get)
+    print(f"{config}: {len(layers)} layers, worst {worst} rel-L2 {layers[worst]:.2e}")
+    assert layers[worst] < 2e-3, (worst, layers[worst])
