@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate images with PyTorch or an ONNX graph")
     p.add_argument("model", nargs="?", type=Path, help="local diffusers folder (default: built-in model)")
-    p.add_argument("-o", "--out", type=Path, default=Path("qdiff-samples"))
+    p.add_argument("-o", "--out", type=Path, default=Path("qdiff-samples"), help="output folder for the PNGs and grid.png (default: %(default)s)")
     p.add_argument("--onnx", type=Path, help="run this ONNX graph (FP32 or Q/DQ) with ONNX Runtime instead of PyTorch")
     p.add_argument("--engine", type=Path, help="run this TensorRT engine folder (from `qdiff build`) on the GPU")
     p.add_argument("--allow-nonfinite", action="store_true", help="continue when a step returns NaN/Inf")
@@ -170,7 +170,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from qdiff import api
 
     if args.command == "run":
-        api.run(args.model, args.out, recipe=args.recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, ort_arithmetic=args.ort_arithmetic, force=args.force, **_conditioning(args), **_recipe_overrides(args))
+        result = api.run(args.model, args.out, recipe=args.recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, ort_arithmetic=args.ort_arithmetic, force=args.force, **_conditioning(args), **_recipe_overrides(args))
+        print(result.report_paths[1])  # where the results went, also with --quiet
     elif args.command == "export":
         result = api.export_model(args.model, args.out, opset=args.opset, external_data=args.external_data, force=args.force, check=args.check, dtype=args.dtype)
         print(result.onnx_path)
@@ -221,6 +222,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise SamplingError("give --onnx or --engine, not both")
         backend = "tensorrt" if args.engine else "onnxruntime" if args.onnx else "pytorch"
         api.sample(args.model, args.out, backend=backend, onnx=args.onnx, engine=args.engine, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, allow_nonfinite=args.allow_nonfinite, ort_arithmetic=args.ort_arithmetic, **_conditioning(args))
+        print(Path(args.out) / "grid.png")  # where the images went, also with --quiet
     return 0
 
 
