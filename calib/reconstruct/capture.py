@@ -41,12 +41,13 @@ class Captured:
         return pytree.tree_unflatten(leaves, self.spec)
 
     def mixed_with(self, other: Captured, index: torch.Tensor, p: float, generator: torch.Generator) -> tuple[tuple, dict]:
-        """QDrop: every float element of a batched leaf taken from `other` with probability p."""
+        """QDrop: every float element of a batched leaf taken from `other` with probability p
+        (`generator` lives on the leaves' device, so masks are drawn where they are used)."""
         leaves = []
         for leaf, alt, b in zip(self.leaves, other.leaves, self.batched):
             if b and torch.is_floating_point(leaf):
                 x, y = leaf[index], alt[index]
-                mask = torch.rand(x.shape, generator=generator, device="cpu").to(x.device) < p
+                mask = torch.rand(x.shape, generator=generator, device=x.device) < p
                 leaves.append(torch.where(mask, y, x))
             else:
                 leaves.append(leaf[index] if b else leaf)

@@ -190,6 +190,7 @@ class Reconstructor:
         fp_block = self.fp_model.get_submodule(unit.name)
         rtn_error = self._error(q_block, q_inputs, target)
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
+        mask_gen = torch.Generator(device=self.device).manual_seed(s.seed * 1_000_003 + index + 7919)
         v_params = [v for layer in layers for v in layer.rounding_variables()]
         steps = [st for layer in layers for st in layer.steps()]
         for layer in layers:
@@ -210,7 +211,7 @@ class Reconstructor:
             for it in range(s.iterations):
                 idx = torch.randint(0, q_inputs.size, (min(s.batch_size, q_inputs.size),), generator=gen).to(self.device)
                 if s.qdrop_p > 0:
-                    args, kwargs = q_inputs.mixed_with(fp_inputs, idx, s.qdrop_p, gen)
+                    args, kwargs = q_inputs.mixed_with(fp_inputs, idx, s.qdrop_p, mask_gen)
                 else:
                     args, kwargs = q_inputs.select(idx)
                 out = first_tensor(q_block(*args, **kwargs))
