@@ -85,13 +85,37 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+def _use_reconstructed(target, weights, split_channels: int | None) -> None:
+    """Put the reconstructed integers x scales into the (copied) layer's weight, so the wrappers'
+    rounding gives back exactly those integers (the weight scales are the same, see
+    `calib.reconstruct.artifact`)."""
+    lw = weights.layer(target.name)
+    weight = target.module.weight
+    with torch.no_grad():
+        if split_channels is not None:
+            if not lw.split:
+                raise CalibrationError(f"layer {target.name!r} is split in the table but not in {weights.source}", hint="reconstruct with the table you quantize with")
+            parts = ((slice(0, split_channels), "_a"), (slice(split_channels, None), "_b"))
+        else:
+            parts = ((slice(None), ""),)
+        for sl, role in parts:
+            values = torch.from_numpy(weights.dequantized(target.name, role, target.weight_axis))
+            if tuple(weight[:, sl].shape) != tuple(values.shape):
+                raise CalibrationError(f"layer {target.name!r}: reconstructed weight{role} has shape {tuple(values.shape)}, the model's is {tuple(weight[:, sl].shape)}", hint="the reconstruction is for another model")
+            weight[:, sl] = values.to(weight.dtype)
+
+
+def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32, weights=None) -> nn.Module:
     """A deep copy of `model` with every layer the table quantizes wrapped in `FakeQuantLayer`.
 
     `dtype=torch.float16` is the reference of the FP16 Q/DQ graph: the model in FP16 (run it
     on the CPU in float16; torch has CPU kernels for every UNet op), scales rounded to FP16 as
     the graph stores them (`scale_in_dtype`), quantize/dequantize in float32 with the result
-    rounded to FP16, as ONNX Runtime computes FP16 Q/DQ."""
+    rounded to FP16, as ONNX Runtime computes FP16 Q/DQ.
+
+    `weights` (a `calib.reconstruct.artifact.ReconstructedWeights`) replaces round-to-nearest
+    by the reconstructed integers, as `export.qdq.insert_qdq(..., weights=)` does in the graph.
+    """
     recipe = recipe or Recipe.from_json(table.recipe)
     quantized = copy.deepcopy(model).eval()
     if dtype != torch.float32:
@@ -109,6 +133,8 @@ def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Re
             continue  # the layer never ran during calibration (and so is not in the export either)
         if ranges.input is None or ranges.weight is None:
             raise CalibrationError(f"layer {target.name!r} has no input or weight range in the table")
+        if weights is not None:
+            _use_reconstructed(target, weights, ranges.split_channels if target.name in split else None)
         if target.name in split:
             wrapper = SplitShortcutFakeQuant(
                 target.module,

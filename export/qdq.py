@@ -161,7 +161,31 @@ def _check_weight(wn: WeightedNode, amax: list[float]) -> None:
         )
 
 
-def _quantize_split(graph: gs.Graph, builder: _QdqBuilder, wn: WeightedNode, ranges, recipe: Recipe, counts: dict[str, int], report: QdqReport) -> None:
+def _reconstructed_values(wn: WeightedNode, weights, role: str, current: np.ndarray, table_scale: np.ndarray) -> np.ndarray:
+    """The reconstructed integers x scales of `wn`'s weight (or branch), in the graph's layout.
+
+    They are stored in PyTorch's layout; MatMul (and Gemm without transB) hold Linear weights
+    transposed. The shape must match the initializer, and the stored scales the table's, or the
+    reconstruction belongs to another model or table.
+    """
+    parts = weights.layer(wn.module).parts
+    if role not in parts:
+        raise QuantizationError(f"layer {wn.module!r}: {weights.source} has no weight{role or ' (unsplit)'}; it has {sorted(parts)}", hint="reconstruct with the table and split settings you quantize with")
+    if not np.array_equal(parts[role][1], np.asarray(table_scale, dtype=np.float32)):
+        raise QuantizationError(f"layer {wn.module!r}: the weight{role} scales in {weights.source} differ from the calibration table's", hint="quantize with the table the reconstruction was made from (or its reconstruction.calibration.json)")
+    torch_axis = 1 if wn.op == "ConvTranspose" else 0
+    values = weights.dequantized(wn.module, role, torch_axis)
+    if values.ndim == 2 and wn.weight_axis == 1 and wn.op in ("MatMul", "Gemm"):
+        values = values.T
+    if values.shape != current.shape:
+        raise QuantizationError(
+            f"layer {wn.module!r} (node {wn.node.name}): reconstructed weight{role} has shape {values.shape}, the graph's {wn.weight.name} has {current.shape}",
+            hint="the reconstruction was made for another model; rerun `qdiff reconstruct`",
+        )
+    return np.ascontiguousarray(values.astype(current.dtype))
+
+
+def _quantize_split(graph: gs.Graph, builder: _QdqBuilder, wn: WeightedNode, ranges, recipe: Recipe, counts: dict[str, int], report: QdqReport, weights=None) -> None:
     """Split-shortcut layer: two Convs on the concat branches, each with its own Q/DQ, then Add.
     A split conv1 (`split_kind` "conv1") takes its branches from Slices of its input."""
     if wn.op != "Conv":
@@ -180,14 +204,28 @@ def _quantize_split(graph: gs.Graph, builder: _QdqBuilder, wn: WeightedNode, ran
         act_scale = scale_from_amax(amax, recipe.activation_qmax)
         w_scale = scale_from_amax(w_amax, recipe.weight_qmax)
         weight = conv.inputs[1]
+        if weights is not None:
+            weight.values = _reconstructed_values(wn, weights, f"_{branch}", weight.values, w_scale)
         weight.values = _clip_weight(weight.values, w_scale, 0, recipe.weight_qmax)
         conv.inputs[0] = builder.quantize(conv.inputs[0], act_scale, None, f"{wn.module}/input_quantizer_{branch}")
         conv.inputs[1] = builder.quantize(weight, w_scale, 0, f"{wn.module}/weight_quantizer_{branch}")
 
 
-def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe | None = None) -> tuple[onnx.ModelProto, QdqReport]:
-    """Return a Q/DQ copy of `model` and a report of what was quantized."""
+def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe | None = None, weights=None) -> tuple[onnx.ModelProto, QdqReport]:
+    """Return a Q/DQ copy of `model` and a report of what was quantized.
+
+    `weights` (a `calib.reconstruct.artifact.ReconstructedWeights`) gives every quantized layer
+    its reconstructed integers and scales instead of rounding the float weight to nearest; the
+    graph keeps the same form (float initializer on the grid, per-channel Q/DQ)."""
     recipe = recipe or Recipe.from_json(table.recipe)
+    if weights is not None:
+        if weights.model_sha256 != table.model_sha256:
+            raise QuantizationError(
+                f"{weights.source} was reconstructed for model {weights.model_sha256[:12]}, the calibration table is for {table.model_sha256[:12]}",
+                hint="reconstruct from this table's model (`qdiff reconstruct`)",
+            )
+        if weights.weight_bits != recipe.weight_bits:
+            raise QuantizationError(f"{weights.source} holds W{weights.weight_bits} weights, the recipe is W{recipe.weight_bits}", hint="reconstruct with this recipe's table")
     splits = {name: r.split_channels for name, r in table.split_layers(recipe.split_shortcut, recipe.split_conv1).items()}
     counts = channel_counts(model) if splits else {}
     graph = gs.import_onnx(model)
@@ -213,7 +251,7 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
             continue
         _check_weight(wn, ranges.weight)
         if wn.module in splits:
-            _quantize_split(graph, builder, wn, ranges, recipe, counts, report)
+            _quantize_split(graph, builder, wn, ranges, recipe, counts, report, weights)
             decision.quantized = True
             continue
         if ranges.input <= MIN_AMAX:
@@ -221,6 +259,8 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
         report.degenerate_ranges += [f"{wn.module}:weight[{c}]" for c, amax in enumerate(ranges.weight) if amax <= MIN_AMAX]
         act_scale = scale_from_amax(ranges.input, recipe.activation_qmax)
         w_scale = scale_from_amax(ranges.weight, recipe.weight_qmax)
+        if weights is not None:
+            wn.weight.values = _reconstructed_values(wn, weights, "", wn.weight.values, w_scale)
         wn.weight.values = _clip_weight(wn.weight.values, w_scale, wn.weight_axis, recipe.weight_qmax)
         wn.node.inputs[0] = builder.quantize(wn.activation, act_scale, None, f"{wn.module}/input_quantizer")
         wn.node.inputs[1] = builder.quantize(wn.weight, w_scale, wn.weight_axis, f"{wn.module}/weight_quantizer")
@@ -255,7 +295,7 @@ def table_overflow_islands(model: onnx.ModelProto, table: CalibrationTable, limi
     return islands
 
 
-def fp16_qdq(model: onnx.ModelProto, onnx_path: Path, table: CalibrationTable, recipe: Recipe | None, *, probe_size: int, tokens: int = 77, limit: float | None = None) -> tuple[onnx.ModelProto, QdqReport]:
+def fp16_qdq(model: onnx.ModelProto, onnx_path: Path, table: CalibrationTable, recipe: Recipe | None, *, probe_size: int, tokens: int = 77, limit: float | None = None, weights=None) -> tuple[onnx.ModelProto, QdqReport]:
     """The FP16 Q/DQ graph: overflow guard on the FP32 graph, opset 19, FP16 conversion, then
     the same Q/DQ pass, whose scales and DequantizeLinear outputs follow the FP16 tensors."""
     from qdiff.export.fp16 import DEFAULT_FP16_LIMIT, QDQ_FP16_OPSET, convert_to_fp16, is_fp16_graph, overflow_islands, probe_feeds, tensor_maxima
@@ -273,26 +313,27 @@ def fp16_qdq(model: onnx.ModelProto, onnx_path: Path, table: CalibrationTable, r
         islands.setdefault(island.node, island)
     upgraded, _ = upgrade_opset(model, QDQ_FP16_OPSET)
     converted = convert_to_fp16(upgraded, set(islands))
-    quantized, report = insert_qdq(converted, table, recipe)
+    quantized, report = insert_qdq(converted, table, recipe, weights)
     report.dtype = "fp16"
     report.fp32_islands = [i.to_json() for i in islands.values()]
     return quantized, report
 
 
 def quantize_file(
-    onnx_path: str | Path, table: CalibrationTable, out_path: str | Path, recipe: Recipe | None = None, *, dtype: str = "fp32", probe_size: int = 64, fp16_limit: float | None = None
+    onnx_path: str | Path, table: CalibrationTable, out_path: str | Path, recipe: Recipe | None = None, weights=None, *, dtype: str = "fp32", probe_size: int = 64, fp16_limit: float | None = None
 ) -> QdqReport:
     """The pass from file to file. `dtype="fp16"` writes the FP16 Q/DQ graph (`fp16_qdq`);
-    `probe_size` is the latent size of the overflow probe's inputs."""
+    `probe_size` is the latent size of the overflow probe's inputs; `weights` are reconstructed
+    integer weights (`insert_qdq`)."""
     from qdiff.export.onnx_io import load_onnx, save_onnx
 
     onnx_path = Path(onnx_path)
     model = load_onnx(onnx_path)  # the full checks: this graph may come from anywhere
     external = bool(Path(str(onnx_path) + ".data").exists())
     if dtype == "fp16":
-        quantized, report = fp16_qdq(model, onnx_path, table, recipe, probe_size=probe_size, limit=fp16_limit)
+        quantized, report = fp16_qdq(model, onnx_path, table, recipe, probe_size=probe_size, limit=fp16_limit, weights=weights)
     else:
-        quantized, report = insert_qdq(model, table, recipe)
+        quantized, report = insert_qdq(model, table, recipe, weights)
     save_onnx(quantized, out_path, external_data=external or None)
     try:
         onnx.checker.check_model(str(out_path), full_check=True)

@@ -243,6 +243,138 @@ def _stats_intact(table_path: Path, stats_path: Path) -> bool:
     return recorded is not None and stats_path.is_file() and sha256_file(stats_path) == recorded
 
 
+# ----------------------------------------------------------------------------- reconstruct
+
+RECONSTRUCTION_NAME = "reconstruction.safetensors"
+RECONSTRUCTION_CACHE = ".qdiff-reconstruct-cache"
+
+
+@dataclass
+class ReconstructResult:
+    weights_path: Path  # reconstruction.safetensors: integer weights + scales
+    table_path: Path  # reconstruction.calibration.json: the table, with learned activation ranges
+    units: list[dict[str, Any]]
+    reused: bool = False
+    seconds: float = 0.0
+
+
+def _unet_calls(records) -> list[dict[str, Any]]:
+    """Calibration calls as UNet keyword arguments, the timestep broadcast to the batch (as the
+    backends call the UNet)."""
+    calls = []
+    for rec in records:
+        batch = rec.sample.shape[0]
+        t = torch.as_tensor(rec.timestep_input, dtype=torch.float32).reshape(-1)
+        call: dict[str, Any] = {"sample": rec.sample, "timestep": t.expand(batch).contiguous() if t.numel() == 1 else t}
+        cond = dict(rec.conditioning)
+        if "encoder_hidden_states" in cond:
+            call["encoder_hidden_states"] = cond.pop("encoder_hidden_states")
+        if cond:
+            call["added_cond_kwargs"] = cond
+        calls.append(call)
+    return calls
+
+
+def reconstruct(
+    model: ModelLike,
+    out: str | Path,
+    table_path: str | Path,
+    settings: Any = None,
+    *,
+    prompts: list[str] | None = None,
+    class_labels: list[int] | None = None,
+    embeddings: str | Path | None = None,
+    random_conditioning: bool = False,
+    force: bool = False,
+    on_unit_done: Any = None,
+    **setting_overrides: Any,
+) -> ReconstructResult:
+    """Weight reconstruction (AdaRound-BRECQ or FBR) of a calibrated model.
+
+    The calibration calls are re-collected with the seeded loop `calibrate` ran (same recipe,
+    seeds and conditioning, so the same denoiser inputs; calibration itself keeps no tensors).
+    Writes `reconstruction.safetensors` (integer weights + scales) and
+    `reconstruction.calibration.json` (the table; activation ranges updated when steps are
+    learned), each with a manifest. Finished units are checkpointed under
+    `<out>/.qdiff-reconstruct-cache/<key>/`; a killed run resumes at the unit it was in.
+    `on_unit_done(index, result)` runs after each unit (tests interrupt there).
+    """
+    import hashlib
+
+    from qdiff.artifacts import write_json_atomic
+    from qdiff.calib.reconstruct.artifact import weights_from_model
+    from qdiff.calib.reconstruct.engine import Reconstructor
+    from qdiff.calib.reconstruct.settings import ReconstructionSettings
+    from qdiff.calib.trajectories import model_calibration_inputs
+    from qdiff.runtime.backends import TorchDenoiser
+
+    settings = (settings or ReconstructionSettings()).with_overrides(**setting_overrides).resolved()
+    table_path = Path(table_path)
+    table = CalibrationTable.load(table_path)
+    bundle = as_bundle(model)
+    table.check_model(bundle.model_sha256, str(bundle.path))
+    recipe = Recipe.from_json(table.recipe)
+    out = Path(out)
+    target = out if out.suffix == ".safetensors" else out / RECONSTRUCTION_NAME
+    table_target = target.with_name(target.name.removesuffix(".safetensors") + ".calibration.json")
+    conditioning = resolve_conditioning(
+        bundle, recipe.samples_per_timestep, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random=random_conditioning, seed=recipe.seed
+    )
+    table_sha = sha256_file(table_path)
+    wanted = Manifest(
+        kind="weight-reconstruction",
+        inputs={"model_sha256": bundle.model_sha256, "table_sha256": table_sha, "conditioning": conditioning_key(conditioning)},
+        settings={"reconstruction": settings.to_json(), "recipe": recipe.to_json()},
+    )
+    if not force and is_up_to_date(target, wanted) and table_target.is_file() and read_manifest(target).outputs.get("table_sha256") == sha256_file(table_target):
+        log(f"reconstruct: {target} is up to date (same model, table and settings); skipping")
+        have = read_manifest(target)
+        return ReconstructResult(target, table_target, have.details.get("units", []), reused=True)
+    started = time.perf_counter()
+    log(f"reconstruct: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
+    calls = _unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress))
+    key = hashlib.sha256(json.dumps({"inputs": wanted.inputs, "settings": wanted.settings}, sort_keys=True).encode()).hexdigest()[:16]
+    cache = target.parent / RECONSTRUCTION_CACHE / key
+    cache.mkdir(parents=True, exist_ok=True)
+    log(f"reconstruct: {settings.method}, {settings.iterations} iterations per unit, batch {settings.batch_size}, on {settings.device}; checkpoints in {cache}")
+    engine = Reconstructor(bundle.unet, table, settings, calls, checkpoint_dir=cache, progress=progress, on_unit_done=on_unit_done)
+    outcome = engine.run()
+    weights = weights_from_model(outcome.model, bundle.model_sha256, recipe.weight_bits, settings.method)
+    new_table = _table_with_learned_steps(table, outcome, settings, recipe)
+    new_table.provenance["reconstruction"] = {"method": settings.method, "from_table_sha256": table_sha, "weights": target.name, "learned_activation_steps": bool(settings.learn_activation_steps)}
+    weights.save(target)
+    new_table.save(table_target)
+    units = [vars(u) | {"resumed": u.resumed} for u in outcome.units]
+    seconds = round(time.perf_counter() - started, 2)
+    wanted.outputs = {"sha256": sha256_file(target), "table_sha256": sha256_file(table_target)}
+    wanted.details = {"seconds": seconds, "calibration_calls": len(calls), "samples": sum(int(c["sample"].shape[0]) for c in calls), "units": units, "table": table_target.name}
+    write_manifest(target, wanted)
+    table_manifest = Manifest(kind="calibration-table", inputs={"model_sha256": bundle.model_sha256, "reconstruction_sha256": wanted.outputs["sha256"]}, settings={"recipe": recipe.to_json()}, outputs={"sha256": wanted.outputs["table_sha256"]})
+    write_manifest(table_target, table_manifest)
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    better = sum(u["error"] < u["rtn_error"] for u in units)
+    log(f"reconstruct: {len(units)} units in {seconds} s; error below round-to-nearest in {better}/{len(units)} -> {target}")
+    return ReconstructResult(target, table_target, units, seconds=seconds)
+
+
+def _table_with_learned_steps(table: CalibrationTable, outcome, settings, recipe: Recipe) -> CalibrationTable:
+    """A copy of `table`; with learned steps, each input (or branch) range becomes step x qmax."""
+    new = CalibrationTable.from_json(table.to_json())
+    if not settings.learn_activation_steps:
+        return new
+    for name, layer in outcome.layers().items():
+        ranges = new.layers[name]
+        for part in layer.parts:
+            amax = part.input.amax
+            if part.role:
+                setattr(ranges, f"shortcut_{part.role}", amax)
+            else:
+                ranges.input = amax
+    return new
+
+
 # ----------------------------------------------------------------------------- quantize
 
 
@@ -273,8 +405,12 @@ def quantize_onnx(
     quantize_ops: tuple[str, ...] | None = None,
     exclude: tuple[str, ...] | None = None,
     dtype: str = "fp32",
+    reconstruction: str | Path | None = None,
 ) -> QuantizeResult:
     """Insert Q/DQ nodes into an exported graph from a calibration table.
+
+    `reconstruction` (a `reconstruction.safetensors` from `reconstruct`) gives the weights their
+    reconstructed integers instead of round-to-nearest; pass the table written beside it.
 
     `placement` (a name from `qdiff.calib.placement.PLACEMENTS`: all, conv, conv-ff) or
     `quantize_ops`/`exclude` narrow the set of layers the table was calibrated for (e.g. INT8
@@ -316,7 +452,15 @@ def quantize_onnx(
                 f"{onnx_path.name} was exported from model {exported_from[:12]}, but {table_path.name} calibrates model {table.model_sha256[:12]}",
                 hint="export and calibrate the same model folder",
             )
-    name = f"{onnx_path.stem}.{recipe.name}.onnx" if dtype == "fp32" else f"{onnx_path.stem}.{recipe.name}.fp16.onnx"
+    weights = None
+    tag = recipe.name
+    if reconstruction is not None:
+        from qdiff.calib.reconstruct.artifact import ReconstructedWeights
+
+        weights = ReconstructedWeights.load(reconstruction)
+        weights.check_model(table.model_sha256, f"the model of {table_path.name}")
+        tag = f"{recipe.name}-{weights.method}"
+    name = f"{onnx_path.stem}.{tag}.onnx" if dtype == "fp32" else f"{onnx_path.stem}.{tag}.fp16.onnx"
     target = Path(out) if out is not None else onnx_path.with_name(name)
     if target.suffix != ".onnx":
         target = target / name
@@ -325,12 +469,14 @@ def quantize_onnx(
         inputs={"onnx_sha256": sha256_file(onnx_path), "table_sha256": sha256_file(table_path), "model_sha256": table.model_sha256},
         settings={"recipe": recipe.to_json(), "dtype": dtype},
     )
+    if reconstruction is not None:
+        wanted.inputs["reconstruction_sha256"] = sha256_file(reconstruction)
     if not force and is_up_to_date(target, wanted):
         log(f"quantize: {target} is up to date; skipping")
         return QuantizeResult(target, read_manifest(target).details.get("coverage"), reused=True)
     with staging_dir(target.parent) as stage:
         staged = stage / target.name
-        report = quantize_file(onnx_path, table, staged, recipe, dtype=dtype, probe_size=_probe_size(export_manifest))
+        report = quantize_file(onnx_path, table, staged, recipe, weights, dtype=dtype, probe_size=_probe_size(export_manifest))
         publish_onnx(staged, target)
     wanted.outputs = {"sha256": sha256_file(target)}
     wanted.details = {"coverage": report.to_json(), "weight_bits": recipe.weight_bits, "activation_bits": recipe.activation_bits}
@@ -646,6 +792,8 @@ def run(
     random_conditioning: bool = False,
     ort_arithmetic: str = "exact",
     force: bool = False,
+    reconstruct_method: str | None = None,
+    reconstruct_settings: dict[str, Any] | None = None,
     **recipe_overrides: Any,
 ) -> RunResult:
     """The main job: export, calibrate, quantize, then sample FP32 and quantized from the same
@@ -662,8 +810,15 @@ def run(
     bundle = as_bundle(model)
     exported = export_model(bundle, out_dir, force=force)
     calibrated = calibrate(bundle, out_dir, recipe, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning, force=force, **overrides)
-    quantized = quantize_onnx(exported.onnx_path, calibrated.table_path, force=force)
     recipe_obj = Recipe.from_json(calibrated.table.recipe)
+    if reconstruct_method is not None:
+        from qdiff.calib.reconstruct.settings import ReconstructionSettings
+
+        rec = reconstruct(bundle, out_dir, calibrated.table_path, ReconstructionSettings(method=reconstruct_method).with_overrides(**(reconstruct_settings or {})), prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning, force=force)
+        quantized = quantize_onnx(exported.onnx_path, rec.table_path, force=force, reconstruction=rec.weights_path)
+        recipe_obj = recipe_obj.with_overrides(name=f"{recipe_obj.name}-{reconstruct_method}")
+    else:
+        quantized = quantize_onnx(exported.onnx_path, calibrated.table_path, force=force)
 
     plan = sampling_plan(bundle, scheduler=scheduler, steps=steps, num_images=num_images, seed=seed, guidance_scale=guidance_scale, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning)
     reference = reference_samples(bundle, OnnxRuntimeDenoiser(exported.onnx_path, arithmetic=ort_arithmetic), plan)

@@ -51,6 +51,39 @@ def _add_recipe(p: argparse.ArgumentParser, default: str = "w8a8") -> None:
     g.add_argument("--split-conv1", action=argparse.BooleanOptionalAction, default=None, help="also split the up-block resnets' conv1, which sees the concat after GroupNorm+SiLU (the presets: off)")
 
 
+def _add_reconstruction(p: argparse.ArgumentParser) -> None:
+    from qdiff.calib.reconstruct.settings import DEFAULT_ITERATIONS, METHODS, ReconstructionSettings
+
+    d = ReconstructionSettings()
+    g = p.add_argument_group("reconstruction")
+    g.add_argument("--method", choices=METHODS, default=d.method, help="adaround-brecq (Q-Diffusion) or fbr (EDA-DM) (default: %(default)s)")
+    g.add_argument("--iterations", type=int, help=f"iterations per unit (default: {DEFAULT_ITERATIONS['adaround-brecq']} for adaround-brecq, {DEFAULT_ITERATIONS['fbr']} for fbr)")
+    g.add_argument("--batch", dest="batch_size", type=int, default=d.batch_size, help="samples per iteration (default: %(default)s)")
+    g.add_argument("--weight-lr", type=float, default=d.weight_lr, help="Adam lr of the rounding variables (default: %(default)s)")
+    g.add_argument("--round-weight", type=float, default=d.round_weight, help="lambda of AdaRound's rounding regulariser (default: %(default)s)")
+    g.add_argument("--beta", nargs=2, type=float, metavar=("START", "END"), default=(d.beta_start, d.beta_end), help="regulariser beta, annealed after the warm-up (default: 20 2)")
+    g.add_argument("--warmup", type=float, default=d.warmup, help="fraction of iterations without the regulariser (default: %(default)s)")
+    g.add_argument("--layer-loss-weight", type=float, default=d.layer_loss_weight, help="gamma of FBR's per-layer output terms (default: %(default)s)")
+    g.add_argument("--qdrop", dest="qdrop_p", type=float, help="QDrop probability of a float input element (default: 0.5 for fbr, 0 for adaround-brecq)")
+    g.add_argument("--learn-act-steps", dest="learn_activation_steps", action=argparse.BooleanOptionalAction, default=None, help="learn activation step sizes (LSQ) (default: on for fbr, off for adaround-brecq)")
+    g.add_argument("--act-lr", dest="activation_lr", type=float, default=d.activation_lr, help="Adam lr (cosine schedule) of the activation steps (default: %(default)s)")
+    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of minibatches and QDrop masks (default: %(default)s)")
+
+
+def _reconstruction_settings(args: argparse.Namespace):
+    import torch
+
+    from qdiff.calib.reconstruct.settings import ReconstructionSettings
+
+    return ReconstructionSettings(
+        method=args.method, iterations=args.iterations, batch_size=args.batch_size, weight_lr=args.weight_lr, round_weight=args.round_weight,
+        beta_start=args.beta[0], beta_end=args.beta[1], warmup=args.warmup, layer_loss_weight=args.layer_loss_weight, qdrop_p=args.qdrop_p,
+        learn_activation_steps=args.learn_activation_steps, activation_lr=args.activation_lr,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), seed=args.seed,
+    )
+
+
 def _recipe_overrides(args: argparse.Namespace) -> dict:
     keys = ("activation_calibrator", "percentile", "num_timesteps", "samples_per_timestep", "calibration_steps", "batch_size", "split_shortcut", "split_conv1")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
@@ -94,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", type=Path, help="local diffusers folder (default: built-in model)")
     p.add_argument("-o", "--out", type=Path, default=Path("qdiff-out"), help="output folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every stage even if its artifact is up to date")
+    p.add_argument("--reconstruct", dest="reconstruct_method", choices=["adaround-brecq", "fbr"], help="reconstruct the weights after calibration (default: round-to-nearest)")
+    p.add_argument("--reconstruct-iterations", type=int, help="iterations per unit with --reconstruct (default: the method's, 20000 / 5000)")
+    p.add_argument("--reconstruct-device", help="device for --reconstruct (default: cuda if available, else cpu)")
     _add_recipe(p)
     _sampling_args(p)
     _add_conditioning(p)
@@ -114,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     _add_conditioning(p)
 
+    p = sub.add_parser("reconstruct", help="weight reconstruction (AdaRound-BRECQ or EDA-DM's FBR) of a calibrated model; writes reconstruction.safetensors + a table")
+    p.add_argument("model", type=Path, help="the local diffusers folder the table was calibrated on")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (or .safetensors file)")
+    p.add_argument("--calib", type=Path, required=True, help="calibration table from `qdiff calibrate`")
+    p.add_argument("--force", action="store_true")
+    _add_reconstruction(p)
+    _add_conditioning(p)
+
     p = sub.add_parser("quantize", help="insert Q/DQ nodes into an exported graph (or INT4 weight-only MatMul/Gemm weights)")
     p.add_argument("onnx", type=Path)
     p.add_argument("--calib", type=Path, help="calibration table from `qdiff calibrate` (required, except with --int4-weight-only)")
@@ -124,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", help="quantize only these op types (subset of the table's, e.g. Conv,ConvTranspose)")
     p.add_argument("--exclude", action="append", metavar="PATTERN", help="keep matching modules in float (fnmatch; repeatable; replaces the recipe's list)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="float type of the written graph, from the FP32 export: fp32 (opset 17, TensorRT 8.6) or fp16 (opset >= 19, FP16 scales and DequantizeLinear outputs, FP32 I/O, FP32 islands where FP16 would overflow; TensorRT >= 10 strongly typed; <onnx>.<recipe>.fp16.onnx) (default: %(default)s)")
+    p.add_argument("--reconstruction", type=Path, help="reconstruction.safetensors from `qdiff reconstruct`: use its integer weights (pass its reconstruction.calibration.json as --calib)")
     p.add_argument("--force", action="store_true")
 
     _add_eval(sub)
@@ -170,7 +215,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     from qdiff import api
 
     if args.command == "run":
-        result = api.run(args.model, args.out, recipe=args.recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, ort_arithmetic=args.ort_arithmetic, force=args.force, **_conditioning(args), **_recipe_overrides(args))
+        rec = None
+        if args.reconstruct_method:
+            import torch
+
+            rec = {"iterations": args.reconstruct_iterations, "device": args.reconstruct_device or ("cuda" if torch.cuda.is_available() else "cpu")}
+        result = api.run(args.model, args.out, recipe=args.recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, ort_arithmetic=args.ort_arithmetic, force=args.force, reconstruct_method=args.reconstruct_method, reconstruct_settings=rec, **_conditioning(args), **_recipe_overrides(args))
         print(result.report_paths[1])  # where the results went, also with --quiet
     elif args.command == "export":
         result = api.export_model(args.model, args.out, opset=args.opset, external_data=args.external_data, force=args.force, check=args.check, dtype=args.dtype)
@@ -178,12 +228,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "calibrate":
         result = api.calibrate(args.model, args.out, args.recipe, scheduler=args.scheduler, force=args.force, **_conditioning(args), **_recipe_overrides(args))
         print(result.table_path)
+    elif args.command == "reconstruct":
+        result = api.reconstruct(args.model, args.out, args.calib, _reconstruction_settings(args), force=args.force, **_conditioning(args))
+        print(result.weights_path)
     elif args.command == "quantize" and args.int4_weight_only:
         result = api.quantize_int4_weight_only(args.onnx, args.out, block_size=args.block_size or 128, exclude=tuple(args.exclude or ()), force=args.force, dtype=args.dtype)
         print(result.onnx_path)
     elif args.command == "quantize":
         ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else None
-        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force, placement=args.placement, quantize_ops=ops, exclude=tuple(args.exclude) if args.exclude else None, dtype=args.dtype)
+        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force, placement=args.placement, quantize_ops=ops, exclude=tuple(args.exclude) if args.exclude else None, dtype=args.dtype, reconstruction=args.reconstruction)
         print(result.onnx_path)
     elif args.command == "eval":
         from qdiff.evaluate import evaluate

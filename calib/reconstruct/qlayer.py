@@ -1,0 +1,114 @@
+"""A quantized layer whose rounding and activation steps can be learned.
+
+It computes what the fake-quant reference (`calib.fake_quant`) computes, per-tensor input
+quantization and per-output-channel weights on the recipe's grid, but its weights can be
+rounded four ways: float (off), nearest (the reference's round-to-nearest), soft (AdaRound's
+h(V), while training) and fixed (integers decided by reconstruction). A split-shortcut layer
+has two parts, one per concat branch, each with its own input step, weight scale and rounding
+variables: both halves are reconstructed, the rounding term covers both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdiff.calib.reconstruct.adaround import hard_rounding, init_rounding_variable, rectified_sigmoid
+from qdiff.calib.reconstruct.lsq import LearnedStep
+
+WEIGHT_MODES = ("float", "nearest", "soft", "fixed")
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One input-channel slice of a layer's weight with its scales (the whole weight if unsplit)."""
+
+    role: str  # "" for an unsplit layer, "a" / "b" for the branches of a split one
+    start: int
+    stop: int | None
+    input_step: float
+    weight_scale: torch.Tensor  # per output channel
+
+
+class QuantPart(nn.Module):
+    def __init__(self, weight: torch.Tensor, spec: PartSpec, weight_axis: int, weight_qmax: int) -> None:
+        super().__init__()
+        shape = [1] * weight.ndim
+        shape[weight_axis] = -1
+        self.role = spec.role
+        self.qmax = weight_qmax
+        self.register_buffer("weight", weight.detach().clone().float())
+        self.register_buffer("scale", spec.weight_scale.detach().float().reshape(shape).clone())
+        w_over_s = self.weight / self.scale
+        self.register_buffer("floor", torch.floor(w_over_s))
+        self.register_buffer("fixed", torch.clamp(torch.round(w_over_s), -weight_qmax - 1, weight_qmax))
+        self.v = nn.Parameter(init_rounding_variable(w_over_s), requires_grad=False)
+        self.input = LearnedStep(spec.input_step)
+
+    def _clamp(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(q, -self.qmax - 1, self.qmax)
+
+    def integer_weight(self, mode: str) -> torch.Tensor:
+        if mode == "soft":
+            return self._clamp(self.floor + rectified_sigmoid(self.v))
+        if mode == "nearest":
+            return self._clamp(torch.round(self.weight / self.scale))
+        return self.fixed
+
+    def quantized_weight(self, mode: str) -> torch.Tensor:
+        return self.weight if mode == "float" else self.integer_weight(mode) * self.scale
+
+    @torch.no_grad()
+    def fix_rounding(self) -> None:
+        """Hard rounding floor(w / s) + 1[V >= 0], clipped to the grid."""
+        self.fixed.copy_(self._clamp(self.floor + hard_rounding(self.v)))
+
+
+class ReconLayer(nn.Module):
+    """Conv2d / ConvTranspose2d / Linear with quantized input(s) and weight(s)."""
+
+    def __init__(self, layer: nn.Module, parts: list[PartSpec], weight_axis: int, weight_qmax: int) -> None:
+        super().__init__()
+        self.layer = layer
+        for p in layer.parameters():
+            p.requires_grad_(False)
+        self.weight_axis = weight_axis
+        self.parts = nn.ModuleList(QuantPart(layer.weight[:, p.start : p.stop] if p.role else layer.weight, p, weight_axis, weight_qmax) for p in parts)
+        self.weight_mode = "nearest"
+        self.act_quant = True
+        if len(parts) > 1 and not (isinstance(layer, nn.Conv2d) and layer.groups == 1):
+            raise TypeError(f"only an ungrouped Conv2d can be split, got {type(layer).__name__}")
+
+    def rounding_variables(self) -> list[nn.Parameter]:
+        return [p.v for p in self.parts]
+
+    def steps(self) -> list[LearnedStep]:
+        return [p.input for p in self.parts]
+
+    def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kwargs: dict) -> torch.Tensor:
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            return F.linear(x, weight, bias)
+        if isinstance(layer, nn.ConvTranspose2d):
+            output_padding = layer._output_padding(x, kwargs.get("output_size"), layer.stride, layer.padding, layer.kernel_size, 2, layer.dilation)
+            return F.conv_transpose2d(x, weight, bias, layer.stride, layer.padding, output_padding, layer.groups, layer.dilation)
+        return layer._conv_forward(x, weight, bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = None
+        for i, part in enumerate(self.parts):
+            xi = x[:, part_slice(self.parts, i, x.shape[1])] if len(self.parts) > 1 else x
+            if self.act_quant:
+                xi = part.input(xi)
+            y = self._op(xi, part.quantized_weight(self.weight_mode), self.layer.bias if i == 0 else None, kwargs)
+            out = y if out is None else out + y
+        return out
+
+
+def part_slice(parts: nn.ModuleList, index: int, channels: int) -> slice:
+    """Input channels of part `index` (parts split the input channels in order)."""
+    start = sum(p.weight.shape[1] for p in list(parts)[:index])
+    return slice(start, start + parts[index].weight.shape[1])

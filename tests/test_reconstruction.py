@@ -1,0 +1,210 @@
+"""Weight reconstruction (calib.reconstruct) on a tiny diffusers UNet: it beats round-to-nearest
+unit by unit, its integers stay on the grid, the Q/DQ graph built from them equals the fake-quant
+reference with the same weights under ONNX Runtime, it resumes after a kill at the unit it was
+in, it is deterministic for a seed, and it is refused for another model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from qdiff.api import calibrate, export_model, quantize_onnx, reconstruct
+from qdiff.calib.fake_quant import build_fake_quant_model
+from qdiff.calib.recipe import Recipe
+from qdiff.calib.reconstruct.adaround import beta_at, hard_rounding, init_rounding_variable, rectified_sigmoid
+from qdiff.calib.reconstruct.artifact import ReconstructedWeights
+from qdiff.calib.reconstruct.settings import ReconstructionSettings
+from qdiff.calib.table import CalibrationTable
+from qdiff.errors import CalibrationError, QuantizationError, RecipeError
+from qdiff.export.onnx_export import example_inputs
+from qdiff.export.validate import error_stats
+from qdiff.models import load_model
+from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
+
+RECIPE = Recipe(name="w4a8", weight_bits=4, weight_calibrator="mse", split_shortcut=True, num_timesteps=4, samples_per_timestep=4, calibration_steps=8, batch_size=4)
+SETTINGS = ReconstructionSettings(method="adaround-brecq", iterations=60, batch_size=4, device="cpu", seed=3)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def calibrated(uncond_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("recon")
+    exported = export_model(uncond_model_dir, out)
+    table = calibrate(uncond_model_dir, out, RECIPE, timestep_stats=False)
+    return out, exported.onnx_path, table.table_path
+
+
+@pytest.fixture(scope="module")
+def reconstructed(uncond_model_dir, calibrated):
+    out, _, table_path = calibrated
+    return reconstruct(uncond_model_dir, out / "adaround", table_path, SETTINGS)
+
+
+def test_soft_rounding_starts_at_the_float_weight_and_hard_rounding_is_nearest_at_init():
+    w_over_s = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 3
+    v = init_rounding_variable(w_over_s)
+    assert torch.allclose(torch.floor(w_over_s) + rectified_sigmoid(v), w_over_s, atol=1e-5)
+    frac = w_over_s - torch.floor(w_over_s)
+    away = (frac - 0.5).abs() > 1e-4
+    assert torch.equal((torch.floor(w_over_s) + hard_rounding(v))[away], torch.round(w_over_s)[away])
+    assert beta_at(10, 100, 0.2, 20, 2) is None and beta_at(20, 100, 0.2, 20, 2) == 20 and beta_at(100, 100, 0.2, 20, 2) == pytest.approx(2)
+
+
+def test_settings_round_trip_and_resolve_paper_defaults():
+    s = ReconstructionSettings(method="fbr")
+    assert ReconstructionSettings.from_json(s.to_json()) == s
+    r = s.resolved()
+    assert (r.iterations, r.qdrop_p, r.learn_activation_steps, r.layer_loss_weight) == (5000, 0.5, True, 0.8)
+    a = ReconstructionSettings().resolved()
+    assert (a.iterations, a.batch_size, a.weight_lr, a.round_weight, a.qdrop_p, a.learn_activation_steps) == (20000, 32, 1e-3, 0.01, 0.0, False)
+    with pytest.raises(RecipeError, match="method"):
+        ReconstructionSettings(method="brecq")
+
+
+def test_every_unit_beats_round_to_nearest(reconstructed):
+    units = reconstructed.units
+    kinds = {u["kind"] for u in units}
+    assert {"ResnetBlock2D", "Attention", "layer"} <= kinds
+    for u in units:
+        assert u["error"] < u["rtn_error"], u
+
+
+def test_weights_stay_on_the_grid_and_differ_from_round_to_nearest(reconstructed, calibrated):
+    weights = ReconstructedWeights.load(reconstructed.weights_path)
+    table = CalibrationTable.load(calibrated[2])
+    assert set(weights.layers) == set(table.layers)
+    changed = 0
+    for name, lw in weights.layers.items():
+        for role, (q, s) in lw.parts.items():
+            assert q.dtype == np.int8 and q.min() >= -8 and q.max() <= 7, name
+            assert np.all(s > 0)
+        assert lw.split == (table.layers[name].split_channels is not None)
+    unet = load_model(_model_dir(reconstructed)).unet
+    for name, lw in weights.layers.items():
+        w = unet.get_submodule(name).weight.detach().numpy()
+        axis = 1 if isinstance(unet.get_submodule(name), torch.nn.ConvTranspose2d) else 0
+        if lw.split:
+            c = table.layers[name].split_channels
+            pieces = [(w[:, :c], lw.parts["_a"]), (w[:, c:], lw.parts["_b"])]
+        else:
+            pieces = [(w, lw.parts[""])]
+        for wp, (q, s) in pieces:
+            shape = [1] * wp.ndim
+            shape[axis] = -1
+            rtn = np.clip(np.round(wp / s.reshape(shape)), -8, 7)
+            assert np.abs(q - rtn).max() <= 1, name  # AdaRound only chooses floor or ceil
+            changed += int((q != rtn).sum())
+    assert changed > 0
+
+
+def _model_dir(result):
+    return CalibrationTable.load(result.table_path).provenance["model_path"]
+
+
+def test_qdq_graph_from_reconstruction_equals_fake_quant_reference(reconstructed, calibrated):
+    """Same integers, same scales: the graph under ORT (no fused integer kernels) and the fake-quant
+    reference agree to float round-off on most inputs, as in test_qdq's equality test."""
+    _, onnx_path, _ = calibrated
+    q = quantize_onnx(onnx_path, reconstructed.table_path, reconstruction=reconstructed.weights_path)
+    assert q.onnx_path.name == "denoiser.w4a8-adaround-brecq.onnx"
+    bundle = load_model(_model_dir(reconstructed))
+    table = CalibrationTable.load(reconstructed.table_path)
+    weights = ReconstructedWeights.load(reconstructed.weights_path)
+    reference = TorchDenoiser(build_fake_quant_model(bundle.unet, table, weights=weights))
+    rtn = TorchDenoiser(build_fake_quant_model(bundle.unet, table))
+    session = OnnxRuntimeDenoiser(q.onnx_path, optimize=False)
+    exact = 0
+    for seed in range(1, 5):
+        inputs = example_inputs(bundle.unet, batch=2, seed=seed)
+        sample, t = inputs.pop("sample"), inputs.pop("timestep")
+        ref = reference(sample, t)
+        got = error_stats(session(sample, t), ref)
+        other = error_stats(rtn(sample, t), ref)
+        exact += got.rel_l2 < 1e-5
+        assert got.rel_l2 < 0.5 * other.rel_l2, (str(got), str(other))  # closer to its own weights than to RTN's
+    assert exact >= 3
+    # every weight initializer that feeds a weight QuantizeLinear sits on the W4 grid
+    model = onnx.load(str(q.onnx_path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    checked = 0
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and "weight_quantizer" in node.name and node.input[0] in inits:
+            w, s = inits[node.input[0]], inits[node.input[1]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            k = w / s.reshape(shape)
+            assert np.allclose(k, np.round(k), atol=1e-4) and np.round(k).min() >= -8 and np.round(k).max() <= 7, node.name
+            assert not np.any(inits[node.input[2]]), node.name  # zero point 0
+            checked += 1
+    assert checked == len(weights.layers) + sum(lw.split for lw in weights.layers.values())
+
+
+def test_reconstruction_for_another_model_is_refused(reconstructed, calibrated, tmp_path, class_cond_model_dir):
+    weights = ReconstructedWeights.load(reconstructed.weights_path)
+    weights.model_sha256 = "0" * 64
+    other = tmp_path / "other.safetensors"
+    weights.save(other)
+    with pytest.raises(CalibrationError, match="reconstructed for model 000000000000"):
+        quantize_onnx(calibrated[1], reconstructed.table_path, tmp_path / "x.onnx", reconstruction=other)
+    with pytest.raises(CalibrationError, match="calibration table was made for model"):
+        reconstruct(class_cond_model_dir, tmp_path, calibrated[2], SETTINGS)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_at_its_unit_and_matches_an_uninterrupted_run(uncond_model_dir, calibrated, reconstructed, tmp_path):
+    """Same seed, interrupted after unit 2 and rerun: units 0-2 come from checkpoints, and the
+    integers and table are bit-identical to the uninterrupted run (determinism on the CPU)."""
+    table_path = calibrated[2]
+
+    def interrupt(index, _result):
+        if index == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        reconstruct(uncond_model_dir, tmp_path, table_path, SETTINGS, on_unit_done=interrupt)
+    cache = list((tmp_path / ".qdiff-reconstruct-cache").glob("*/unit-*.safetensors"))
+    assert len(cache) == 3
+    resumed = reconstruct(uncond_model_dir, tmp_path, table_path, SETTINGS)
+    assert [u["resumed"] for u in resumed.units[:3]] == [True] * 3 and not any(u["resumed"] for u in resumed.units[3:])
+    a, b = ReconstructedWeights.load(reconstructed.weights_path), ReconstructedWeights.load(resumed.weights_path)
+    for name in a.layers:
+        for role in a.layers[name].parts:
+            assert np.array_equal(a.layers[name].parts[role][0], b.layers[name].parts[role][0]), name
+    assert [u["error"] for u in resumed.units] == [u["error"] for u in reconstructed.units]
+    assert not (tmp_path / ".qdiff-reconstruct-cache").joinpath(cache[0].parent.name).exists()  # removed once published
+    again = reconstruct(uncond_model_dir, tmp_path, table_path, SETTINGS)
+    assert again.reused
+
+
+@pytest.mark.slow
+def test_learned_activation_steps_stay_positive_and_change_the_table(uncond_model_dir, calibrated, tmp_path):
+    settings = ReconstructionSettings(method="fbr", iterations=30, batch_size=4, device="cpu", learn_activation_steps=True, activation_lr=1e-2)
+    result = reconstruct(uncond_model_dir, tmp_path, calibrated[2], settings)
+    before, after = CalibrationTable.load(calibrated[2]), CalibrationTable.load(result.table_path)
+    changed = 0
+    for name, r in after.layers.items():
+        for role in ("input", "shortcut_a", "shortcut_b"):
+            value = getattr(r, role)
+            if value is None:
+                continue
+            assert value > 0, (name, role)
+            changed += value != getattr(before.layers[name], role)
+        assert r.weight == before.layers[name].weight  # weight ranges (and so scales) unchanged
+    assert changed > len(after.layers) // 2
+    assert after.provenance["reconstruction"]["learned_activation_steps"] is True
+    q = quantize_onnx(calibrated[1], result.table_path, tmp_path / "fbr.onnx", reconstruction=result.weights_path)
+    with pytest.raises(QuantizationError, match="scales"):  # the integers belong to their own table's weight scales
+        from qdiff.export.qdq import insert_qdq
+
+        bad = CalibrationTable.load(calibrated[2])
+        first = next(iter(bad.layers.values()))
+        first.weight = [w * 2 for w in first.weight]
+        insert_qdq(onnx.load(str(calibrated[1])), bad, weights=ReconstructedWeights.load(result.weights_path))
+    assert q.onnx_path.is_file()
