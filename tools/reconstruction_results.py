@@ -114,8 +114,11 @@ def _fd_with_interval(images: list[np.ndarray], rng: np.random.Generator, reps: 
     return {"shape_fd": float(fd), "shape_fd_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
 
 
-def evaluate_model(model: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Sample FP32 and every configuration of one model on `args.device`; fill in the metrics."""
+def evaluate_model(model: str, rows: list[dict[str, Any]], args: argparse.Namespace, on_row=None) -> list[dict[str, Any]]:
+    """Sample FP32 and every configuration of one model on `args.device`; fill in the metrics.
+
+    `on_row(rows_so_far)` is called after each configuration, so a run cut off by a time limit
+    still leaves every configuration it finished on disk."""
     from qdiff.api import generate, step_errors
     from qdiff.calib.fake_quant import build_fake_quant_model
     from qdiff.calib.reconstruct.artifact import ReconstructedWeights
@@ -160,6 +163,9 @@ def evaluate_model(model: str, rows: list[dict[str, Any]], args: argparse.Namesp
             **_fd_with_interval(got.images, rng, args.fd_bootstrap),
             "eval_seconds": round(time.perf_counter() - started, 1),
         })
+        print(f"evaluated {model} {row['preset']} {row['label']}: step rel-L2 {out[-1]['step_rel_l2_mean']:.4f}, PSNR {out[-1]['psnr']:.2f} dB", flush=True)
+        if on_row is not None:
+            on_row([header] + out)
         del quant
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -175,6 +181,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         "## Setup",
         "",
+        *([] if meta.get("complete", True) else ["**Partial: the run stopped before every configuration was evaluated; the rows below are the ones it finished.**", ""]),
         f"- Device: {meta['device']} ({meta['gpu']}); torch {meta['torch']}. Total wall time {meta['wall_seconds']} s.",
         f"- Calibration: mse activation calibrator, split shortcut on, {meta['calibration']}.",
         f"- Reconstruction: {meta['iterations']} iterations per unit for both methods (papers: AdaRound-BRECQ {PAPER_ITERATIONS['adaround-brecq']}, FBR {PAPER_ITERATIONS['fbr']}), batch {meta['batch']}; "
@@ -244,21 +251,27 @@ def main(argv: list[str] | None = None) -> int:
             rows[done["model"]].append(done)
             print(f"reconstructed {done['model']} {done['preset']} {done['label']} in {done['reconstruct_seconds']} s ({done['units_better_than_rtn']}/{done['units']} units below RTN)", flush=True)
     order = {label: i for i, (label, _, _) in enumerate(CONFIGS)}
-    models = []
+    command = "python3 tools/reconstruction_results.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
+    models: list[dict[str, Any]] = []
+
+    def write(partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        meta = {
+            "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "none", "torch": torch.__version__,
+            "calibration": calibration, "iterations": args.iterations, "paper_iterations": PAPER_ITERATIONS, "batch": args.batch, "workers": args.workers,
+            "images": args.images, "step_images": args.step_images, "steps": args.steps, "wall_seconds": round(time.perf_counter() - started, 1), "command": command.strip(), "smoke": args.smoke,
+            "complete": partial is None,
+        }
+        result = {"meta": meta, "models": models + ([partial] if partial else [])}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "reconstruction.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "reconstruction.md").write_text(to_markdown(result))
+        return meta
+
     for m in args.models:
         ordered = sorted(rows[m], key=lambda r: (r["preset"], order[r["label"]]))
-        models.append({"model": m, "rows": evaluate_model(m, ordered, args)})
+        models.append({"model": m, "rows": evaluate_model(m, ordered, args, on_row=lambda so_far, m=m: write({"model": m, "rows": so_far}))})
         print(f"evaluated {m} at {time.perf_counter() - started:.0f} s", flush=True)
-    command = "python3 tools/reconstruction_results.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-    meta = {
-        "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "none", "torch": torch.__version__,
-        "calibration": calibration, "iterations": args.iterations, "paper_iterations": PAPER_ITERATIONS, "batch": args.batch, "workers": args.workers,
-        "images": args.images, "step_images": args.step_images, "steps": args.steps, "wall_seconds": round(time.perf_counter() - started, 1), "command": command.strip(), "smoke": args.smoke,
-    }
-    result = {"meta": meta, "models": models}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "reconstruction.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "reconstruction.md").write_text(to_markdown(result))
+    meta = write()
     print(f"wrote {args.out / 'reconstruction.md'} in {meta['wall_seconds']} s", flush=True)
     return 0
 
