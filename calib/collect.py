@@ -8,7 +8,7 @@ the chosen steps, so the inputs never have to be stored, and each trajectory sto
 last step that is needed. With classifier-free guidance the denoiser sees the unconditional and
 the conditional batch, as it will at inference. The trajectories themselves (seeds, batches,
 kept steps) are driven by `calib.trajectories`, which peers that need the same calls as tensors
-share.
+share; the sampling loop itself comes from the caller (a `TrajectorySampler`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from qdiff.calib.table import CalibrationTable, LayerRanges
 from qdiff.calib.shortcuts import find_split_layers
 from qdiff.calib.targets import select_targets
 from qdiff.calib.timestep_stats import TimestepStatsRecorder
-from qdiff.calib.trajectories import calibration_step_indices, calibration_trajectories
+from qdiff.calib.trajectories import TrajectorySampler, calibration_step_indices, calibration_trajectories
 from qdiff.conditioning import Conditioning
 from qdiff.errors import CalibrationError
 
@@ -54,32 +54,24 @@ def layer_macs(model: nn.Module, example: dict[str, torch.Tensor], names: list[s
     return macs
 
 
-DenoiseFn = Callable[..., torch.Tensor]
-
-
 def collect_ranges(
     unet: nn.Module,
-    denoiser: Callable[..., torch.Tensor],
-    scheduler,
+    sampler: TrajectorySampler,
     recipe: Recipe,
-    denoise_fn: DenoiseFn,
     *,
-    sample_shape: tuple[int, int, int],
-    conditioning: Conditioning | None,
     model_sha256: str,
-    scheduler_name: str,
     progress: Callable | None = None,
     timestep_stats: TimestepStatsRecorder | None = None,
 ) -> CalibrationTable:
-    """Run the sampler over `unet` and return the calibration table.
+    """Run the recipe's calibration trajectories over `unet` and return the calibration table.
 
-    `denoise_fn` is the sampling loop (`qdiff.runtime.sampler.denoise`) and `denoiser` a backend
-    that calls `unet`; both are passed in so that calibration drives exactly the loop that
-    inference uses, while calib itself stays independent of the runtime package. A
-    `timestep_stats` recorder, if given, watches the same layers at the same steps and keeps
-    per-step ranges and branch histograms (its `result()` afterwards).
+    `sampler` is the caller's forward loop (`qdiff.runtime.calibration_loop` builds qdiff's own):
+    its denoiser must call `unet`, so calibration drives exactly the loop that inference uses
+    while calib itself stays independent of the runtime package. A `timestep_stats` recorder,
+    if given, watches the same layers at the same steps and keeps per-step ranges and branch
+    histograms (its `result()` afterwards).
     """
-
+    sample_shape, conditioning = sampler.sample_shape, sampler.conditioning
     targets, skipped = select_targets(unet, recipe)
     if not targets:
         raise CalibrationError("the recipe selects no layer to quantize", hint="check the recipe's exclude and quantize_ops")
@@ -105,9 +97,7 @@ def collect_ranges(
             if kept and len(recorded_timesteps) < len(steps):
                 recorded_timesteps.append(t)
 
-        for _batch in calibration_trajectories(
-            denoiser, scheduler, recipe, denoise_fn, sample_shape=sample_shape, conditioning=conditioning, on_step=on_step, progress=progress
-        ):
+        for _batch in calibration_trajectories(sampler, recipe, on_step=on_step, progress=progress):
             pass
         observers = recorder.observers
         never_ran = [name for name, obs in observers.items() if obs.batches == 0]
@@ -129,8 +119,8 @@ def collect_ranges(
                     ranges.split_kind = "conv1"
             table.layers[target.name] = ranges
     table.provenance = {
-        "scheduler": scheduler_name,
-        "scheduler_class": type(scheduler).__name__,
+        "scheduler": sampler.scheduler_name,
+        "scheduler_class": sampler.scheduler_class,
         "calibration_steps": recipe.calibration_steps,
         "step_indices": steps,
         "timesteps": recorded_timesteps,

@@ -7,13 +7,19 @@ tensors. Both drive the sampler through `calibration_trajectories` here, so they
 seeds per batch of trajectories, the same conditioning slices, the same classifier-free-guidance
 batches and the same kept steps: a comparison of the two then measures the quantizers, not a
 difference in calibration data.
+
+Calibration decides *which* trajectories (the recipe's seeds, batches and kept steps); the caller
+decides *how* one is sampled. It passes a `TrajectorySampler`: the sampling loop as a callable
+(ModelOpt's `quantize(model, config, forward_loop)` in spirit), with the denoiser that drives it
+and the shapes it needs. The API wires qdiff's own sampler in
+(`qdiff.runtime.calibration_loop`), so calib imports nothing from runtime.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +30,48 @@ from qdiff.errors import CalibrationError
 
 # Called before each denoiser call of a calibration trajectory: (step index, timestep, kept?).
 StepHook = Callable[[int, float, bool], None]
+
+
+class TrajectoryRunner(Protocol):
+    """One denoising trajectory from `noise` with a bound scheduler: the sampling loop.
+
+    `before_step(i, t)` runs before the denoiser call of step `i`; the loop stops after step
+    `stop_after_step`. `qdiff.runtime.sampler.denoise` with its scheduler bound is one.
+    """
+
+    def __call__(
+        self,
+        denoiser: Callable[..., torch.Tensor],
+        noise: torch.Tensor,
+        num_inference_steps: int,
+        *,
+        conditioning: Conditioning | None,
+        guidance_scale: float,
+        seed: int,
+        before_step: Callable[[int, float], None],
+        stop_after_step: int,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TrajectorySampler:
+    """What calibration needs from the caller to run its trajectories: its forward loop.
+
+    `run_trajectory` samples one batch of trajectories (see `TrajectoryRunner`), driven by
+    `denoiser` (which must call the model being calibrated, whose hooks record). The scheduler
+    names are only recorded in the table's provenance.
+    """
+
+    run_trajectory: TrajectoryRunner
+    denoiser: Callable[..., torch.Tensor]
+    sample_shape: tuple[int, int, int]
+    conditioning: Conditioning | None
+    scheduler_name: str
+    scheduler_class: str
+
+    def driven_by(self, denoiser: Callable[..., torch.Tensor]) -> TrajectorySampler:
+        """The same loop driven by another denoiser (a recorder wrapping this one)."""
+        return replace(self, denoiser=denoiser)
 
 
 def calibration_step_indices(total_steps: int, num_timesteps: int, window: tuple[float, float] = (0.0, 1.0)) -> list[int]:
@@ -52,13 +100,9 @@ def trajectory_batches(recipe: Recipe) -> list[TrajectoryBatch]:
 
 
 def calibration_trajectories(
-    denoiser: Callable[..., torch.Tensor],
-    scheduler,
+    sampler: TrajectorySampler,
     recipe: Recipe,
-    denoise_fn: Callable[..., torch.Tensor],
     *,
-    sample_shape: tuple[int, int, int],
-    conditioning: Conditioning | None,
     on_step: StepHook,
     progress: Callable | None = None,
 ) -> Iterator[TrajectoryBatch]:
@@ -73,6 +117,7 @@ def calibration_trajectories(
     keep = set(steps)
     last = max(steps)
     batches = trajectory_batches(recipe)
+    conditioning = sampler.conditioning
     bar = progress(total=len(batches) * (last + 1), desc="calibrate", unit="step") if progress else None
 
     def before_step(i: int, t: float) -> None:
@@ -83,10 +128,9 @@ def calibration_trajectories(
     try:
         for batch in batches:
             gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + batch.start)
-            noise = torch.randn((batch.size, *sample_shape), generator=gen)
-            denoise_fn(
-                denoiser,
-                scheduler,
+            noise = torch.randn((batch.size, *sampler.sample_shape), generator=gen)
+            sampler.run_trajectory(
+                sampler.denoiser,
                 noise,
                 recipe.calibration_steps,
                 conditioning=conditioning.select(batch.start, batch.start + batch.size) if conditioning else None,
@@ -150,25 +194,14 @@ class InputRecorder:
         return records
 
 
-def iter_calibration_inputs(
-    denoiser: Callable[..., torch.Tensor],
-    scheduler,
-    recipe: Recipe,
-    denoise_fn: Callable[..., torch.Tensor],
-    *,
-    sample_shape: tuple[int, int, int],
-    conditioning: Conditioning | None,
-    progress: Callable | None = None,
-) -> Iterator[CalibrationInput]:
+def iter_calibration_inputs(sampler: TrajectorySampler, recipe: Recipe, *, progress: Callable | None = None) -> Iterator[CalibrationInput]:
     """The denoiser calls qdiff's calibration observes, in the order it makes them.
 
     Lazy per batch of trajectories: at most one batch's kept calls are held in memory, which is
     what keeps this usable for latent models with long text conditioning.
     """
-    recorder = InputRecorder(denoiser)
-    for batch in calibration_trajectories(
-        recorder, scheduler, recipe, denoise_fn, sample_shape=sample_shape, conditioning=conditioning, on_step=recorder.on_step, progress=progress
-    ):
+    recorder = InputRecorder(sampler.denoiser)
+    for batch in calibration_trajectories(sampler.driven_by(recorder), recipe, on_step=recorder.on_step, progress=progress):
         yield from recorder.drain(batch)
 
 
@@ -177,21 +210,3 @@ def count_calibration_calls(recipe: Recipe) -> int:
     steps = calibration_step_indices(recipe.calibration_steps, recipe.num_timesteps, recipe.timestep_window)
     return len(trajectory_batches(recipe)) * len(steps)
 
-
-def model_calibration_inputs(
-    bundle: Any, recipe: Recipe, denoiser: Callable[..., torch.Tensor], *, conditioning: Conditioning | None, progress: Callable | None = None
-) -> Iterator[CalibrationInput]:
-    """`iter_calibration_inputs` for a loaded model: its own scheduler and sample shape, qdiff's
-    sampling loop. The peers calibrate on exactly these calls, driven by `denoiser`."""
-    from qdiff.runtime.sampler import denoise
-    from qdiff.runtime.schedulers import make_scheduler
-
-    return iter_calibration_inputs(
-        denoiser,
-        make_scheduler(recipe.scheduler, bundle.scheduler_config),
-        recipe,
-        denoise,
-        sample_shape=(bundle.in_channels, bundle.sample_size, bundle.sample_size),
-        conditioning=conditioning,
-        progress=progress,
-    )

@@ -10,20 +10,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, staging_dir, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
-from qdiff.conditioning import Conditioning, conditioning_key, resolve_conditioning
+from qdiff.conditioning import conditioning_key, resolve_conditioning
 from qdiff.errors import ArtifactMismatchError, ExportError, OnnxModelError, RecipeError, SamplingError
 from qdiff.models import ModelBundle, as_bundle, unet_config_of
 from qdiff.progress import log, progress
+
+# The sampling core lives in runtime (evaluate and the tools reach it without the API); it is
+# re-exported here under its old names, so `qdiff.api.generate(bundle, denoiser, ...)` works.
+from qdiff.runtime.sampler import SampleResult, generate, make_denoiser, step_errors  # noqa: F401
 
 ONNX_NAME = "denoiser.onnx"
 ONNX_FP16_NAME = "denoiser.fp16.onnx"
@@ -184,8 +187,7 @@ def calibrate(
     from qdiff.calib.collect import collect_ranges
     from qdiff.calib.timestep_stats import TimestepStatsRecorder, stats_path_for
     from qdiff.runtime.backends import TorchDenoiser
-    from qdiff.runtime.sampler import denoise
-    from qdiff.runtime.schedulers import make_scheduler
+    from qdiff.runtime.calibration_loop import model_trajectory_sampler
 
     recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)  # fail fast, before loading
     bundle = as_bundle(model)
@@ -203,26 +205,14 @@ def calibrate(
     if not force and is_up_to_date(target, wanted) and (not timestep_stats or _stats_intact(target, stats_path)):
         log(f"calibrate: {target} is up to date (same model, conditioning and recipe); skipping")
         return CalibrateResult(target, CalibrationTable.load(target), reused=True, stats_path=stats_path if stats_path.is_file() else None)
-    sched = make_scheduler(recipe.scheduler, bundle.scheduler_config)
+    sampler = model_trajectory_sampler(bundle, recipe, trajectory_denoiser if trajectory_denoiser is not None else TorchDenoiser(bundle.unet), conditioning=conditioning)
     log(
         f"calibrate: {recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps of a {recipe.calibration_steps}-step "
         f"{recipe.scheduler} loop, {recipe.activation_calibrator} calibrator"
     )
     started = time.perf_counter()
     recorder = TimestepStatsRecorder(seed=recipe.seed) if timestep_stats else None
-    table = collect_ranges(
-        bundle.unet,
-        trajectory_denoiser if trajectory_denoiser is not None else TorchDenoiser(bundle.unet),
-        sched,
-        recipe,
-        denoise,
-        sample_shape=(bundle.in_channels, bundle.sample_size, bundle.sample_size),
-        conditioning=conditioning,
-        model_sha256=bundle.model_sha256,
-        scheduler_name=recipe.scheduler,
-        progress=progress,
-        timestep_stats=recorder,
-    )
+    table = collect_ranges(bundle.unet, sampler, recipe, model_sha256=bundle.model_sha256, progress=progress, timestep_stats=recorder)
     table.provenance["model_path"] = str(bundle.path)
     table.save(target)
     wanted.outputs = {"sha256": sha256_file(target)}
@@ -305,7 +295,7 @@ def reconstruct(
     from qdiff.calib.reconstruct.artifact import weights_from_model
     from qdiff.calib.reconstruct.engine import Reconstructor
     from qdiff.calib.reconstruct.settings import ReconstructionSettings
-    from qdiff.calib.trajectories import model_calibration_inputs
+    from qdiff.runtime.calibration_loop import model_calibration_inputs
     from qdiff.runtime.backends import TorchDenoiser
 
     settings = (settings or ReconstructionSettings()).with_overrides(**setting_overrides).resolved()
@@ -636,73 +626,6 @@ def inspect_engine(engine: str | Path, *, onnx: str | Path | None = None, profil
 # ----------------------------------------------------------------------------- sample
 
 
-@dataclass
-class SampleResult:
-    images: list[np.ndarray]
-    seeds: list[int]
-    paths: list[Path] = field(default_factory=list)
-    steps: list[Any] = field(default_factory=list)
-
-
-def make_denoiser(bundle: ModelBundle, backend: str = "pytorch", onnx_path: str | Path | None = None, optimize: bool = True, engine: str | Path | None = None, ort_arithmetic: str = "exact"):
-    from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser, check_backend
-
-    check_backend(backend)
-    if backend == "pytorch":
-        return TorchDenoiser(bundle.unet)
-    if backend == "onnxruntime":
-        if onnx_path is None:
-            raise SamplingError("the onnxruntime backend needs an ONNX file", hint="pass --onnx PATH")
-        return OnnxRuntimeDenoiser(onnx_path, optimize=optimize, arithmetic=ort_arithmetic)
-    if backend == "tensorrt":
-        if engine is None:
-            raise SamplingError("the tensorrt backend needs an engine", hint="pass --engine ENGINE_DIR (made by `qdiff build`)")
-        from qdiff.runtime.tensorrt_backend import TensorRTDenoiser
-
-        return TensorRTDenoiser(engine)
-    raise AssertionError(f"check_backend accepted {backend!r} without a denoiser for it")
-
-
-def generate(
-    bundle: ModelBundle,
-    denoiser,
-    *,
-    scheduler: str = "ddim",
-    steps: int = 50,
-    seeds: list[int],
-    conditioning: Conditioning | None = None,
-    guidance_scale: float = 1.0,
-    record_steps: bool = False,
-    allow_nonfinite: bool = False,
-    desc: str = "sample",
-) -> SampleResult:
-    """Images from `denoiser`, one seed per image, all images in one batch."""
-    from qdiff.runtime.sampler import decode, denoise, initial_noise, to_uint8
-    from qdiff.runtime.schedulers import make_scheduler
-
-    if not seeds:
-        raise SamplingError("asked for 0 images; need at least 1")
-    sched = make_scheduler(scheduler, bundle.scheduler_config)
-    shape = (bundle.in_channels, bundle.sample_size, bundle.sample_size)
-    # Noise is drawn on the CPU (same start on every backend), then the loop runs where the
-    # denoiser lives, so a GPU backend never round-trips through host memory between steps.
-    noise = torch.cat([initial_noise((1, *shape), s) for s in seeds]).to(getattr(denoiser, "device", "cpu"))
-    records = []
-    latents = denoise(
-        denoiser,
-        sched,
-        noise,
-        steps,
-        conditioning=conditioning,
-        guidance_scale=guidance_scale if conditioning is not None else 1.0,
-        seed=seeds[0],
-        after_step=records.append if record_steps else None,
-        allow_nonfinite=allow_nonfinite,
-        progress=lambda it: progress(it, desc=desc, unit="step"),
-    )
-    return SampleResult(to_uint8(decode(latents, bundle.vae)), list(seeds), steps=records)
-
-
 def sample(
     model: ModelLike,
     out_dir: str | Path,
@@ -763,17 +686,6 @@ class RunResult:
     report: dict[str, Any]
     grid_path: Path
     report_paths: tuple[Path, Path]
-
-
-def step_errors(records: list, quantized) -> list[dict[str, float]]:
-    """The quantized denoiser on the FP32 trajectory's inputs, step by step."""
-    from qdiff.metrics import cosine, relative_l2
-
-    rows = []
-    for rec in records:
-        q = quantized(rec.model_input, torch.tensor(rec.timestep), **rec.denoiser_kwargs)
-        rows.append({"step": rec.index, "timestep": rec.timestep, "rel_l2": relative_l2(q, rec.model_output), "cosine": cosine(q, rec.model_output)})
-    return rows
 
 
 def run(

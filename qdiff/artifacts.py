@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from qdiff._version import __version__
 from qdiff.errors import ArtifactMismatchError
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -184,8 +185,6 @@ def library_versions() -> dict[str, str]:
             versions[name] = str(getattr(module, "__version__", "unknown"))
         except Exception:  # noqa: BLE001 - a missing optional library is simply not recorded
             continue
-    from qdiff import __version__
-
     versions["qdiff"] = __version__
     return versions
 

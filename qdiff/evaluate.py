@@ -78,7 +78,7 @@ def sampling_plan(
 
 def reference_samples(bundle: ModelBundle, denoiser, plan: SamplingPlan, desc: str = "sample fp32"):
     """FP32 samples with every step's denoiser inputs and outputs recorded (for `compare`)."""
-    from qdiff.api import generate
+    from qdiff.runtime.sampler import generate
 
     return generate(bundle, denoiser, record_steps=True, desc=desc, **_generate_kwargs(plan))
 
@@ -103,7 +103,7 @@ class Comparison:
 def compare(bundle: ModelBundle, reference, candidate, plan: SamplingPlan, *, label: str = "quantized", shape_fd: bool = True, allow_nonfinite: bool = False) -> Comparison:
     """Sample `candidate` from the plan's seeds and measure it against `reference`
     (`reference_samples` of the FP32 model under the same plan)."""
-    from qdiff.api import generate, step_errors
+    from qdiff.runtime.sampler import generate, step_errors
     from qdiff.metrics import psnr, ssim
 
     started = time.perf_counter()

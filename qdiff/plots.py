@@ -52,7 +52,7 @@ def _short(name: str) -> str:
 
 def plot_step_errors(series: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "noise-prediction error per step") -> Path:
     """Relative L2 of the noise prediction vs timestep, one line per entry of `series`
-    (rows as `qdiff.api.step_errors` returns them). Timestep decreases left to right, as sampling runs."""
+    (rows as `qdiff.runtime.sampler.step_errors` returns them). Timestep decreases left to right, as sampling runs."""
     fig = _figure(6.4, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     for label, rows in series.items():

@@ -121,7 +121,9 @@ def session_options(*, arithmetic: str = "exact", optimize: bool = True, threads
     return options
 
 
-def _timestep_batch(timestep: torch.Tensor | float | int, batch: int) -> torch.Tensor:
+def timestep_batch(timestep: torch.Tensor | float | int, batch: int) -> torch.Tensor:
+    """The timestep as a float32 vector of `batch` entries, as the exported graph takes it (a
+    scalar scheduler timestep is broadcast; a per-sample vector passes through)."""
     t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
     return t.expand(batch).contiguous() if t.numel() == 1 else t
 
@@ -136,7 +138,7 @@ class TorchDenoiser:
 
     @torch.no_grad()
     def __call__(self, sample, timestep, encoder_hidden_states=None, **added_cond):
-        t = _timestep_batch(timestep, sample.shape[0]).to(sample.device)
+        t = timestep_batch(timestep, sample.shape[0]).to(sample.device)
         kwargs = {}
         if encoder_hidden_states is not None:
             kwargs["encoder_hidden_states"] = encoder_hidden_states
@@ -187,7 +189,7 @@ class OnnxRuntimeDenoiser:
         return {"backend": "onnxruntime", "providers": ", ".join(self.session.get_providers()), "arithmetic": ARITHMETIC_DESCRIPTION[self.arithmetic]}
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, **added_cond):
-        feeds = {"sample": sample, "timestep": _timestep_batch(timestep, sample.shape[0])}
+        feeds = {"sample": sample, "timestep": timestep_batch(timestep, sample.shape[0])}
         if encoder_hidden_states is not None:
             feeds["encoder_hidden_states"] = encoder_hidden_states
         feeds.update(added_cond)

@@ -1,21 +1,31 @@
-"""The denoising loop over a diffusers scheduler, written out plainly, for any backend.
+"""The sampling core: the denoising loop over a diffusers scheduler, and images from a model.
 
-It is diffusers' own loop (set_timesteps, scale_model_input, step) with classifier-free guidance
-done by batching [unconditional, conditional] into one denoiser call, as pipelines do. Callbacks
-let calibration record activations at chosen steps and let reports compare backends step by step.
+`denoise` is diffusers' own loop (set_timesteps, scale_model_input, step) written out plainly,
+with classifier-free guidance done by batching [unconditional, conditional] into one denoiser
+call, as pipelines do. Callbacks let calibration record activations at chosen steps and let
+reports compare backends step by step. On top of it, `generate` turns a loaded model and any
+backend (`make_denoiser`) into images from per-image seeds, and `step_errors` measures a
+quantized denoiser on a reference trajectory's recorded inputs. They live here, below the API
+and evaluation, so both use one sampling core without importing each other.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from qdiff.conditioning import Conditioning
 from qdiff.errors import SamplingError
+from qdiff.metrics import cosine, relative_l2
+from qdiff.progress import progress as progress_bar
 from qdiff.runtime.backends import Denoiser
+from qdiff.runtime.schedulers import make_scheduler
 
 
 @dataclass
@@ -116,3 +126,96 @@ def to_uint8(images: torch.Tensor) -> "list":
     arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
     return list(arrays)
 
+
+# ----------------------------------------------------------------------------- images from a model
+
+
+class SamplingModel(Protocol):
+    """What sampling reads from a loaded model (`qdiff.models.ModelBundle` is one)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
+    scheduler_config: dict[str, Any] | None
+
+    @property
+    def in_channels(self) -> int: ...
+
+    @property
+    def sample_size(self) -> int: ...
+
+
+@dataclass
+class SampleResult:
+    """Images (HWC uint8) from `generate`, their seeds, where `sample` wrote them, and the
+    recorded steps when asked for (`StepRecord`s)."""
+
+    images: list[np.ndarray]
+    seeds: list[int]
+    paths: list[Path] = field(default_factory=list)
+    steps: list[Any] = field(default_factory=list)
+
+
+def make_denoiser(bundle: SamplingModel, backend: str = "pytorch", onnx_path: str | Path | None = None, optimize: bool = True, engine: str | Path | None = None, ort_arithmetic: str = "exact") -> Denoiser:
+    """The denoiser of `backend`: the PyTorch UNet, an ONNX graph under ONNX Runtime, or a TensorRT engine."""
+    from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser, check_backend
+
+    check_backend(backend)
+    if backend == "pytorch":
+        return TorchDenoiser(bundle.unet)
+    if backend == "onnxruntime":
+        if onnx_path is None:
+            raise SamplingError("the onnxruntime backend needs an ONNX file", hint="pass --onnx PATH")
+        return OnnxRuntimeDenoiser(onnx_path, optimize=optimize, arithmetic=ort_arithmetic)
+    if backend == "tensorrt":
+        if engine is None:
+            raise SamplingError("the tensorrt backend needs an engine", hint="pass --engine ENGINE_DIR (made by `qdiff build`)")
+        from qdiff.runtime.tensorrt_backend import TensorRTDenoiser
+
+        return TensorRTDenoiser(engine)
+    raise AssertionError(f"check_backend accepted {backend!r} without a denoiser for it")
+
+
+def generate(
+    bundle: SamplingModel,
+    denoiser: Denoiser,
+    *,
+    scheduler: str = "ddim",
+    steps: int = 50,
+    seeds: list[int],
+    conditioning: Conditioning | None = None,
+    guidance_scale: float = 1.0,
+    record_steps: bool = False,
+    allow_nonfinite: bool = False,
+    desc: str = "sample",
+) -> SampleResult:
+    """Images from `denoiser`, one seed per image, all images in one batch."""
+    if not seeds:
+        raise SamplingError("asked for 0 images; need at least 1")
+    sched = make_scheduler(scheduler, bundle.scheduler_config)
+    shape = (bundle.in_channels, bundle.sample_size, bundle.sample_size)
+    # Noise is drawn on the CPU (same start on every backend), then the loop runs where the
+    # denoiser lives, so a GPU backend never round-trips through host memory between steps.
+    noise = torch.cat([initial_noise((1, *shape), s) for s in seeds]).to(getattr(denoiser, "device", "cpu"))
+    records = []
+    latents = denoise(
+        denoiser,
+        sched,
+        noise,
+        steps,
+        conditioning=conditioning,
+        guidance_scale=guidance_scale if conditioning is not None else 1.0,
+        seed=seeds[0],
+        after_step=records.append if record_steps else None,
+        allow_nonfinite=allow_nonfinite,
+        progress=lambda it: progress_bar(it, desc=desc, unit="step"),
+    )
+    return SampleResult(to_uint8(decode(latents, bundle.vae)), list(seeds), steps=records)
+
+
+def step_errors(records: list[StepRecord], quantized: Denoiser) -> list[dict[str, float]]:
+    """The quantized denoiser on the FP32 trajectory's inputs, step by step."""
+    rows = []
+    for rec in records:
+        q = quantized(rec.model_input, torch.tensor(rec.timestep), **rec.denoiser_kwargs)
+        rows.append({"step": rec.index, "timestep": rec.timestep, "rel_l2": relative_l2(q, rec.model_output), "cosine": cosine(q, rec.model_output)})
+    return rows

@@ -14,7 +14,7 @@ import torch
 
 from qdiff.engines.runner import TensorRTEngine
 from qdiff.errors import EngineMismatchError, SamplingError
-from qdiff.runtime.backends import _timestep_batch
+from qdiff.runtime.backends import timestep_batch
 
 __all__ = ["OUTPUT_NAME", "TensorRTDenoiser", "TensorRTEngine", "TensorRTUNet"]
 
@@ -32,7 +32,7 @@ class TensorRTDenoiser:
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None, **added_cond: torch.Tensor) -> torch.Tensor:
-        feeds = {"sample": sample, "timestep": _timestep_batch(timestep, sample.shape[0])}
+        feeds = {"sample": sample, "timestep": timestep_batch(timestep, sample.shape[0])}
         if encoder_hidden_states is not None:
             feeds["encoder_hidden_states"] = encoder_hidden_states
         feeds.update(added_cond)

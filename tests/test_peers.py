@@ -19,7 +19,7 @@ from qdiff.metrics import relative_l2
 from qdiff.models import load_model
 from qdiff.peers import quantize_with_onnxruntime
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
-from qdiff.runtime.sampler import denoise
+from qdiff.runtime.calibration_loop import trajectory_sampler
 from qdiff.runtime.schedulers import make_scheduler
 
 
@@ -99,15 +99,15 @@ def test_calibration_calls_are_the_ones_collect_ranges_observes(class_cond_model
         return TorchDenoiser(bundle.unet)(sample, timestep, **kwargs)
 
     table = collect_ranges(
-        bundle.unet, spy, make_scheduler("ddim", bundle.scheduler_config), recipe, denoise,
-        sample_shape=shape, conditioning=conditioning, model_sha256="x", scheduler_name="ddim",
+        bundle.unet, trajectory_sampler(spy, make_scheduler("ddim", bundle.scheduler_config), sample_shape=shape, conditioning=conditioning, scheduler_name="ddim"),
+        recipe, model_sha256="x",
     )  # fmt: skip
     steps = table.provenance["step_indices"]
     per_batch = max(steps) + 1  # each trajectory batch stops after the last kept step
     seen = [call for k, call in enumerate(calls) if k % per_batch in steps]
 
     recorded = list(iter_calibration_inputs(
-        TorchDenoiser(bundle.unet), make_scheduler("ddim", bundle.scheduler_config), recipe, denoise, sample_shape=shape, conditioning=conditioning
+        trajectory_sampler(TorchDenoiser(bundle.unet), make_scheduler("ddim", bundle.scheduler_config), sample_shape=shape, conditioning=conditioning, scheduler_name="ddim"), recipe
     ))  # fmt: skip
     assert len(recorded) == len(seen) == count_calibration_calls(recipe) == 2 * len(steps)
     assert [r.timestep for r in recorded[: len(steps)]] == table.provenance["timesteps"]

@@ -531,7 +531,7 @@ def calibration_calls(bundle, recipe: Recipe, conditioning, device: str | torch.
 
     A driver that quantizes several ModelOpt variants of one model lists these once and passes
     them as `calibration_inputs`."""
-    from qdiff.calib.trajectories import model_calibration_inputs
+    from qdiff.runtime.calibration_loop import model_calibration_inputs
 
     dev = torch.device(device)
     return model_calibration_inputs(bundle, recipe, _OnDevice(bundle.unet.to(dev).eval(), dev), conditioning=conditioning, progress=progress)

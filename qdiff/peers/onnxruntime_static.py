@@ -50,7 +50,7 @@ import onnx
 
 from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
-from qdiff.calib.trajectories import CalibrationInput, calibration_step_indices, count_calibration_calls, model_calibration_inputs
+from qdiff.calib.trajectories import CalibrationInput, calibration_step_indices, count_calibration_calls
 from qdiff.errors import ArtifactMismatchError, OnnxModelError, QuantizationError
 from qdiff.export.qdq import LayerDecision, QdqReport
 from qdiff.progress import log, progress
@@ -299,6 +299,7 @@ def quantize_with_onnxruntime(
     from qdiff.export.onnx_io import load_onnx, publish_onnx
     from qdiff.models import as_bundle
     from qdiff.runtime.backends import TorchDenoiser
+    from qdiff.runtime.calibration_loop import model_calibration_inputs
 
     recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)
     settings = ort_settings(recipe, method)  # fail fast, before loading anything

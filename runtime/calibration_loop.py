@@ -1,0 +1,68 @@
+"""qdiff's sampler as calibration's forward loop.
+
+Calibration (`qdiff.calib`) decides which trajectories it looks at but does not know how to
+sample one; it takes a `TrajectorySampler` from its caller, the way ModelOpt's
+`quantize(model, config, forward_loop)` takes a forward loop. This module builds that object
+from runtime's denoising loop and a diffusers scheduler, so the API and the peers (which must
+see the same calls) wire calibration to exactly the loop inference runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+
+from qdiff.calib.recipe import Recipe
+from qdiff.calib.trajectories import CalibrationInput, TrajectorySampler, iter_calibration_inputs
+from qdiff.conditioning import Conditioning
+from qdiff.runtime.sampler import denoise
+from qdiff.runtime.schedulers import make_scheduler
+
+__all__ = ["model_calibration_inputs", "model_trajectory_sampler", "trajectory_sampler"]
+
+
+def trajectory_sampler(
+    denoiser: Callable[..., torch.Tensor],
+    scheduler: Any,
+    *,
+    sample_shape: tuple[int, int, int],
+    conditioning: Conditioning | None,
+    scheduler_name: str,
+) -> TrajectorySampler:
+    """`denoise` over `scheduler` as calibration's loop. The one scheduler instance serves every
+    batch of trajectories (`denoise` resets it with `set_timesteps`), as calibration always ran."""
+    return TrajectorySampler(
+        run_trajectory=partial(_denoise_with, scheduler),
+        denoiser=denoiser,
+        sample_shape=sample_shape,
+        conditioning=conditioning,
+        scheduler_name=scheduler_name,
+        scheduler_class=type(scheduler).__name__,
+    )
+
+
+def _denoise_with(scheduler: Any, denoiser: Callable[..., torch.Tensor], noise: torch.Tensor, num_inference_steps: int, **kwargs: Any) -> torch.Tensor:
+    return denoise(denoiser, scheduler, noise, num_inference_steps, **kwargs)
+
+
+def model_trajectory_sampler(bundle: Any, recipe: Recipe, denoiser: Callable[..., torch.Tensor], *, conditioning: Conditioning | None) -> TrajectorySampler:
+    """The calibration loop of a loaded model (`qdiff.models.ModelBundle`): the recipe's
+    scheduler made from the model's own scheduler config, the model's sample shape."""
+    return trajectory_sampler(
+        denoiser,
+        make_scheduler(recipe.scheduler, bundle.scheduler_config),
+        sample_shape=(bundle.in_channels, bundle.sample_size, bundle.sample_size),
+        conditioning=conditioning,
+        scheduler_name=recipe.scheduler,
+    )
+
+
+def model_calibration_inputs(
+    bundle: Any, recipe: Recipe, denoiser: Callable[..., torch.Tensor], *, conditioning: Conditioning | None, progress: Callable | None = None
+) -> Iterator[CalibrationInput]:
+    """`iter_calibration_inputs` for a loaded model over qdiff's sampling loop. Reconstruction
+    and the peers calibrate on exactly these calls, driven by `denoiser`."""
+    return iter_calibration_inputs(model_trajectory_sampler(bundle, recipe, denoiser, conditioning=conditioning), recipe, progress=progress)
