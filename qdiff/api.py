@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from qdiff.conditioning import Conditioning, conditioning_key, resolve_condition
 from qdiff.errors import ArtifactMismatchError, ExportError, OnnxModelError, RecipeError, SamplingError
 from qdiff.models import ModelBundle, as_bundle, unet_config_of
 from qdiff.progress import log, progress
+
+if TYPE_CHECKING:
+    from qdiff.export.coverage import CoverageReport
 
 ONNX_NAME = "denoiser.onnx"
 ONNX_FP16_NAME = "denoiser.fp16.onnx"
@@ -368,7 +371,8 @@ def _table_with_learned_steps(table: CalibrationTable, outcome, settings, recipe
 @dataclass
 class QuantizeResult:
     onnx_path: Path
-    report: Any  # a QdqReport when the graph was just written; its JSON when it was up to date
+    # A QdqReport or Int4Report when the graph was just written; its JSON when it was up to date.
+    report: CoverageReport | dict[str, Any] | None
     reused: bool = False
 
     @property
@@ -399,7 +403,7 @@ def quantize_onnx(
     `reconstruction` (a `reconstruction.safetensors` from `reconstruct`) gives the weights their
     reconstructed integers instead of round-to-nearest; pass the table written beside it.
 
-    `placement` (a name from `qdiff.calib.placement.PLACEMENTS`: all, conv, conv-ff) or
+    `placement` (a name from `qdiff.export.placement.PLACEMENTS`: all, conv, conv-ff) or
     `quantize_ops`/`exclude` narrow the set of layers the table was calibrated for (e.g. INT8
     only on convolutions, leaving attention to fused FP16 kernels); the output name says so.
 
@@ -408,10 +412,10 @@ def quantize_onnx(
     feeding their layers directly, FP32 graph I/O, FP32 islands where FP16 would overflow
     (listed in the report); named `<stem>.<recipe>.fp16.onnx`. The default FP32 graph is the
     one TensorRT 8.6 parses (its parser stops at opset 17)."""
-    from qdiff.calib.placement import get_placement
+    from qdiff.export.placement import get_placement
     from qdiff.export.fp16 import check_dtype
     from qdiff.export.onnx_io import publish_onnx
-    from qdiff.export.qdq import quantize_file
+    from qdiff.export.qdq import insert_qdq_file
 
     check_dtype(dtype)
     onnx_path, table_path = Path(onnx_path), Path(table_path)
@@ -463,7 +467,7 @@ def quantize_onnx(
         return QuantizeResult(target, have.coverage, reused=True)
     with cached.staging() as stage:
         staged = stage / target.name
-        report = quantize_file(onnx_path, table, staged, recipe, weights, dtype=dtype, probe_size=_probe_size(export_manifest))
+        report = insert_qdq_file(onnx_path, table, staged, recipe, weights, dtype=dtype, probe_size=_probe_size(export_manifest))
         publish_onnx(staged, target)
     details = {"coverage": report.to_json(), "weight_bits": recipe.weight_bits, "activation_bits": recipe.activation_bits}
     if export_manifest is not None and "unet_config" in export_manifest.details:
@@ -489,7 +493,7 @@ def quantize_int4_weight_only(
     (`<stem>.int4wo.fp16.onnx` with `dtype="fp16"`: FP16 graph, FP16 block scales); see
     `qdiff.export.int4_weight_only` for the format."""
     from qdiff.export.fp16 import check_dtype
-    from qdiff.export.int4_weight_only import Int4WeightOnlyConfig, quantize_file
+    from qdiff.export.int4_weight_only import Int4WeightOnlyConfig, int4_weight_only_file
     from qdiff.export.onnx_io import publish_onnx
 
     check_dtype(dtype)
@@ -514,7 +518,7 @@ def quantize_int4_weight_only(
     dims = {"height": size, "width": size} if size is not None else None  # MACs at the model's own size
     with cached.staging() as stage:
         staged = stage / target.name
-        report = quantize_file(onnx_path, staged, config, dims=dims, dtype=dtype)
+        report = int4_weight_only_file(onnx_path, staged, config, dims=dims, dtype=dtype)
         publish_onnx(staged, target)
     details = {"coverage": report.to_json(), "weight_bits": 4, "int4_weight_only": True, "block_size": config.block_size}
     if unet_config is not None:
