@@ -116,7 +116,7 @@ def _record_graph(work: Path, which: str, path: Path) -> None:
 
 
 # Engine name -> (graph in <work>/onnx, precision, float layers pinned to, label). The qdiff
-# INT8 graphs are one calibration table under three placements (qdiff.calib.placement); the
+# INT8 graphs are one calibration table under three placements (qdiff.export.placement); the
 # `-pin` engines add network-level FP16 constraints on the float layers (qdiff.engines.precision).
 ENGINES = {
     "fp16": ("denoiser.onnx", "fp16", None, "TensorRT FP16"),
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--samples", type=int, default=2)
             s.add_argument("--calib-steps", type=int, default=16)
             s.add_argument("--reuse-table", action="store_true", help="use <work>/calib/calibration.json if it exists (same seeded model)")
-            s.add_argument("--placements", default="all,conv,conv-ff", help="comma-separated qdiff.calib.placement names, one Q/DQ graph each")
+            s.add_argument("--placements", default="all,conv,conv-ff", help="comma-separated qdiff.export.placement names, one Q/DQ graph each")
         if name == "build":
             s.add_argument("--which", choices=list(ENGINES), required=True)
             s.add_argument("--opt-level", type=int)

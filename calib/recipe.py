@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qdiff.errors import RecipeError
+from qdiff.errors import RecipeError, strict_fields
 
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
 WEIGHT_CALIBRATORS = ("max", "mse")
@@ -95,11 +95,7 @@ class Recipe:
         return None
 
     def with_overrides(self, **overrides: Any) -> Recipe:
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise RecipeError(f"unknown recipe setting(s): {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
-        return replace(self, **overrides)
+        return replace(self, **strict_fields(type(self), overrides, error=RecipeError, what="recipe"))
 
     def to_json(self) -> dict[str, Any]:
         obj = asdict(self)
@@ -110,16 +106,7 @@ class Recipe:
 
     @classmethod
     def from_json(cls, obj: Any) -> Recipe:
-        if not isinstance(obj, dict):
-            raise RecipeError(f"a recipe must be a JSON object, got {type(obj).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(obj) - known)
-        if unknown:
-            raise RecipeError(f"unknown recipe setting(s): {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
-        kwargs = dict(obj)
-        for key in ("timestep_window", "exclude", "quantize_ops"):
-            if key in kwargs:
-                kwargs[key] = tuple(kwargs[key])
+        kwargs = strict_fields(cls, obj, error=RecipeError, what="recipe", tuples=("timestep_window", "exclude", "quantize_ops"))
         try:
             return cls(**kwargs)
         except TypeError as exc:

@@ -41,7 +41,7 @@ from qdiff.engines.graph_types import GraphTypes, graph_types
 from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, current_platform
 from qdiff.engines.precision import FLOAT_LAYER_PRECISIONS
 from qdiff.engines.profiles import Profile, ShapeRange, check_shapes, profile_to_json
-from qdiff.artifacts import Manifest, folder_lock, is_up_to_date, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic, write_manifest
+from qdiff.artifacts import CachedStage, Manifest, folder_lock, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic
 from qdiff.errors import EngineBuildError, OnnxModelError
 from qdiff.progress import log, quiet
 
@@ -122,7 +122,7 @@ def graph_facts(onnx_path: Path) -> GraphFacts:
     details = manifest.details if manifest is not None else {}
     bits = details.get("weight_bits")
     fp16_in = any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input)
-    return GraphFacts(qdq, int4, opset, int(bits) if isinstance(bits, int) else None, details.get("unet_config"), fp16_in, graph_types(model))
+    return GraphFacts(qdq, int4, opset, int(bits) if isinstance(bits, int) else None, manifest.unet_config if manifest is not None else None, fp16_in, graph_types(model))
 
 
 def check_strongly_typed(facts: GraphFacts, onnx_path: Path, precision: str = "fp16") -> None:
@@ -408,11 +408,8 @@ def publish(trt: Any, logger: Any, plan: bytes, out_dir: Path, manifest: Manifes
     with folder_lock(out_dir):
         (out_dir / "layers.json").unlink(missing_ok=True)  # it described the previous plan
         write_bytes_atomic(target, plan)
-        manifest.outputs = {"sha256": sha256_file(target)}
-        manifest.details["plan_bytes"] = len(plan)
-        manifest.details["device_memory_bytes"] = device_memory_bytes(engine)
-        manifest.details["io"] = {engine.get_tensor_name(i): str(engine.get_tensor_dtype(engine.get_tensor_name(i))) for i in range(engine.num_io_tensors)}
-        write_manifest(target, manifest)
+        io = {engine.get_tensor_name(i): str(engine.get_tensor_dtype(engine.get_tensor_name(i))) for i in range(engine.num_io_tensors)}
+        CachedStage(target, manifest).record({"plan_bytes": len(plan), "device_memory_bytes": device_memory_bytes(engine), "io": io})
         try:
             write_json_atomic(out_dir / "layers.json", layer_information(trt, engine, profile))
         except Exception as exc:  # noqa: BLE001  (a report must not cost the engine)
@@ -449,9 +446,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
         inputs={"onnx_sha256": sha256_file(onnx_path), **platform.to_inputs()},
         settings=settings.to_json(),
     )
-    if not force and is_up_to_date(target, wanted):
-        log(f"build: {target} is up to date (same graph, settings, TensorRT and GPU); skipping")
-        return BuildResult(target, read_manifest(target), reused=True)
+    if (have := CachedStage(target, wanted, log_as="build", why="same graph, settings, TensorRT and GPU").reusable(force)) is not None:
+        return BuildResult(target, have, reused=True)
 
     logger = make_logger(trt, settings.verbose)
     builder = trt.Builder(logger)

@@ -70,7 +70,7 @@ class EngineInfo:
 
     @property
     def unet_config(self) -> dict[str, Any] | None:
-        return self.manifest.details.get("unet_config")
+        return self.manifest.unet_config
 
 
 def read_engine_manifest(engine: str | Path) -> EngineInfo:
@@ -105,7 +105,7 @@ def verify_engine(engine: str | Path, platform: Platform | None = None, check_by
     platform = platform or current_platform()
     problems = mismatches(info.manifest, platform)
     if check_bytes:
-        want = info.manifest.outputs.get("sha256")
+        want = info.manifest.sha256
         if want != sha256_file(info.path):
             problems.append("its bytes differ from the sha256 its manifest recorded (a partial copy, or another build's plan)")
     if problems:

@@ -47,6 +47,7 @@ from qdiff.export.shape_inference import symbolic_shapes, weightless
 from qdiff.calib.quant_math import MIN_AMAX
 from qdiff.errors import OnnxModelError, QuantizationError
 from qdiff.export.graph_index import WEIGHTED_OPS, module_name
+from qdiff.export.coverage import CoverageReport, shown
 
 TARGET_OPSET = 21
 # INT4/UINT4 tensors arrived with IR version 10 (onnx 1.16, the release of opset 21).
@@ -123,9 +124,13 @@ class Int4LayerDecision:
     # ||dequantized - w|| / ||w|| of the weight itself: a quick look at which layers suffer.
     weight_rel_l2: float | None = None
 
+    @property
+    def quantized(self) -> bool:  # the name the coverage base reads
+        return self.converted
+
 
 @dataclass
-class Int4Report:
+class Int4Report(CoverageReport):
     """What the pass did: which MatMul/Gemm weights are INT4, bytes saved, MAC shares."""
 
     config: Int4WeightOnlyConfig
@@ -147,11 +152,8 @@ class Int4Report:
 
     @property
     def converted(self) -> list[Int4LayerDecision]:
-        return [d for d in self.layers if d.converted]
-
-    @property
-    def skipped(self) -> list[Int4LayerDecision]:
-        return [d for d in self.layers if not d.converted]
+        """The layers with INT4 weights (the coverage base's `quantized`)."""
+        return self.quantized
 
     @property
     def bytes_before(self) -> int:
@@ -161,20 +163,15 @@ class Int4Report:
     def bytes_after(self) -> int:
         return sum(d.bytes_after for d in self.converted)
 
-    def _share(self, total: int | None) -> float | None:
-        if not total or any(d.macs is None for d in self.layers):
-            return None
-        return sum(d.macs for d in self.converted) / total
-
     @property
     def matmul_mac_share(self) -> float | None:
         """Share of the constant-weight MatMul/Gemm MACs that run with INT4 weights."""
-        return self._share(sum(d.macs or 0 for d in self.layers))
+        return self.share_of(sum(d.macs or 0 for d in self.layers))
 
     @property
     def mac_share(self) -> float | None:
         """Share of all weighted-layer MACs (convolutions included) that run with INT4 weights."""
-        return self._share(self.weighted_macs)
+        return self.share_of(self.weighted_macs)
 
     def summary(self) -> str:
         def pct(x: float | None) -> str:
@@ -189,12 +186,9 @@ class Int4Report:
         ]
         for d in self.skipped:
             lines.append(f"  float: {d.module} ({d.op}): {d.reason}")
-        if self.dtype == "fp16":
-            lines.append(f"  FP16 graph: {len(self.fp32_islands)} node(s) kept in FP32 (FP16 would overflow)")
-            lines += [f"  fp32: {i['node']} ({i['op']}): {i['reason']}" for i in self.fp32_islands]
+        lines += self.fp16_lines()
         if self.ragged_blocks:
-            shown = ", ".join(self.ragged_blocks[:5]) + (" ..." if len(self.ragged_blocks) > 5 else "")
-            lines.append(f"  {len(self.ragged_blocks)} weight(s) with K not a multiple of {self.config.block_size} (shorter last block): {shown}")
+            lines.append(f"  {len(self.ragged_blocks)} weight(s) with K not a multiple of {self.config.block_size} (shorter last block): {shown(self.ragged_blocks)}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -214,7 +208,7 @@ class Int4Report:
             "ragged_blocks": self.ragged_blocks,
             "dtype": self.dtype,
             "fp32_islands": self.fp32_islands,
-            "float_layers": [{"module": d.module, "op": d.op, "reason": d.reason, "macs": d.macs} for d in self.skipped],
+            "float_layers": self.float_layers_json(),
             "layers": [
                 {"module": d.module, "op": d.op, "shape": list(d.shape), "macs": d.macs, "weight_rel_l2": d.weight_rel_l2}
                 for d in self.converted
@@ -538,7 +532,7 @@ def int4_weight_only(
     return out, report
 
 
-def quantize_file(
+def int4_weight_only_file(
     onnx_path: str | Path, out_path: str | Path, config: Int4WeightOnlyConfig | None = None, *, dims: dict[str, int] | None = None, dtype: str = "fp32"
 ) -> Int4Report:
     """The pass from file to file. External data (graphs above 2 GB) stays external: the opset
@@ -585,3 +579,11 @@ def quantize_file(
     except Exception as exc:
         raise QuantizationError(f"the INT4 weight-only graph {out_path} fails the ONNX checker: {exc}") from exc
     return report
+
+
+def quantize_file(*args, **kwargs):
+    """Deprecated name of `int4_weight_only_file` (two passes had the same name); kept for one release."""
+    import warnings
+
+    warnings.warn("qdiff.export.int4_weight_only.quantize_file is deprecated; use int4_weight_only_file", DeprecationWarning, stacklevel=2)
+    return int4_weight_only_file(*args, **kwargs)

@@ -32,6 +32,7 @@ from qdiff.calib.quant_math import MIN_AMAX, scale_from_amax, scale_in_dtype
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.errors import QuantizationError
+from qdiff.export.coverage import CoverageReport, shown
 from qdiff.export.graph_index import WeightedNode, weighted_nodes
 from qdiff.export.split_shortcut import channel_counts, split_concat_conv, split_sliced_conv
 
@@ -46,7 +47,7 @@ class LayerDecision:
 
 
 @dataclass
-class QdqReport:
+class QdqReport(CoverageReport):
     """What the pass did: which layers are INT8 and which stayed float, with MAC shares."""
 
     layers: list[LayerDecision] = field(default_factory=list)
@@ -60,17 +61,8 @@ class QdqReport:
     fp32_islands: list[dict] = field(default_factory=list)
 
     @property
-    def quantized(self) -> list[LayerDecision]:
-        return [d for d in self.layers if d.quantized]
-
-    @property
-    def skipped(self) -> list[LayerDecision]:
-        return [d for d in self.layers if not d.quantized]
-
-    @property
     def mac_share(self) -> float:
-        total = sum(d.macs for d in self.layers)
-        return sum(d.macs for d in self.quantized) / total if total else 0.0
+        return self.share_of(sum(d.macs for d in self.layers)) or 0.0
 
     def summary(self) -> str:
         lines = [
@@ -79,12 +71,9 @@ class QdqReport:
         ]
         for d in self.skipped:
             lines.append(f"  float: {d.module} ({d.op}, {d.macs / 1e6:.2f} MMAC): {d.reason}")
-        if self.dtype == "fp16":
-            lines.append(f"  FP16 graph: {len(self.fp32_islands)} node(s) kept in FP32 (FP16 would overflow)")
-            lines += [f"  fp32: {i['node']} ({i['op']}): {i['reason']}" for i in self.fp32_islands]
+        lines += self.fp16_lines()
         if self.degenerate_ranges:
-            shown = ", ".join(self.degenerate_ranges[:5]) + (" ..." if len(self.degenerate_ranges) > 5 else "")
-            lines.append(f"  {len(self.degenerate_ranges)} zero range(s) got scale 1/qmax: {shown}")
+            lines.append(f"  {len(self.degenerate_ranges)} zero range(s) got scale 1/qmax: {shown(self.degenerate_ranges)}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
@@ -93,7 +82,7 @@ class QdqReport:
             "weighted_layers": len(self.layers),
             "mac_share": self.mac_share,
             "qdq_pairs": self.qdq_pairs,
-            "float_layers": [{"module": d.module, "op": d.op, "reason": d.reason, "macs": d.macs} for d in self.skipped],
+            "float_layers": self.float_layers_json(),
             "unused_table_entries": self.unused_table_entries,
             "degenerate_ranges": self.degenerate_ranges,
             "dtype": self.dtype,
@@ -319,7 +308,7 @@ def fp16_qdq(model: onnx.ModelProto, onnx_path: Path, table: CalibrationTable, r
     return quantized, report
 
 
-def quantize_file(
+def insert_qdq_file(
     onnx_path: str | Path, table: CalibrationTable, out_path: str | Path, recipe: Recipe | None = None, weights=None, *, dtype: str = "fp32", probe_size: int = 64, fp16_limit: float | None = None
 ) -> QdqReport:
     """The pass from file to file. `dtype="fp16"` writes the FP16 Q/DQ graph (`fp16_qdq`);
@@ -340,3 +329,11 @@ def quantize_file(
     except Exception as exc:
         raise QuantizationError(f"the Q/DQ graph {out_path} fails the ONNX checker: {exc}") from exc
     return report
+
+
+def quantize_file(*args, **kwargs):
+    """Deprecated name of `insert_qdq_file` (two passes had the same name); kept for one release."""
+    import warnings
+
+    warnings.warn("qdiff.export.qdq.quantize_file is deprecated; use insert_qdq_file", DeprecationWarning, stacklevel=2)
+    return insert_qdq_file(*args, **kwargs)

@@ -12,11 +12,11 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, staging_dir, write_manifest
+from qdiff.artifacts import CachedStage, Manifest, config_sample_size, read_manifest, sha256_file, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.conditioning import conditioning_key, resolve_conditioning
@@ -27,6 +27,9 @@ from qdiff.progress import log, progress
 # The sampling core lives in runtime (evaluate and the tools reach it without the API); it is
 # re-exported here under its old names, so `qdiff.api.generate(bundle, denoiser, ...)` works.
 from qdiff.runtime.sampler import SampleResult, generate, make_denoiser, step_errors  # noqa: F401
+
+if TYPE_CHECKING:
+    from qdiff.export.coverage import CoverageReport
 
 ONNX_NAME = "denoiser.onnx"
 ONNX_FP16_NAME = "denoiser.fp16.onnx"
@@ -121,11 +124,11 @@ def export_model(
     bundle = as_bundle(model, components=False)
     target = _onnx_target(out, dtype)
     wanted = Manifest(kind="onnx-export", inputs={"model_sha256": bundle.model_sha256}, settings={"opset": opset, "unet_class": bundle.unet_class, "dtype": dtype})
-    if not force and is_up_to_date(target, wanted):
-        log(f"export: {target} is up to date (same model and settings); skipping")
-        return ExportResult(target, read_manifest(target).details.get("validation", []), reused=True)
+    cached = CachedStage(target, wanted, log_as="export", why="same model and settings")
+    if (have := cached.reusable(force)) is not None:
+        return ExportResult(target, have.details.get("validation", []), reused=True)
     started = time.perf_counter()
-    with staging_dir(target.parent) as stage:
+    with cached.staging() as stage:
         staged = stage / target.name
         log(f"export: tracing {bundle.unet_class} from {bundle.path} ...")
         islands = None
@@ -138,12 +141,11 @@ def export_model(
             export_unet(bundle.unet, staged, opset=opset, external_data=external_data)
         validation = validate_export(bundle.unet, staged, _export_tolerance(dtype)) if check else []
         publish_onnx(staged, target)
-    wanted.outputs = {"sha256": sha256_file(target)}
-    wanted.details = {"validation": validation, "seconds": round(time.perf_counter() - started, 2), "model_path": str(bundle.path), "unet_config": unet_config_of(bundle)}
+    details = {"validation": validation, "seconds": round(time.perf_counter() - started, 2), "model_path": str(bundle.path), "unet_config": unet_config_of(bundle)}
     if islands is not None:
-        wanted.details["fp32_islands"] = [i.to_json() for i in islands]
+        details["fp32_islands"] = [i.to_json() for i in islands]
         log(f"export: FP16 graph, {len(islands)} node(s) kept in FP32" + "".join(f"\n  fp32: {i.node} ({i.op}): {i.reason}" for i in islands))
-    write_manifest(target, wanted)
+    cached.record(details)
     for v in validation:
         log(f"export: batch {v['batch']}: max|d|={v['max_abs']:.2e} relL2={v['rel_l2']:.2e} vs PyTorch")
     return ExportResult(target, validation)
@@ -202,8 +204,8 @@ def calibrate(
         settings={"recipe": recipe.to_json()},
     )
     stats_path = stats_path_for(target)
-    if not force and is_up_to_date(target, wanted) and (not timestep_stats or _stats_intact(target, stats_path)):
-        log(f"calibrate: {target} is up to date (same model, conditioning and recipe); skipping")
+    cached = CachedStage(target, wanted, log_as="calibrate", why="same model, conditioning and recipe", companions={"stats_sha256": stats_path} if timestep_stats else {})
+    if cached.reusable(force) is not None:
         return CalibrateResult(target, CalibrationTable.load(target), reused=True, stats_path=stats_path if stats_path.is_file() else None)
     sampler = model_trajectory_sampler(bundle, recipe, trajectory_denoiser if trajectory_denoiser is not None else TorchDenoiser(bundle.unet), conditioning=conditioning)
     log(
@@ -215,22 +217,13 @@ def calibrate(
     table = collect_ranges(bundle.unet, sampler, recipe, model_sha256=bundle.model_sha256, progress=progress, timestep_stats=recorder)
     table.provenance["model_path"] = str(bundle.path)
     table.save(target)
-    wanted.outputs = {"sha256": sha256_file(target)}
     if recorder is not None:
         recorder.result().save(stats_path)
-        wanted.outputs["stats_sha256"] = sha256_file(stats_path)
     else:
         stats_path.unlink(missing_ok=True)  # an older table's statistics would describe other ranges
-    wanted.details = {"seconds": round(time.perf_counter() - started, 2), "layers": len(table.layers), "degenerate": table.degenerate}
-    write_manifest(target, wanted)
+    cached.record({"seconds": round(time.perf_counter() - started, 2), "layers": len(table.layers), "degenerate": table.degenerate})
     log(f"calibrate: {len(table.layers)} layers calibrated in {wanted.details['seconds']} s -> {target}")
     return CalibrateResult(target, table, stats_path=stats_path if recorder is not None else None)
-
-
-def _stats_intact(table_path: Path, stats_path: Path) -> bool:
-    """The statistics file is the one the table's manifest recorded (so it describes this table)."""
-    recorded = read_manifest(table_path).outputs.get("stats_sha256")
-    return recorded is not None and stats_path.is_file() and sha256_file(stats_path) == recorded
 
 
 # ----------------------------------------------------------------------------- reconstruct
@@ -316,9 +309,8 @@ def reconstruct(
         inputs={"model_sha256": bundle.model_sha256, "table_sha256": table_sha, "conditioning": conditioning_key(conditioning)},
         settings={"reconstruction": settings.to_json(), "recipe": recipe.to_json()},
     )
-    if not force and is_up_to_date(target, wanted) and table_target.is_file() and read_manifest(target).outputs.get("table_sha256") == sha256_file(table_target):
-        log(f"reconstruct: {target} is up to date (same model, table and settings); skipping")
-        have = read_manifest(target)
+    cached = CachedStage(target, wanted, log_as="reconstruct", why="same model, table and settings", companions={"table_sha256": table_target})
+    if (have := cached.reusable(force)) is not None:
         return ReconstructResult(target, table_target, have.details.get("units", []), reused=True)
     started = time.perf_counter()
     log(f"reconstruct: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
@@ -336,9 +328,7 @@ def reconstruct(
     new_table.save(table_target)
     units = [vars(u) | {"resumed": u.resumed} for u in outcome.units]
     seconds = round(time.perf_counter() - started, 2)
-    wanted.outputs = {"sha256": sha256_file(target), "table_sha256": sha256_file(table_target)}
-    wanted.details = {"seconds": seconds, "calibration_calls": len(calls), "samples": sum(int(c["sample"].shape[0]) for c in calls), "units": units, "table": table_target.name}
-    write_manifest(target, wanted)
+    cached.record({"seconds": seconds, "calibration_calls": len(calls), "samples": sum(int(c["sample"].shape[0]) for c in calls), "units": units, "table": table_target.name})
     table_manifest = Manifest(kind="calibration-table", inputs={"model_sha256": bundle.model_sha256, "reconstruction_sha256": wanted.outputs["sha256"]}, settings={"recipe": recipe.to_json()}, outputs={"sha256": wanted.outputs["table_sha256"]})
     write_manifest(table_target, table_manifest)
     import shutil
@@ -371,7 +361,8 @@ def _table_with_learned_steps(table: CalibrationTable, outcome, settings, recipe
 @dataclass
 class QuantizeResult:
     onnx_path: Path
-    report: Any  # a QdqReport when the graph was just written; its JSON when it was up to date
+    # A QdqReport or Int4Report when the graph was just written; its JSON when it was up to date.
+    report: CoverageReport | dict[str, Any] | None
     reused: bool = False
 
     @property
@@ -402,7 +393,7 @@ def quantize_onnx(
     `reconstruction` (a `reconstruction.safetensors` from `reconstruct`) gives the weights their
     reconstructed integers instead of round-to-nearest; pass the table written beside it.
 
-    `placement` (a name from `qdiff.calib.placement.PLACEMENTS`: all, conv, conv-ff) or
+    `placement` (a name from `qdiff.export.placement.PLACEMENTS`: all, conv, conv-ff) or
     `quantize_ops`/`exclude` narrow the set of layers the table was calibrated for (e.g. INT8
     only on convolutions, leaving attention to fused FP16 kernels); the output name says so.
 
@@ -411,10 +402,10 @@ def quantize_onnx(
     feeding their layers directly, FP32 graph I/O, FP32 islands where FP16 would overflow
     (listed in the report); named `<stem>.<recipe>.fp16.onnx`. The default FP32 graph is the
     one TensorRT 8.6 parses (its parser stops at opset 17)."""
-    from qdiff.calib.placement import get_placement
+    from qdiff.export.placement import get_placement
     from qdiff.export.fp16 import check_dtype
     from qdiff.export.onnx_io import publish_onnx
-    from qdiff.export.qdq import quantize_file
+    from qdiff.export.qdq import insert_qdq_file
 
     check_dtype(dtype)
     onnx_path, table_path = Path(onnx_path), Path(table_path)
@@ -436,7 +427,7 @@ def quantize_onnx(
         recipe = recipe.with_overrides(name=f"{recipe.name}-{tag}", **narrowing)
     export_manifest = read_manifest(onnx_path)
     if export_manifest is not None:
-        exported_from = export_manifest.inputs.get("model_sha256")
+        exported_from = export_manifest.model_sha256
         if exported_from and exported_from != table.model_sha256:
             raise ArtifactMismatchError(
                 f"{onnx_path.name} was exported from model {exported_from[:12]}, but {table_path.name} calibrates model {table.model_sha256[:12]}",
@@ -461,18 +452,17 @@ def quantize_onnx(
     )
     if reconstruction is not None:
         wanted.inputs["reconstruction_sha256"] = sha256_file(reconstruction)
-    if not force and is_up_to_date(target, wanted):
-        log(f"quantize: {target} is up to date; skipping")
-        return QuantizeResult(target, read_manifest(target).details.get("coverage"), reused=True)
-    with staging_dir(target.parent) as stage:
+    cached = CachedStage(target, wanted, log_as="quantize")
+    if (have := cached.reusable(force)) is not None:
+        return QuantizeResult(target, have.coverage, reused=True)
+    with cached.staging() as stage:
         staged = stage / target.name
-        report = quantize_file(onnx_path, table, staged, recipe, weights, dtype=dtype, probe_size=_probe_size(export_manifest))
+        report = insert_qdq_file(onnx_path, table, staged, recipe, weights, dtype=dtype, probe_size=_probe_size(export_manifest))
         publish_onnx(staged, target)
-    wanted.outputs = {"sha256": sha256_file(target)}
-    wanted.details = {"coverage": report.to_json(), "weight_bits": recipe.weight_bits, "activation_bits": recipe.activation_bits}
+    details = {"coverage": report.to_json(), "weight_bits": recipe.weight_bits, "activation_bits": recipe.activation_bits}
     if export_manifest is not None and "unet_config" in export_manifest.details:
-        wanted.details["unet_config"] = export_manifest.details["unet_config"]
-    write_manifest(target, wanted)
+        details["unet_config"] = export_manifest.unet_config
+    cached.record(details)
     log("quantize: " + report.summary())
     return QuantizeResult(target, report)
 
@@ -480,8 +470,8 @@ def quantize_onnx(
 def _probe_size(export_manifest: Manifest | None) -> int:
     """Latent size of the FP16 overflow probe: the model's own sample_size where the export
     recorded it, else SD's 64."""
-    size = ((export_manifest.details.get("unet_config") if export_manifest is not None else None) or {}).get("sample_size", 64)
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
+    size = export_manifest.sample_size if export_manifest is not None else None
+    return 64 if size is None else size
 
 
 def quantize_int4_weight_only(
@@ -493,7 +483,7 @@ def quantize_int4_weight_only(
     (`<stem>.int4wo.fp16.onnx` with `dtype="fp16"`: FP16 graph, FP16 block scales); see
     `qdiff.export.int4_weight_only` for the format."""
     from qdiff.export.fp16 import check_dtype
-    from qdiff.export.int4_weight_only import Int4WeightOnlyConfig, quantize_file
+    from qdiff.export.int4_weight_only import Int4WeightOnlyConfig, int4_weight_only_file
     from qdiff.export.onnx_io import publish_onnx
 
     check_dtype(dtype)
@@ -507,25 +497,23 @@ def quantize_int4_weight_only(
         raise OnnxModelError(f"ONNX file {onnx_path} does not exist", hint="export one with `qdiff export`")
     export_manifest = read_manifest(onnx_path)
     inputs = {"onnx_sha256": sha256_file(onnx_path)}
-    if export_manifest is not None and export_manifest.inputs.get("model_sha256"):
-        inputs["model_sha256"] = export_manifest.inputs["model_sha256"]
+    if export_manifest is not None and export_manifest.model_sha256:
+        inputs["model_sha256"] = export_manifest.model_sha256
     wanted = Manifest(kind="int4-weight-only-onnx", inputs=inputs, settings={"int4_weight_only": config.to_json(), "dtype": dtype})
-    if not force and is_up_to_date(target, wanted):
-        log(f"quantize: {target} is up to date; skipping")
-        return QuantizeResult(target, read_manifest(target).details.get("coverage"), reused=True)
-    unet_config = export_manifest.details.get("unet_config") if export_manifest is not None else None
-    size = (unet_config or {}).get("sample_size")
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    dims = {"height": int(size), "width": int(size)} if isinstance(size, int) else None  # MACs at the model's own size
-    with staging_dir(target.parent) as stage:
+    cached = CachedStage(target, wanted, log_as="quantize")
+    if (have := cached.reusable(force)) is not None:
+        return QuantizeResult(target, have.coverage, reused=True)
+    unet_config = export_manifest.unet_config if export_manifest is not None else None
+    size = config_sample_size(unet_config)
+    dims = {"height": size, "width": size} if size is not None else None  # MACs at the model's own size
+    with cached.staging() as stage:
         staged = stage / target.name
-        report = quantize_file(onnx_path, staged, config, dims=dims, dtype=dtype)
+        report = int4_weight_only_file(onnx_path, staged, config, dims=dims, dtype=dtype)
         publish_onnx(staged, target)
-    wanted.outputs = {"sha256": sha256_file(target)}
-    wanted.details = {"coverage": report.to_json(), "weight_bits": 4, "int4_weight_only": True, "block_size": config.block_size}
+    details = {"coverage": report.to_json(), "weight_bits": 4, "int4_weight_only": True, "block_size": config.block_size}
     if unet_config is not None:
-        wanted.details["unet_config"] = unet_config
-    write_manifest(target, wanted)
+        details["unet_config"] = unet_config
+    cached.record(details)
     log("quantize: " + report.summary())
     return QuantizeResult(target, report)
 
@@ -564,9 +552,7 @@ def build_engine(
     if not onnx.exists():
         raise OnnxModelError(f"no ONNX file at {onnx}", hint="export one with `qdiff export` (and `qdiff quantize` for INT8)")
     facts = graph_facts(onnx)
-    default_size = (facts.unet_config or {}).get("sample_size")
-    if isinstance(default_size, (list, tuple)):
-        default_size = default_size[0]
+    default_size = config_sample_size(facts.unet_config)
     profile = derive_profile(graph_inputs(onnx), batch=batch, height=size, tokens=tokens, overrides=shapes, default_size=default_size)
     settings = BuildSettings(
         precision=precision,

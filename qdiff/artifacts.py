@@ -26,6 +26,7 @@ from typing import Any
 
 from qdiff._version import __version__
 from qdiff.errors import ArtifactMismatchError
+from qdiff.progress import log
 
 MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_SCHEMA = 1
@@ -251,6 +252,34 @@ class Manifest:
             created=obj.get("created", ""),
         )
 
+    # Typed accessors for the keys stages read from each other's manifests.
+
+    @property
+    def model_sha256(self) -> str | None:
+        """The model the artifact was made from (`inputs["model_sha256"]`), if recorded."""
+        value = self.inputs.get("model_sha256")
+        return value or None
+
+    @property
+    def sha256(self) -> str | None:
+        """The artifact's own hash (`outputs["sha256"]`), if recorded."""
+        return self.outputs.get("sha256")
+
+    @property
+    def unet_config(self) -> dict[str, Any] | None:
+        """The UNet config the export recorded (`details["unet_config"]`), copied downstream."""
+        return self.details.get("unet_config")
+
+    @property
+    def sample_size(self) -> int | None:
+        """The UNet's latent sample size from `unet_config`, if recorded."""
+        return config_sample_size(self.unet_config)
+
+    @property
+    def coverage(self) -> dict[str, Any] | None:
+        """A quantized graph's coverage report as JSON (`details["coverage"]`)."""
+        return self.details.get("coverage")
+
     def matches(self, other: Manifest) -> bool:
         """True when `other` describes the same recipe applied to the same inputs."""
         return (self.kind, self.inputs, _jsonable(self.settings)) == (
@@ -258,6 +287,13 @@ class Manifest:
             other.inputs,
             _jsonable(other.settings),
         )
+
+
+def config_sample_size(unet_config: dict[str, Any] | None) -> int | None:
+    """`sample_size` of a UNet config (the first of a [h, w] pair), or None when absent."""
+    size = (unet_config or {}).get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) else None
 
 
 def _jsonable(obj: Any) -> Any:
@@ -296,7 +332,7 @@ def check_made_from_model(artifact: str | os.PathLike[str], model_sha256: str, m
         raise error(f"{path}: its manifest is unreadable ({exc.message})", hint="re-export or re-quantize it") from exc
     if manifest is None:
         return "no manifest: not checked against the model"
-    made_from = manifest.inputs.get("model_sha256")
+    made_from = manifest.model_sha256
     if made_from and made_from != model_sha256:
         raise error(
             f"{path.name} was made from model {made_from[:12]}, but {model_label} is {model_sha256[:12]}",
@@ -305,19 +341,25 @@ def check_made_from_model(artifact: str | os.PathLike[str], model_sha256: str, m
     return "manifest matches the model" if made_from else "manifest names no model"
 
 
-def is_up_to_date(artifact: str | os.PathLike[str], wanted: Manifest) -> bool:
-    """An artifact can be reused when it exists, its manifest matches, and its bytes are intact."""
+def up_to_date_manifest(artifact: str | os.PathLike[str], wanted: Manifest) -> Manifest | None:
+    """The manifest on disk when the artifact can be reused (it exists, its manifest matches,
+    its bytes are intact), else None."""
     artifact = Path(artifact)
     if not artifact.exists():
-        return False
+        return None
     try:
         have = read_manifest(artifact)
     except ArtifactMismatchError:
-        return False
+        return None
     if have is None or not wanted.matches(have):
-        return False
-    recorded = have.outputs.get("sha256")
-    return recorded is None or recorded == sha256_file(artifact)
+        return None
+    recorded = have.sha256
+    return have if recorded is None or recorded == sha256_file(artifact) else None
+
+
+def is_up_to_date(artifact: str | os.PathLike[str], wanted: Manifest) -> bool:
+    """An artifact can be reused when it exists, its manifest matches, and its bytes are intact."""
+    return up_to_date_manifest(artifact, wanted) is not None
 
 
 STAGING_PREFIX = ".qdiff-staging-"
@@ -338,3 +380,63 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
             shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir) as tmp:
         yield Path(tmp)
+
+
+@dataclass
+class CachedStage:
+    """The sequence every caching stage runs: up-to-date check -> staging folder -> publish ->
+    hash -> manifest.
+
+        stage = CachedStage(target, wanted, log_as="export", why="same model and settings")
+        if (have := stage.reusable(force)) is not None:
+            return Result(target, have.details..., reused=True)
+        with stage.staging() as tmp:
+            ...write tmp / target.name, then publish it to target...
+        stage.record({"seconds": ...})
+
+    `companions` are files written beside the artifact whose hashes the manifest's `outputs`
+    keep under their own keys (`{"stats_sha256": path}`): reuse needs each to be intact too, and
+    `record` hashes each one that exists.
+    """
+
+    target: Path
+    wanted: Manifest
+    log_as: str = ""
+    why: str = ""
+    companions: dict[str, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.target = Path(self.target)
+
+    def reusable(self, force: bool = False) -> Manifest | None:
+        """The manifest on disk when the artifact (and every companion) is up to date, else None;
+        logs `<log_as>: <target> is up to date (<why>); skipping` when it is."""
+        if force:
+            return None
+        have = up_to_date_manifest(self.target, self.wanted)
+        if have is None:
+            return None
+        for key, path in self.companions.items():
+            recorded = have.outputs.get(key)
+            if recorded is None or not Path(path).is_file() or sha256_file(path) != recorded:
+                return None
+        if self.log_as:
+            log(f"{self.log_as}: {self.target} is up to date" + (f" ({self.why})" if self.why else "") + "; skipping")
+        return have
+
+    def staging(self) -> contextlib.AbstractContextManager[Path]:
+        """A staging folder beside the target (same file system, so publishing is a rename)."""
+        return staging_dir(self.target.parent)
+
+    def record(self, details: dict[str, Any] | None = None, *, write: bool = True) -> Manifest:
+        """After publishing: hash the target (and companions that exist) into `outputs`, merge
+        `details`, write the manifest beside the target. Returns the manifest."""
+        self.wanted.outputs = {"sha256": sha256_file(self.target)}
+        for key, path in self.companions.items():
+            if Path(path).is_file():
+                self.wanted.outputs[key] = sha256_file(path)
+        if details:
+            self.wanted.details.update(details)
+        if write:
+            write_manifest(self.target, self.wanted)
+        return self.wanted

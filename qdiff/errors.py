@@ -7,6 +7,9 @@ and a `hint` that says what to do next. The CLI prints both on two lines and exi
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 
 class QdiffError(Exception):
     """Base class: a problem the user can act on."""
@@ -76,3 +79,23 @@ class ProfileShapeError(QdiffError):
 
 class EvaluationError(QdiffError):
     """A quality evaluation cannot run: its graphs are missing, ambiguous or made for another model."""
+
+
+def strict_fields(cls: type, obj: Any, *, error: type[QdiffError], what: str, tuples: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keyword arguments of dataclass `cls` from a JSON object, checked strictly.
+
+    Anything but a dict, and any key that is not a field of `cls`, raises `error` naming `what`
+    ("recipe", "ModelOpt", ...) and the known fields; the fields in `tuples` become tuples (JSON
+    has only lists). Type checks stay with `cls` itself (its constructor and __post_init__).
+    """
+    if not isinstance(obj, dict):
+        raise error(f"{what} settings must be a JSON object, got {type(obj).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise error(f"unknown {what} setting(s): {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+    kwargs = dict(obj)
+    for key in tuples:
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return kwargs

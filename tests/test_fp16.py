@@ -15,7 +15,7 @@ from qdiff.calib.fake_quant import build_fake_quant_model
 from qdiff.errors import QuantizationError
 from qdiff.export.fp16 import boundary_casts
 from qdiff.export.onnx_export import example_inputs
-from qdiff.export.qdq import quantize_file
+from qdiff.export.qdq import insert_qdq_file
 from qdiff.export.validate import error_stats
 from qdiff.models import load_model
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
@@ -163,7 +163,7 @@ def test_injected_overflow_makes_an_fp32_island(graphs, tmp_path, where):
         victim.inputs[2].values = bias
     src = tmp_path / "injected.onnx"
     onnx.save(gs.export_onnx(graph), str(src))
-    report = quantize_file(src, table, tmp_path / "injected.fp16.onnx", dtype="fp16", probe_size=16)
+    report = insert_qdq_file(src, table, tmp_path / "injected.fp16.onnx", dtype="fp16", probe_size=16)
     islands = {i["node"]: i for i in report.fp32_islands}
     assert victim.name in islands, report.fp32_islands
     expected = "> 16384 on the probe inputs" if where == "activation" else "> FP16 max 65504"

@@ -157,7 +157,7 @@ def test_uncond_unet_block_size_that_divides_nothing(exports, tmp_path):
 
     model_dir, fp32 = exports["uncond"]
     out = tmp_path / "q.onnx"
-    report = i4.quantize_file(fp32, out, i4.Int4WeightOnlyConfig(block_size=7, exclude=("*to_v",)))
+    report = i4.int4_weight_only_file(fp32, out, i4.Int4WeightOnlyConfig(block_size=7, exclude=("*to_v",)))
     model = onnx.load(str(out))
     ks = [q.dims[_attrs(n)["axis"]] for n, q, _ in _int4_dqs(model)]
     assert ks and all(k % 7 for k in ks) and len(report.ragged_blocks) == len(ks)

@@ -345,12 +345,12 @@ def test_unknown_top_level_field_is_refused():
 
 
 def test_quantize_checks_its_input_graph(exported_uncond, tmp_path):
-    from qdiff.export.qdq import quantize_file
+    from qdiff.export.qdq import insert_qdq_file
 
     damaged = tmp_path / "m.onnx"
     damaged.write_bytes(exported_uncond.read_bytes()[:-1000])
     with pytest.raises(OnnxModelError) as info:
-        quantize_file(damaged, _table_for(onnx.load(str(exported_uncond))), tmp_path / "q.onnx")
+        insert_qdq_file(damaged, _table_for(onnx.load(str(exported_uncond))), tmp_path / "q.onnx")
     assert str(damaged) in info.value.message and not (tmp_path / "q.onnx").exists()
 
 

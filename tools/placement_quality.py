@@ -3,7 +3,7 @@
 A placement that is fast in TensorRT must not cost quality. This takes the default W8A8 table
 (max calibrator, uniform timesteps, split shortcut: the ablations' `w8a8-max-uniform-split`,
 reused from its cache), quantizes the FP32 graph under each placement of
-`qdiff.calib.placement` and compares each with FP32 from the same seeds, with the ablations'
+`qdiff.export.placement` and compares each with FP32 from the same seeds, with the ablations'
 own metrics and settings (tools/ablations.py: 16 images, 50 DDIM steps, ONNX Runtime).
 
     .venv/bin/python tools/placement_quality.py            # writes docs/results/placements.{json,md}
@@ -24,7 +24,7 @@ from tools.ablations import MODELS, Config, Runner, _summary_row  # noqa: E402
 
 from qdiff.api import quantize_onnx  # noqa: E402
 from qdiff.artifacts import write_json_atomic  # noqa: E402
-from qdiff.calib.placement import PLACEMENTS  # noqa: E402
+from qdiff.export.placement import PLACEMENTS  # noqa: E402
 from qdiff.evaluate import compare  # noqa: E402
 from qdiff.runtime.backends import OnnxRuntimeDenoiser  # noqa: E402
 

@@ -9,10 +9,10 @@ schedule (Q-Diffusion's LSQ); FBR 5k iterations, gamma 0.8, QDrop p 0.5 (EDA-DM)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from qdiff.errors import RecipeError
+from qdiff.errors import RecipeError, strict_fields
 
 METHODS = ("adaround-brecq", "fbr")
 DEFAULT_ITERATIONS = {"adaround-brecq": 20000, "fbr": 5000}
@@ -87,14 +87,9 @@ class ReconstructionSettings:
 
     @classmethod
     def from_json(cls, obj: Any) -> ReconstructionSettings:
-        if not isinstance(obj, dict):
-            raise RecipeError(f"reconstruction settings must be a JSON object, got {type(obj).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(obj) - known)
-        if unknown:
-            raise RecipeError(f"unknown reconstruction setting(s): {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
+        kwargs = strict_fields(cls, obj, error=RecipeError, what="reconstruction")
         try:
-            return cls(**obj)
+            return cls(**kwargs)
         except TypeError as exc:
             raise RecipeError(f"a reconstruction setting has the wrong type: {exc}") from exc
 

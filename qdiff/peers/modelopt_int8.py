@@ -76,15 +76,15 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, write_manifest
+from qdiff.artifacts import CachedStage, Manifest, read_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
-from qdiff.errors import ArtifactMismatchError, BackendUnavailableError, OnnxModelError, QuantizationError
+from qdiff.errors import ArtifactMismatchError, BackendUnavailableError, OnnxModelError, QuantizationError, strict_fields
 from qdiff.export.qdq import LayerDecision, QdqReport
 from qdiff.peers.onnxruntime_static import RECIPE_FIELDS, PeerResult
 from qdiff.progress import log, progress
@@ -151,13 +151,7 @@ class ModelOptInt8Settings:
             return value
         if not isinstance(value, dict):
             raise QuantizationError(f"ModelOpt settings must be a dict or ModelOptInt8Settings, not {type(value).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise QuantizationError(f"unknown ModelOpt setting(s) {', '.join(unknown)}", hint=f"known: {', '.join(sorted(known))}")
-        value = dict(value)
-        if "float_modules" in value:
-            value["float_modules"] = tuple(value["float_modules"])
+        value = strict_fields(cls, value, error=QuantizationError, what="ModelOpt", tuples=("float_modules",))
         if "quant_level" in value:
             value["quant_level"] = float(value["quant_level"])
         return cls(**value)
@@ -570,7 +564,6 @@ def quantize_with_modelopt(
     that quantizes several variants compute the calls once (`calibration_calls`); they are
     checked against the recipe's steps.
     """
-    from qdiff.artifacts import staging_dir
     from qdiff.calib.trajectories import calibration_step_indices, count_calibration_calls
     from qdiff.conditioning import conditioning_key, resolve_conditioning
     from qdiff.export.onnx_export import export_unet
@@ -595,7 +588,7 @@ def quantize_with_modelopt(
     export_manifest = None
     if fp32_onnx is not None:
         export_manifest = read_manifest(fp32_onnx)
-        exported_from = export_manifest.inputs.get("model_sha256") if export_manifest else None
+        exported_from = export_manifest.model_sha256 if export_manifest else None
         if exported_from and exported_from != bundle.model_sha256:
             raise ArtifactMismatchError(
                 f"{Path(fp32_onnx).name} was exported from model {exported_from[:12]}, but {bundle.label} is {bundle.model_sha256[:12]}",
@@ -615,9 +608,8 @@ def quantize_with_modelopt(
             "device": dev.type,
         },
     )
-    if not force and is_up_to_date(target, wanted):
-        log(f"peer: {target} is up to date (same model, conditioning and ModelOpt settings); skipping")
-        have = read_manifest(target)
+    cached = CachedStage(target, wanted, log_as="peer", why="same model, conditioning and ModelOpt settings")
+    if (have := cached.reusable(force)) is not None:
         return PeerResult(target, "modelopt-int8", settings.to_json(), have.details.get("coverage", {}), have.details.get("calibration", {}), reused=True)
 
     started = time.perf_counter()
@@ -677,7 +669,7 @@ def quantize_with_modelopt(
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
-    with staging_dir(target.parent) as stage:
+    with cached.staging() as stage:
         raw = stage / "raw.onnx"
         try:
             with _quiet():
@@ -710,9 +702,8 @@ def quantize_with_modelopt(
         "device": dev.type,
         "precomputed_calls": calibration_inputs is not None,
     }
-    wanted.outputs = {"sha256": sha256_file(target)}
-    unet_config = export_manifest.details.get("unet_config") if export_manifest is not None else None
-    wanted.details = {
+    unet_config = export_manifest.unet_config if export_manifest is not None else None
+    details = {
         "coverage": report.to_json(),
         "calibration": calibration,
         "weight_bits": 8,
@@ -723,7 +714,7 @@ def quantize_with_modelopt(
         "pulp": "stand-in (not installed; see _pulp_stand_in)" if getattr(sys.modules.get("pulp"), "__qdiff_stand_in__", False) else "installed",
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_manifest(target, wanted)
+    cached.record(details)
     log(f"peer: {report.summary().splitlines()[0]} -> {target}")
     return PeerResult(target, "modelopt-int8", settings.to_json(), report, calibration)
 

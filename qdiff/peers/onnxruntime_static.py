@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, write_manifest
+from qdiff.artifacts import CachedStage, Manifest, read_manifest, sha256_file
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.trajectories import CalibrationInput, calibration_step_indices, count_calibration_calls
 from qdiff.errors import ArtifactMismatchError, OnnxModelError, QuantizationError
@@ -294,7 +294,6 @@ def quantize_with_onnxruntime(
     quantize attention's activation x activation MatMuls, as its QDQ defaults do (off: qdiff
     keeps them in float).
     """
-    from qdiff.artifacts import staging_dir
     from qdiff.conditioning import conditioning_key, resolve_conditioning
     from qdiff.export.onnx_io import load_onnx, publish_onnx
     from qdiff.models import as_bundle
@@ -307,7 +306,7 @@ def quantize_with_onnxruntime(
     load_onnx(fp32_onnx, load_weights=False, check=False)  # exists, parses, opset, safe data paths
     bundle = as_bundle(model)
     exported = read_manifest(fp32_onnx)
-    exported_from = exported.inputs.get("model_sha256") if exported else None
+    exported_from = exported.model_sha256 if exported else None
     if exported_from and exported_from != bundle.model_sha256:
         raise ArtifactMismatchError(
             f"{fp32_onnx.name} was exported from model {exported_from[:12]}, but the calibration calls would come from {bundle.label} ({bundle.model_sha256[:12]})",
@@ -333,9 +332,8 @@ def quantize_with_onnxruntime(
             "onnxruntime": onnxruntime.__version__,
         },
     )
-    if not force and is_up_to_date(target, wanted):
-        log(f"peer: {target} is up to date (same graph, model and settings); skipping")
-        have = read_manifest(target)
+    cached = CachedStage(target, wanted, log_as="peer", why="same graph, model and settings")
+    if (have := cached.reusable(force)) is not None:
         return PeerResult(target, method, settings, have.details.get("coverage", {}), have.details.get("calibration", {}), reused=True)
 
     started = time.perf_counter()
@@ -345,7 +343,7 @@ def quantize_with_onnxruntime(
         f"peer: ONNX Runtime quantize_static ({settings['calibrate_method']}) on {fp32_onnx.name}, calibrated with "
         f"{recipe.samples_per_timestep} trajectories x {len(steps)} timesteps of a {recipe.calibration_steps}-step {recipe.scheduler} loop"
     )
-    with staging_dir(target.parent) as stage:
+    with cached.staging() as stage:
         source = fp32_onnx
         if preprocess:
             source = stage / f"{fp32_onnx.stem}.pre.onnx"
@@ -373,9 +371,7 @@ def quantize_with_onnxruntime(
         "conditioning": conditioning.source if conditioning else "none (unconditional model)",
         "nodes_excluded": nodes_to_exclude,
     }
-    wanted.outputs = {"sha256": sha256_file(target)}
-    wanted.details = {"coverage": report.to_json(), "calibration": calibration, "seconds": round(time.perf_counter() - started, 2)}
-    write_manifest(target, wanted)
+    cached.record({"coverage": report.to_json(), "calibration": calibration, "seconds": round(time.perf_counter() - started, 2)})
     log(f"peer: {report.summary().splitlines()[0]} -> {target}")
     return PeerResult(target, method, settings, report, calibration)
 
