@@ -23,6 +23,7 @@ from qdiff.conditioning import conditioning_key, resolve_conditioning
 from qdiff.errors import ArtifactMismatchError, ExportError, OnnxModelError, RecipeError, SamplingError
 from qdiff.models import ModelBundle, as_bundle, unet_config_of
 from qdiff.progress import log, progress
+from qdiff.runtime.sampling_spec import SamplingSpec  # public as qdiff.api.SamplingSpec too
 
 # The sampling core lives in runtime (evaluate and the tools reach it without the API); it is
 # re-exported here under its old names, so `qdiff.api.generate(bundle, denoiser, ...)` works.
@@ -619,19 +620,15 @@ def sample(
     backend: str = "pytorch",
     onnx: str | Path | None = None,
     engine: str | Path | None = None,
-    scheduler: str = "ddim",
-    steps: int = 50,
-    num_images: int = 8,
-    seed: int = 0,
-    guidance_scale: float = 3.0,
-    prompts: list[str] | None = None,
-    class_labels: list[int] | None = None,
-    embeddings: str | Path | None = None,
-    random_conditioning: bool = False,
+    spec: SamplingSpec | None = None,
     allow_nonfinite: bool = False,
     ort_arithmetic: str = "exact",
+    **sampling: Any,
 ) -> SampleResult:
-    """Sample images with any backend and write them as PNGs (plus a grid)."""
+    """Sample images with any backend and write them as PNGs (plus a grid).
+
+    What to sample: `spec` (a `SamplingSpec`) or its fields as keywords (`steps=25`, ...)."""
+    spec = SamplingSpec.of(spec, **sampling)
     from PIL import Image
 
     from qdiff.report import image_grid, save_png
@@ -641,12 +638,12 @@ def sample(
         from qdiff.artifacts import check_made_from_model
 
         check_made_from_model(onnx, bundle.model_sha256, bundle.label, SamplingError)
-    conditioning = resolve_conditioning(bundle, num_images, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random=random_conditioning, seed=seed)
+    conditioning = resolve_conditioning(bundle, spec.num_images, **spec.conditioning_kwargs())
     denoiser = make_denoiser(bundle, backend, onnx, engine=engine, ort_arithmetic=ort_arithmetic)
     if bundle.vae is not None and hasattr(denoiser, "device"):
         bundle.vae.to(denoiser.device)  # the VAE decodes where the latents are
-    seeds = list(range(seed, seed + num_images))
-    result = generate(bundle, denoiser, scheduler=scheduler, steps=steps, seeds=seeds, conditioning=conditioning, guidance_scale=guidance_scale, allow_nonfinite=allow_nonfinite)
+    seeds = spec.seeds
+    result = generate(bundle, denoiser, scheduler=spec.scheduler, steps=spec.steps, seeds=seeds, conditioning=conditioning, guidance_scale=spec.guidance_scale, allow_nonfinite=allow_nonfinite)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for s, img in zip(seeds, result.images):
@@ -654,7 +651,7 @@ def sample(
     save_png(image_grid([result.images], scale=max(1, 128 // img.shape[0])), out_dir / "grid.png")
     if bundle.writes_latents:
         log(f"sample: note: {bundle.output_kind}")
-    log(f"sample: {len(seeds)} images ({backend}, {scheduler}, {steps} steps) -> {out_dir}")
+    log(f"sample: {len(seeds)} images ({backend}, {spec.scheduler}, {spec.steps} steps) -> {out_dir}")
     return result
 
 
@@ -679,24 +676,24 @@ def run(
     out_dir: str | Path = "qdiff-out",
     *,
     recipe: str | Path | Recipe = "w8a8",
-    scheduler: str = "ddim",
-    steps: int = 50,
-    num_images: int = 8,
-    seed: int = 0,
-    guidance_scale: float = 3.0,
-    prompts: list[str] | None = None,
-    class_labels: list[int] | None = None,
-    embeddings: str | Path | None = None,
-    random_conditioning: bool = False,
+    spec: SamplingSpec | None = None,
     ort_arithmetic: str = "exact",
     force: bool = False,
     reconstruct_method: str | None = None,
     reconstruct_settings: dict[str, Any] | None = None,
-    **recipe_overrides: Any,
+    **overrides: Any,
 ) -> RunResult:
     """The main job: export, calibrate, quantize, then sample FP32 and quantized from the same
     seeds through ONNX Runtime and report how far apart they are (`qdiff.evaluate.compare`),
-    with plots of the per-step error and of the calibration statistics."""
+    with plots of the per-step error and of the calibration statistics.
+
+    What to sample: `spec` (a `SamplingSpec`) or its fields as keywords; every other keyword
+    overrides a recipe setting (`activation_calibrator="max"`, ...). The conditioning of the
+    spec also conditions the calibration trajectories."""
+    sampling = {k: overrides.pop(k) for k in list(overrides) if k in SamplingSpec.field_names()}
+    spec = SamplingSpec.of(spec, **sampling)
+    recipe_overrides = overrides
+    conditioning = spec.conditioning_sources()
     from qdiff.evaluate import compare, model_json, reference_samples, sampling_plan, write_comparison
     from qdiff.plots import calibration_figures
     from qdiff.runtime.backends import OnnxRuntimeDenoiser
@@ -707,18 +704,18 @@ def run(
     load_recipe(recipe, **overrides)  # fail fast on a bad recipe, before loading the model
     bundle = as_bundle(model)
     exported = export_model(bundle, out_dir, force=force)
-    calibrated = calibrate(bundle, out_dir, recipe, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning, force=force, **overrides)
+    calibrated = calibrate(bundle, out_dir, recipe, **conditioning, force=force, **overrides)
     recipe_obj = Recipe.from_json(calibrated.table.recipe)
     if reconstruct_method is not None:
         from qdiff.calib.reconstruct.settings import ReconstructionSettings
 
-        rec = reconstruct(bundle, out_dir, calibrated.table_path, ReconstructionSettings(method=reconstruct_method).with_overrides(**(reconstruct_settings or {})), prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning, force=force)
+        rec = reconstruct(bundle, out_dir, calibrated.table_path, ReconstructionSettings(method=reconstruct_method).with_overrides(**(reconstruct_settings or {})), **conditioning, force=force)
         quantized = quantize_onnx(exported.onnx_path, rec.table_path, force=force, reconstruction=rec.weights_path)
         recipe_obj = recipe_obj.with_overrides(name=f"{recipe_obj.name}-{reconstruct_method}")
     else:
         quantized = quantize_onnx(exported.onnx_path, calibrated.table_path, force=force)
 
-    plan = sampling_plan(bundle, scheduler=scheduler, steps=steps, num_images=num_images, seed=seed, guidance_scale=guidance_scale, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning)
+    plan = sampling_plan(bundle, spec)
     reference = reference_samples(bundle, OnnxRuntimeDenoiser(exported.onnx_path, arithmetic=ort_arithmetic), plan)
     candidate = OnnxRuntimeDenoiser(quantized.onnx_path, arithmetic=ort_arithmetic)
     comparison = compare(bundle, reference, candidate, plan, label=recipe_obj.name)

@@ -31,6 +31,7 @@ from qdiff.conditioning import Conditioning, resolve_conditioning
 from qdiff.errors import ArtifactMismatchError, EvaluationError, SamplingError
 from qdiff.models import ModelBundle
 from qdiff.progress import log
+from qdiff.runtime.sampling_spec import SamplingSpec
 
 EVAL_NAME = "eval"  # eval.json, eval.md, eval-grid.png, eval-steps.png
 
@@ -56,24 +57,12 @@ class SamplingPlan:
         }
 
 
-def sampling_plan(
-    bundle: ModelBundle,
-    *,
-    scheduler: str = "ddim",
-    steps: int = 50,
-    num_images: int = 8,
-    seed: int = 0,
-    guidance_scale: float = 3.0,
-    prompts: list[str] | None = None,
-    class_labels: list[int] | None = None,
-    embeddings: str | Path | None = None,
-    random_conditioning: bool = False,
-) -> SamplingPlan:
-    """Seeds `seed .. seed + num_images - 1` and the model's conditioning for them."""
-    if num_images < 1 or steps < 1:
-        raise SamplingError(f"need at least 1 image and 1 step, got {num_images} images and {steps} steps")
-    conditioning = resolve_conditioning(bundle, num_images, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random=random_conditioning, seed=seed)
-    return SamplingPlan(scheduler, steps, tuple(range(seed, seed + num_images)), conditioning, guidance_scale)
+def sampling_plan(bundle: ModelBundle, spec: SamplingSpec | None = None, **sampling: Any) -> SamplingPlan:
+    """Seeds `seed .. seed + num_images - 1` and the model's conditioning for them, from a
+    `SamplingSpec` (or its fields as keywords)."""
+    spec = SamplingSpec.of(spec, **sampling)
+    conditioning = resolve_conditioning(bundle, spec.num_images, **spec.conditioning_kwargs())
+    return SamplingPlan(spec.scheduler, spec.steps, tuple(spec.seeds), conditioning, spec.guidance_scale)
 
 
 def reference_samples(bundle: ModelBundle, denoiser, plan: SamplingPlan, desc: str = "sample fp32"):
@@ -240,21 +229,16 @@ def evaluate(
     out_dir: str | Path = "qdiff-eval",
     *,
     run_dir: str | Path | None = None,
-    scheduler: str = "ddim",
-    steps: int = 50,
-    num_images: int = 8,
-    seed: int = 0,
-    guidance_scale: float = 3.0,
-    prompts: list[str] | None = None,
-    class_labels: list[int] | None = None,
-    embeddings: str | Path | None = None,
-    random_conditioning: bool = False,
+    spec: SamplingSpec | None = None,
     shape_fd: bool = True,
     allow_nonfinite: bool = False,
     ort_arithmetic: str = "exact",
+    **sampling: Any,
 ) -> EvalResult:
     """Compare a quantized graph with its FP32 graph (both under ONNX Runtime) from the same
-    seeds; write eval.json, eval.md, eval-grid.png and eval-steps.png into `out_dir`."""
+    seeds; write eval.json, eval.md, eval-grid.png and eval-steps.png into `out_dir`.
+    What to sample: `spec` (a `SamplingSpec`) or its fields as keywords."""
+    spec = SamplingSpec.of(spec, **sampling)
     from qdiff.models import load_model
     from qdiff.runtime.backends import OnnxRuntimeDenoiser
 
@@ -263,7 +247,7 @@ def evaluate(
     model = _model_for(model, fp32_path)
     bundle = model if isinstance(model, ModelBundle) else load_model(model)
     checks = {"fp32": check_graph_model(fp32_path, bundle), "quantized": check_graph_model(quantized_path, bundle)}
-    plan = sampling_plan(bundle, scheduler=scheduler, steps=steps, num_images=num_images, seed=seed, guidance_scale=guidance_scale, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning)
+    plan = sampling_plan(bundle, spec)
     fp32 = OnnxRuntimeDenoiser(fp32_path, arithmetic=ort_arithmetic)
     candidate = fp32 if fp32_path.resolve() == quantized_path.resolve() else OnnxRuntimeDenoiser(quantized_path, arithmetic=ort_arithmetic)
     label = _graph_label(quantized_path)
