@@ -12,18 +12,21 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, staging_dir, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
-from qdiff.conditioning import Conditioning, conditioning_key, resolve_conditioning
 from qdiff.errors import ArtifactMismatchError, ExportError, OnnxModelError, RecipeError, SamplingError
 from qdiff.models import ModelBundle, as_bundle, unet_config_of
 from qdiff.progress import log, progress
+
+if TYPE_CHECKING:  # torch and the conditioning helpers are imported where they are used, so a
+    import torch  # command that fails on its arguments (or needs no torch) starts fast
+
+    from qdiff.conditioning import Conditioning
 
 ONNX_NAME = "denoiser.onnx"
 ONNX_FP16_NAME = "denoiser.fp16.onnx"
@@ -111,11 +114,11 @@ def export_model(
     `denoiser.onnx` or `denoiser.fp16.onnx`; the dtype is part of the manifest's settings, so an
     FP32 export is never reused for FP16."""
     from qdiff.export.fp16 import check_dtype
-    from qdiff.export.onnx_export import export_unet
     from qdiff.export.onnx_io import publish_onnx
 
     check_dtype(dtype)
     bundle = as_bundle(model, components=False)
+    from qdiff.export.onnx_export import export_unet  # torch: after the cheap checks above
     target = _onnx_target(out, dtype)
     wanted = Manifest(kind="onnx-export", inputs={"model_sha256": bundle.model_sha256}, settings={"opset": opset, "unet_class": bundle.unet_class, "dtype": dtype})
     if not force and is_up_to_date(target, wanted):
@@ -181,14 +184,16 @@ def calibrate(
     ranges. A driver that calibrates many recipes of one model passes a memoizing one, so the
     trajectory steps all recipes share are computed once (tools/ablations.py).
     """
+    recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)  # fail fast, before loading
+    bundle = as_bundle(model)
+    # torch and diffusers: after the cheap checks above, so a wrong path fails fast
     from qdiff.calib.collect import collect_ranges
     from qdiff.calib.timestep_stats import TimestepStatsRecorder, stats_path_for
+    from qdiff.conditioning import conditioning_key, resolve_conditioning
     from qdiff.runtime.backends import TorchDenoiser
     from qdiff.runtime.sampler import denoise
     from qdiff.runtime.schedulers import make_scheduler
 
-    recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)  # fail fast, before loading
-    bundle = as_bundle(model)
     out = Path(out)
     target = out if out.suffix == ".json" else out / TABLE_NAME
     conditioning = resolve_conditioning(
@@ -261,6 +266,8 @@ class ReconstructResult:
 def _unet_calls(records) -> list[dict[str, Any]]:
     """Calibration calls as UNet keyword arguments, the timestep broadcast to the batch (as the
     backends call the UNet)."""
+    import torch
+
     calls = []
     for rec in records:
         batch = rec.sample.shape[0]
@@ -304,6 +311,7 @@ def reconstruct(
     from qdiff.artifacts import write_json_atomic
     from qdiff.calib.reconstruct.artifact import weights_from_model
     from qdiff.calib.reconstruct.engine import Reconstructor
+    from qdiff.conditioning import conditioning_key, resolve_conditioning
     from qdiff.calib.reconstruct.settings import ReconstructionSettings
     from qdiff.calib.trajectories import model_calibration_inputs
     from qdiff.runtime.backends import TorchDenoiser
@@ -617,6 +625,8 @@ def inspect_engine(engine: str | Path, *, onnx: str | Path | None = None, profil
     opt = {name: rng.opt for name, rng in info.profile.items()}
     timings = None
     if profile:
+        import torch
+
         from qdiff.engines.profiler import profile_layers
 
         gen = torch.Generator().manual_seed(0)
@@ -677,6 +687,8 @@ def generate(
     desc: str = "sample",
 ) -> SampleResult:
     """Images from `denoiser`, one seed per image, all images in one batch."""
+    import torch
+
     from qdiff.runtime.sampler import decode, denoise, initial_noise, to_uint8
     from qdiff.runtime.schedulers import make_scheduler
 
@@ -725,6 +737,7 @@ def sample(
     """Sample images with any backend and write them as PNGs (plus a grid)."""
     from PIL import Image
 
+    from qdiff.conditioning import resolve_conditioning
     from qdiff.report import image_grid, save_png
 
     bundle = as_bundle(model)
@@ -767,6 +780,8 @@ class RunResult:
 
 def step_errors(records: list, quantized) -> list[dict[str, float]]:
     """The quantized denoiser on the FP32 trajectory's inputs, step by step."""
+    import torch
+
     from qdiff.metrics import cosine, relative_l2
 
     rows = []
@@ -861,4 +876,10 @@ def _coverage_text(coverage: dict[str, Any]) -> str:
 
 # `qdiff eval` lives in its own module (its core is shared with `run`); re-exported here so the
 # public API stays in one place: `qdiff.api.evaluate(model, fp32_onnx, quantized_onnx, out_dir)`.
-from qdiff.evaluate import evaluate  # noqa: E402,F401
+# Resolved on first use (PEP 562), so importing the API does not import torch.
+def __getattr__(name: str) -> Any:
+    if name == "evaluate":
+        from qdiff.evaluate import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'qdiff.api' has no attribute {name!r}")
