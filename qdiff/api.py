@@ -785,7 +785,7 @@ def step_errors(records: list, quantized) -> list[dict[str, float]]:
     from qdiff.metrics import cosine, relative_l2
 
     rows = []
-    for rec in records:
+    for rec in progress(records, desc="step errors", unit="step"):
         q = quantized(rec.model_input, torch.tensor(rec.timestep), **rec.denoiser_kwargs)
         rows.append({"step": rec.index, "timestep": rec.timestep, "rel_l2": relative_l2(q, rec.model_output), "cosine": cosine(q, rec.model_output)})
     return rows
@@ -822,6 +822,9 @@ def run(
     out_dir = Path(out_dir)
     overrides = {**RUN_CALIBRATION, **recipe_overrides}
     load_recipe(recipe, **overrides)  # fail fast on a bad recipe, before loading the model
+    # Progress for the phases that printed nothing on a rerun (~20 s on 2 cores with every
+    # artifact up to date): loading and hashing the model, the per-step errors, the plots.
+    log(f"run: loading the model ({model if model is not None else 'built-in'}) and hashing its weights ...")
     bundle = as_bundle(model)
     exported = export_model(bundle, out_dir, force=force)
     calibrated = calibrate(bundle, out_dir, recipe, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random_conditioning=random_conditioning, force=force, **overrides)
@@ -839,6 +842,8 @@ def run(
     reference = reference_samples(bundle, OnnxRuntimeDenoiser(exported.onnx_path, arithmetic=ort_arithmetic), plan)
     candidate = OnnxRuntimeDenoiser(quantized.onnx_path, arithmetic=ort_arithmetic)
     comparison = compare(bundle, reference, candidate, plan, label=recipe_obj.name)
+    if calibrated.stats_path:
+        log("run: plotting the calibration statistics ...")
     figures = calibration_figures(calibrated.stats_path, out_dir) if calibrated.stats_path else []
     coverage = quantized.report
     coverage_json = coverage.to_json() if hasattr(coverage, "to_json") else coverage

@@ -112,3 +112,20 @@ def test_a_failing_command_does_not_import_torch(tmp_path):
     code = "import sys; from qdiff import cli; rc = cli.main(['quantize', 'missing.onnx', '--calib', 'missing.json']); print('torch' in sys.modules, rc)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "QDIFF_QUIET": "1"}, timeout=120)
     assert r.stdout.split() == ["False", "1"], r.stdout + r.stderr
+
+
+def test_run_small_end_to_end_then_reused(uncond_model_dir, tmp_path, capsys, monkeypatch):
+    """The fast stand-in for the slow `qdiff run` tests: the real pipeline on the tiny model with
+    tiny settings, then a rerun that reuses every artifact and says so per stage."""
+    monkeypatch.setenv("QDIFF_QUIET", "0")
+    out = tmp_path / "run"
+    argv = ["--quiet", "run", str(uncond_model_dir), "-o", str(out), "--steps", "2", "--num-images", "1", "--timesteps", "2", "--samples", "2", "--calib-steps", "2", "--calib-batch", "2"]
+    assert cli.main(argv) == 0
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == out / "report.md"
+    for name in ("grid.png", "report.json", "denoiser.onnx", "calibration.json", "denoiser.w8a8.onnx"):
+        assert (out / name).is_file(), name
+    monkeypatch.setenv("QDIFF_QUIET", "0")
+    assert cli.main(argv[1:]) == 0
+    logged = capsys.readouterr().out
+    for stage in ("export", "calibrate", "quantize"):
+        assert f"{stage}: " in logged and "up to date" in logged
