@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from qdiff.artifacts import Manifest, is_up_to_date, read_manifest, sha256_file, staging_dir, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
@@ -24,7 +22,8 @@ from qdiff.models import ModelBundle, as_bundle, unet_config_of
 from qdiff.progress import log, progress
 
 if TYPE_CHECKING:  # torch and the conditioning helpers are imported where they are used, so a
-    import torch  # command that fails on its arguments (or needs no torch) starts fast
+    import numpy as np  # command that fails on its arguments (or needs no torch) starts fast
+    import torch
 
     from qdiff.conditioning import Conditioning
 
