@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # imported where used: the ONNX-only quantize path needs no torch
+    import torch
 
 INT8_MIN, INT8_MAX = -128, 127
 # A range this small or smaller cannot come from real data in float32; it is treated as
@@ -58,6 +62,8 @@ def fake_quantize(
     gives narrower integer grids (7 for INT4 values), clamped to [-qmax - 1, qmax] as the
     Q/DQ pass clips such weights before they reach an INT8 QuantizeLinear.
     """
+    import torch
+
     # In float32 whatever the tensor's type, as ONNX Runtime computes FP16 Q/DQ (x / scale and
     # q * scale in float32, the DequantizeLinear output rounded to FP16 once); for a float32 x
     # this is the same arithmetic as before.

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from qdiff.export.onnx_export import SCOPE_ROOT
+# Scope prefix of every node that belongs to the UNet (the export wrapper's attribute name);
+# defined here so reading a graph's layers imports no torch (qdiff.export.onnx_export re-exports it).
+SCOPE_ROOT = "unet"
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _OP_SUFFIX = re.compile(r"^[A-Za-z]+(_\d+)?$")

@@ -21,12 +21,11 @@ import torch
 
 from qdiff.conditioning import added_condition_shapes, random_conditioning
 from qdiff.errors import ExportError
+from qdiff.export.graph_index import SCOPE_ROOT  # noqa: F401  (defined there, torch-free; re-exported)
 from qdiff.export.onnx_io import save_onnx
 
 OPSET = 17
 OUTPUT_NAME = "out_sample"
-# Scope prefix of every node that belongs to the UNet (the wrapper's attribute name).
-SCOPE_ROOT = "unet"
 
 
 class DenoiserWrapper(torch.nn.Module):

@@ -14,23 +14,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from qdiff.artifacts import CachedStage, Manifest, config_sample_size, read_manifest, sha256_file, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
-from qdiff.conditioning import conditioning_key, resolve_conditioning
 from qdiff.errors import ArtifactMismatchError, ExportError, OnnxModelError, RecipeError, SamplingError
 from qdiff.models import ModelBundle, as_bundle, unet_config_of
 from qdiff.progress import log, progress
 from qdiff.runtime.sampling_spec import SamplingSpec  # public as qdiff.api.SamplingSpec too
 
-# The sampling core lives in runtime (evaluate and the tools reach it without the API); it is
-# re-exported here under its old names, so `qdiff.api.generate(bundle, denoiser, ...)` works.
-from qdiff.runtime.sampler import SampleResult, generate, make_denoiser, step_errors  # noqa: F401
+# The sampling core (`SampleResult`, `generate`, `make_denoiser`, `step_errors`) lives in
+# runtime.sampler (evaluate and the tools reach it without the API); it is re-exported here
+# under its old names by `__getattr__` below, so `qdiff.api.generate(...)` works and importing
+# the API does not import torch.
+if TYPE_CHECKING:
+    from qdiff.runtime.sampler import SampleResult
 
 if TYPE_CHECKING:
     from qdiff.export.coverage import CoverageReport
+
+if TYPE_CHECKING:  # torch and the conditioning helpers are imported where they are used, so a
+    import numpy as np  # command that fails on its arguments (or needs no torch) starts fast
+    import torch
+
+    from qdiff.conditioning import Conditioning
 
 ONNX_NAME = "denoiser.onnx"
 ONNX_FP16_NAME = "denoiser.fp16.onnx"
@@ -118,11 +124,11 @@ def export_model(
     `denoiser.onnx` or `denoiser.fp16.onnx`; the dtype is part of the manifest's settings, so an
     FP32 export is never reused for FP16."""
     from qdiff.export.fp16 import check_dtype
-    from qdiff.export.onnx_export import export_unet
     from qdiff.export.onnx_io import publish_onnx
 
     check_dtype(dtype)
     bundle = as_bundle(model, components=False)
+    from qdiff.export.onnx_export import export_unet  # torch: after the cheap checks above
     target = _onnx_target(out, dtype)
     wanted = Manifest(kind="onnx-export", inputs={"model_sha256": bundle.model_sha256}, settings={"opset": opset, "unet_class": bundle.unet_class, "dtype": dtype})
     cached = CachedStage(target, wanted, log_as="export", why="same model and settings")
@@ -187,13 +193,15 @@ def calibrate(
     ranges. A driver that calibrates many recipes of one model passes a memoizing one, so the
     trajectory steps all recipes share are computed once (tools/ablations.py).
     """
+    recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)  # fail fast, before loading
+    bundle = as_bundle(model)
+    # torch and diffusers: after the cheap checks above, so a wrong path fails fast
     from qdiff.calib.collect import collect_ranges
     from qdiff.calib.timestep_stats import TimestepStatsRecorder, stats_path_for
+    from qdiff.conditioning import conditioning_key, resolve_conditioning
     from qdiff.runtime.backends import TorchDenoiser
     from qdiff.runtime.calibration_loop import model_trajectory_sampler
 
-    recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)  # fail fast, before loading
-    bundle = as_bundle(model)
     out = Path(out)
     target = out if out.suffix == ".json" else out / TABLE_NAME
     conditioning = resolve_conditioning(
@@ -245,6 +253,8 @@ class ReconstructResult:
 def _unet_calls(records) -> list[dict[str, Any]]:
     """Calibration calls as UNet keyword arguments, the timestep broadcast to the batch (as the
     backends call the UNet)."""
+    import torch
+
     calls = []
     for rec in records:
         batch = rec.sample.shape[0]
@@ -288,6 +298,7 @@ def reconstruct(
     from qdiff.artifacts import write_json_atomic
     from qdiff.calib.reconstruct.artifact import weights_from_model
     from qdiff.calib.reconstruct.engine import Reconstructor
+    from qdiff.conditioning import conditioning_key, resolve_conditioning
     from qdiff.calib.reconstruct.settings import ReconstructionSettings
     from qdiff.runtime.calibration_loop import model_calibration_inputs
     from qdiff.runtime.backends import TorchDenoiser
@@ -594,6 +605,8 @@ def inspect_engine(engine: str | Path, *, onnx: str | Path | None = None, profil
     opt = {name: rng.opt for name, rng in info.profile.items()}
     timings = None
     if profile:
+        import torch
+
         from qdiff.engines.profiler import profile_layers
 
         gen = torch.Generator().manual_seed(0)
@@ -631,6 +644,8 @@ def sample(
     spec = SamplingSpec.of(spec, **sampling)
     from PIL import Image
 
+    from qdiff.conditioning import resolve_conditioning
+    from qdiff.runtime.sampler import generate, make_denoiser
     from qdiff.report import image_grid, save_png
 
     bundle = as_bundle(model)
@@ -702,6 +717,9 @@ def run(
     out_dir = Path(out_dir)
     overrides = {**RUN_CALIBRATION, **recipe_overrides}
     load_recipe(recipe, **overrides)  # fail fast on a bad recipe, before loading the model
+    # Progress for the phases that printed nothing on a rerun (~20 s on 2 cores with every
+    # artifact up to date): loading and hashing the model, the per-step errors, the plots.
+    log(f"run: loading the model ({model if model is not None else 'built-in'}) and hashing its weights ...")
     bundle = as_bundle(model)
     exported = export_model(bundle, out_dir, force=force)
     calibrated = calibrate(bundle, out_dir, recipe, **conditioning, force=force, **overrides)
@@ -719,6 +737,8 @@ def run(
     reference = reference_samples(bundle, OnnxRuntimeDenoiser(exported.onnx_path, arithmetic=ort_arithmetic), plan)
     candidate = OnnxRuntimeDenoiser(quantized.onnx_path, arithmetic=ort_arithmetic)
     comparison = compare(bundle, reference, candidate, plan, label=recipe_obj.name)
+    if calibrated.stats_path:
+        log("run: plotting the calibration statistics ...")
     figures = calibration_figures(calibrated.stats_path, out_dir) if calibrated.stats_path else []
     coverage = quantized.report
     coverage_json = coverage.to_json() if hasattr(coverage, "to_json") else coverage
@@ -756,4 +776,17 @@ def _coverage_text(coverage: dict[str, Any]) -> str:
 
 # `qdiff eval` lives in its own module (its core is shared with `run`); re-exported here so the
 # public API stays in one place: `qdiff.api.evaluate(model, fp32_onnx, quantized_onnx, out_dir)`.
-from qdiff.evaluate import evaluate  # noqa: E402,F401
+# Resolved on first use (PEP 562), so importing the API does not import torch.
+_SAMPLING_CORE = ("SampleResult", "generate", "make_denoiser", "step_errors")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "evaluate":
+        from qdiff.evaluate import evaluate
+
+        return evaluate
+    if name in _SAMPLING_CORE:
+        from qdiff.runtime import sampler
+
+        return getattr(sampler, name)
+    raise AttributeError(f"module 'qdiff.api' has no attribute {name!r}")

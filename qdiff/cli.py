@@ -31,24 +31,56 @@ def _one_line(text: str) -> str:
 
 def _add_conditioning(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("conditioning (conditional UNets only)")
-    g.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", help="prompt for the folder's text encoder (repeatable)")
-    g.add_argument("--class", action="append", type=int, dest="class_labels", metavar="ID", help="class id for class-conditional models (repeatable)")
-    g.add_argument("--embeddings", type=Path, metavar="FILE", help="safetensors file with encoder_hidden_states (and optional uncond_*, text_embeds, time_ids)")
-    g.add_argument("--random-conditioning", action="store_true", help="use seeded random conditioning (bare UNet folders, benchmarking)")
+    g.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", help="prompt for the folder's text encoder (repeatable; default: none)")
+    g.add_argument("--class", action="append", type=int, dest="class_labels", metavar="ID", help="class id for class-conditional models (repeatable; default: none)")
+    g.add_argument("--embeddings", type=Path, metavar="FILE", help="safetensors file with encoder_hidden_states (and optional uncond_*, text_embeds, time_ids) (default: none)")
+    g.add_argument("--random-conditioning", action="store_true", help="use seeded random conditioning (bare UNet folders, benchmarking) (default: off)")
 
 
-def _add_recipe(p: argparse.ArgumentParser, default: str = "w8a8") -> None:
-    g = p.add_argument_group("recipe")
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: stores into the new option's dest and warns on stderr."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated and will be removed in the next release; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_recipe(p: argparse.ArgumentParser, default: str = "w8a8", run: bool = False) -> None:
+    """Recipe overrides; unset, each comes from the recipe (the presets' values in the help,
+    from `qdiff.calib.recipe`), except that `qdiff run` uses its lighter calibration settings
+    (`qdiff.api.RUN_CALIBRATION`) for the four sizes."""
+    from qdiff.calib.recipe import PRESETS
+
+    r = PRESETS[default]
+
+    def size(key: str) -> str:
+        if run:
+            from qdiff.api import RUN_CALIBRATION
+
+            return f"(default: {RUN_CALIBRATION[key]}, qdiff run's; the presets': {getattr(r, key)})"
+        return f"(default: the recipe's; the presets': {getattr(r, key)})"
+
+    title = "recipe"
+    if run:
+        from qdiff.api import RUN_CALIBRATION as c
+
+        title += f" (qdiff run calibrates lighter than the recipe unless told: {c['num_timesteps']} timesteps x {c['samples_per_timestep']} samples x {c['calibration_steps']}-step loop, batch {c['batch_size']})"
+    g = p.add_argument_group(title)
     g.add_argument("--recipe", default=default, help="preset (w8a8, w4a8) or a recipe .json file (default: %(default)s)")
-    g.add_argument("--calibrator", dest="activation_calibrator", choices=["max", "percentile", "mse", "entropy"], help="activation calibrator")
-    g.add_argument("--percentile", type=float, help="percentile for the percentile calibrator")
-    g.add_argument("--timesteps", dest="num_timesteps", type=int, help="calibration timesteps, spread uniformly over the trajectory")
-    g.add_argument("--samples", dest="samples_per_timestep", type=int, help="calibration samples per timestep")
-    g.add_argument("--calib-steps", dest="calibration_steps", type=int, help="length of the calibration trajectory")
-    g.add_argument("--calib-batch", dest="batch_size", type=int, help="trajectories per batch during calibration")
-    g.add_argument("--scheduler", help="scheduler of the calibration trajectory (default: the recipe's, ddim)")
-    g.add_argument("--split-shortcut", action=argparse.BooleanOptionalAction, default=None, help="per-branch quantization of skip-concat convolutions (the presets: on)")
-    g.add_argument("--split-conv1", action=argparse.BooleanOptionalAction, default=None, help="also split the up-block resnets' conv1, which sees the concat after GroupNorm+SiLU (the presets: off)")
+    g.add_argument("--calibrator", dest="activation_calibrator", choices=["max", "percentile", "mse", "entropy"], help=f"activation calibrator (default: the recipe's; the presets': {r.activation_calibrator})")
+    g.add_argument("--percentile", type=float, help=f"percentile for the percentile calibrator (default: the recipe's, {r.percentile})")
+    g.add_argument("--timesteps", dest="num_timesteps", type=int, help="calibration timesteps, spread uniformly over the trajectory " + size("num_timesteps"))
+    g.add_argument("--samples", dest="samples_per_timestep", type=int, help="calibration samples per timestep " + size("samples_per_timestep"))
+    g.add_argument("--calib-steps", dest="calibration_steps", type=int, help="length of the calibration trajectory (its denoising loop) " + size("calibration_steps"))
+    g.add_argument("--calib-batch", dest="batch_size", type=int, help="trajectories per batch during calibration " + size("batch_size"))
+    g.add_argument("--calib-scheduler", dest="calib_scheduler", metavar="NAME", help=f"diffusers scheduler of the calibration trajectory; --sampler is the sampling one (default: the recipe's, {r.scheduler})")
+    g.add_argument("--scheduler", dest="calib_scheduler", action=_DeprecatedAlias, new="--calib-scheduler", help=argparse.SUPPRESS)
+    g.add_argument("--split-shortcut", action=argparse.BooleanOptionalAction, default=None, help="per-branch quantization of skip-concat convolutions (default: the recipe's; the presets: on)")
+    g.add_argument("--split-conv1", action=argparse.BooleanOptionalAction, default=None, help="also split the up-block resnets' conv1, which sees the concat after GroupNorm+SiLU (default: the recipe's; the presets: off)")
 
 
 def _add_reconstruction(p: argparse.ArgumentParser) -> None:
@@ -94,10 +126,10 @@ def _conditioning(args: argparse.Namespace) -> dict:
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm++", "euler", "euler-a", "pndm"], help="diffusers scheduler (default: %(default)s)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm++", "euler", "euler-a", "pndm"], help="diffusers scheduler of the sampling loop (default: %(default)s)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default: %(default)s)")
     p.add_argument("--num-images", type=int, default=8, help="images to generate (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default: %(default)s)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default: %(default)s)")
     p.add_argument("--ort-arithmetic", choices=["exact", "fused-int8"], default="exact",
                    help="how ONNX Runtime computes Q/DQ graphs: exact = float simulation, TensorRT's arithmetic on every CPU; "
@@ -107,11 +139,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="quality of a quantized graph vs its FP32 graph: per-step error, PSNR/SSIM, shape-FD, plots")
     p.add_argument("model", nargs="?", type=Path, help="local diffusers folder (default: the one the FP32 graph was exported from, else the built-in model)")
-    p.add_argument("--run-dir", type=Path, help="output folder of `qdiff run` (its denoiser.onnx and Q/DQ graph)")
+    p.add_argument("--run-dir", type=Path, help="output folder of `qdiff run` (its denoiser.onnx and Q/DQ graph) (default: none; then --fp32 and --quantized)")
     p.add_argument("--fp32", type=Path, help="FP32 graph (default with --run-dir: <run-dir>/denoiser.onnx)")
     p.add_argument("--quantized", type=Path, help="quantized (Q/DQ) graph (default with --run-dir: the run's)")
     p.add_argument("-o", "--out", type=Path, default=Path("qdiff-eval"), help="output folder for eval.json/.md and plots (default: %(default)s)")
-    p.add_argument("--no-shape-fd", dest="shape_fd", action="store_false", help="skip shape-FD (only computed for the shipped shapes models)")
+    p.add_argument("--no-shape-fd", dest="shape_fd", action="store_false", help="skip shape-FD (default: computed for the shipped shapes models only)")
     p.add_argument("--allow-nonfinite", action="store_true", help="continue when a step returns NaN/Inf")
     _sampling_args(p)
     _add_conditioning(p)
@@ -120,7 +152,7 @@ def _add_eval(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qdiff", description="Post-training quantization of diffusion denoisers: export -> calibrate -> quantize -> sample.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines; the path of the results is still printed")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="the whole pipeline on a model (default: the built-in model), FP32 vs quantized report")
@@ -130,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconstruct", dest="reconstruct_method", choices=["adaround-brecq", "fbr"], help="reconstruct the weights after calibration (default: round-to-nearest)")
     p.add_argument("--reconstruct-iterations", type=int, help="iterations per unit with --reconstruct (default: the method's, 20000 / 5000)")
     p.add_argument("--reconstruct-device", help="device for --reconstruct (default: cuda if available, else cpu)")
-    _add_recipe(p)
+    _add_recipe(p, run=True)
     _sampling_args(p)
     _add_conditioning(p)
 
@@ -138,15 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="local diffusers pipeline or UNet folder")
     p.add_argument("-o", "--out", type=Path, required=True, help="output .onnx file or folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s; TensorRT 8.6 parses up to 17)")
-    p.add_argument("--external-data", action="store_true", default=None, help="store weights in a .data file (automatic above 2 GB)")
-    p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("--external-data", action="store_true", default=None, help="store weights in a .data file (default: only above 2 GB)")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the ONNX Runtime vs PyTorch check (default: check)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph float type: fp32 (TensorRT 8.6 with its FP16 flag) or fp16 (FP16 weights/activations, FP32 I/O, FP32 only where FP16 would overflow; what TensorRT >= 10 strongly typed needs; writes denoiser.fp16.onnx) (default: %(default)s)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="export again even if the graph is up to date")
 
     p = sub.add_parser("calibrate", help="timestep-uniform calibration; writes a calibration table")
-    p.add_argument("model", type=Path)
-    p.add_argument("-o", "--out", type=Path, required=True, help="output .json file or folder")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("model", type=Path, help="local diffusers pipeline or UNet folder")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output .json file or folder (a folder gets calibration.json)")
+    p.add_argument("--force", action="store_true", help="calibrate again even if the table is up to date")
     _add_recipe(p)
     _add_conditioning(p)
 
@@ -154,65 +186,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="the local diffusers folder the table was calibrated on")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (or .safetensors file)")
     p.add_argument("--calib", type=Path, required=True, help="calibration table from `qdiff calibrate`")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--force", action="store_true", help="reconstruct again even if the result is up to date")
     _add_reconstruction(p)
     _add_conditioning(p)
 
     p = sub.add_parser("quantize", help="insert Q/DQ nodes into an exported graph (or INT4 weight-only MatMul/Gemm weights)")
-    p.add_argument("onnx", type=Path)
+    p.add_argument("onnx", type=Path, help="FP32 graph from `qdiff export` (denoiser.onnx)")
     p.add_argument("--calib", type=Path, help="calibration table from `qdiff calibrate` (required, except with --int4-weight-only)")
     p.add_argument("--int4-weight-only", action="store_true", help="INT4 block-quantized MatMul/Gemm weights, activations untouched (opset 21, TensorRT >= 10); no --calib; writes <stem>.int4wo.onnx (denoiser.int4wo.onnx for denoiser.onnx) beside the graph or into -o DIR")
     p.add_argument("--block-size", type=int, help="with --int4-weight-only: weights per scale along the input channels (default: 128)")
     p.add_argument("-o", "--out", type=Path, help="output .onnx or folder (default: <stem>.<recipe>.onnx beside the graph, e.g. denoiser.w8a8.onnx)")
-    p.add_argument("--placement", choices=["all", "conv", "conv-ff"], help="named Q/DQ placement (docs/int8-engines.md): all calibrated layers, convolutions only, or convolutions + feed-forward Linears")
-    p.add_argument("--ops", help="quantize only these op types (subset of the table's, e.g. Conv,ConvTranspose)")
-    p.add_argument("--exclude", action="append", metavar="PATTERN", help="keep matching modules in float (fnmatch; repeatable; replaces the recipe's list)")
+    p.add_argument("--placement", choices=["all", "conv", "conv-ff"], help="named Q/DQ placement (docs/int8-engines.md): all calibrated layers, convolutions only, or convolutions + feed-forward Linears (default: none, the table's recipe decides)")
+    p.add_argument("--ops", help="quantize only these op types (subset of the table's, e.g. Conv,ConvTranspose) (default: the table's recipe's)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN", help="keep matching modules in float (fnmatch; repeatable; replaces the recipe's list) (default: the recipe's; the presets': conv_in, conv_out)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="float type of the written graph, from the FP32 export: fp32 (opset 17, TensorRT 8.6) or fp16 (opset >= 19, FP16 scales and DequantizeLinear outputs, FP32 I/O, FP32 islands where FP16 would overflow; TensorRT >= 10 strongly typed; <onnx>.<recipe>.fp16.onnx) (default: %(default)s)")
-    p.add_argument("--reconstruction", type=Path, help="reconstruction.safetensors from `qdiff reconstruct`: use its integer weights (pass its reconstruction.calibration.json as --calib)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--reconstruction", type=Path, help="reconstruction.safetensors from `qdiff reconstruct`: use its integer weights (pass its reconstruction.calibration.json as --calib) (default: none, round-to-nearest)")
+    p.add_argument("--force", action="store_true", help="quantize again even if the graph is up to date")
 
     _add_eval(sub)
 
     p = sub.add_parser("sample", help="generate images with PyTorch or an ONNX graph")
     p.add_argument("model", nargs="?", type=Path, help="local diffusers folder (default: built-in model)")
     p.add_argument("-o", "--out", type=Path, default=Path("qdiff-samples"), help="output folder for the PNGs and grid.png (default: %(default)s)")
-    p.add_argument("--onnx", type=Path, help="run this ONNX graph (FP32 or Q/DQ) with ONNX Runtime instead of PyTorch")
-    p.add_argument("--engine", type=Path, help="run this TensorRT engine folder (from `qdiff build`) on the GPU")
+    p.add_argument("--onnx", type=Path, help="run this ONNX graph (FP32 or Q/DQ) with ONNX Runtime instead of PyTorch (default: PyTorch)")
+    p.add_argument("--engine", type=Path, help="run this TensorRT engine folder (from `qdiff build`) on the GPU (default: PyTorch)")
     p.add_argument("--allow-nonfinite", action="store_true", help="continue when a step returns NaN/Inf")
     _sampling_args(p)
     _add_conditioning(p)
     p = sub.add_parser("build", help="build a TensorRT engine from an exported or quantized ONNX graph (GPU)")
     p.add_argument("onnx", type=Path, help="graph from `qdiff export` (fp16/fp32) or `qdiff quantize` (int8/w4a8)")
     p.add_argument("-o", "--out", type=Path, required=True, help="engine folder (engine.plan + manifest + layers.json)")
-    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8", "w4a8", "int4-weight-only"], help="(default: %(default)s)")
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int8", "w4a8", "int4-weight-only"], help="engine precision; int8/w4a8/int4-weight-only need a quantized graph (default: %(default)s)")
     g = p.add_argument_group("optimization profile (min,opt,max; one value fixes a dimension)")
     g.add_argument("--batch", default="1,2,4", help="batch range (default: %(default)s; CFG doubles the batch)")
     g.add_argument("--size", help="height=width range in the sample's pixels (latent pixels for latent models; default: the model's sample_size)")
     g.add_argument("--tokens", default="77", help="text tokens range (default: %(default)s)")
-    g.add_argument("--shape", action="append", default=[], metavar="NAME=MIN:OPT:MAX", help="explicit range for one input, e.g. sample=1x4x64x64:2x4x64x64:4x4x64x64")
+    g.add_argument("--shape", action="append", default=[], metavar="NAME=MIN:OPT:MAX", help="explicit range for one input, e.g. sample=1x4x64x64:2x4x64x64:4x4x64x64 (repeatable; default: from --batch/--size/--tokens)")
     g = p.add_argument_group("builder")
-    g.add_argument("--workspace-gib", type=float, help="workspace memory limit")
-    g.add_argument("--float-layers", choices=["fp16"], help="TensorRT < 10 only (an error on >= 10, whose strongly typed networks take precisions from the graph): pin the float layers of a Q/DQ network to FP16")
+    g.add_argument("--workspace-gib", type=float, help="workspace memory limit (default: TensorRT's, the GPU's memory)")
+    g.add_argument("--float-layers", choices=["fp16"], help="TensorRT < 10 only (an error on >= 10, whose strongly typed networks take precisions from the graph): pin the float layers of a Q/DQ network to FP16 (default: TensorRT chooses)")
     g.add_argument("--opt-level", dest="optimization_level", type=int, help="builder optimization level 0-5 (default: TensorRT's 3; INT8/W4A8 on TensorRT >= 10: 4, not measured here; lower builds faster)")
     g.add_argument("--tactic-sources", help="comma-separated: cublas,cublas_lt,cudnn,edge_mask_convolutions,jit_convolutions (default: $QDIFF_TRT_TACTIC_SOURCES or TensorRT's); sources this TensorRT lacks (cuBLAS/cuDNN on 11.x) are left out with a log line")
     g.add_argument("--timing-cache", type=Path, help="timing cache file to reuse and update across builds (default: none)")
-    g.add_argument("--strongly-typed", action="store_true", help="insist on a strongly typed network (TensorRT >= 10 builds one anyway; refused on 8.6): layers run in the graph's own types, so it needs an FP16 graph (qdiff export --dtype fp16)")
+    g.add_argument("--strongly-typed", action="store_true", help="insist on a strongly typed network (TensorRT >= 10 builds one anyway; refused on 8.6): layers run in the graph's own types, so it needs an FP16 graph (qdiff export --dtype fp16) (default: off)")
     p.add_argument("--force", action="store_true", help="rebuild even if the engine is up to date")
 
     p = sub.add_parser("inspect", help="per-layer precision of an engine: INT8 coverage by MACs, fallbacks, reformats")
     p.add_argument("engine", type=Path, help="engine folder from `qdiff build`")
     p.add_argument("--onnx", type=Path, help="the graph it was built from (default: the path in its manifest)")
-    p.add_argument("--profile", action="store_true", help="also time every layer with TensorRT's profiler (GPU)")
+    p.add_argument("--profile", action="store_true", help="also time every layer with TensorRT's profiler (GPU) (default: off)")
     p.add_argument("--runs", type=int, default=20, help="profiled calls; the median per layer is kept (default: %(default)s)")
     p.add_argument("-o", "--out", type=Path, help="folder for inspect.json/inspect.md (default: the engine folder)")
+    for p in sub.choices.values():  # every flag's help says its default, as the options' do
+        for action in p._actions:
+            if isinstance(action, argparse._StoreTrueAction) and action.help and "default" not in action.help:
+                action.help += " (default: off)"
     for p in sub.choices.values():  # also accepted after the subcommand; SUPPRESS keeps an earlier flag
         p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines")
+        p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines; the path of the results is still printed")
     return parser
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     from qdiff import api
+    from qdiff.calib.recipe import load_recipe
 
     if args.command == "run":
         rec = None
@@ -220,13 +257,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             import torch
 
             rec = {"iterations": args.reconstruct_iterations, "device": args.reconstruct_device or ("cuda" if torch.cuda.is_available() else "cpu")}
-        result = api.run(args.model, args.out, recipe=args.recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, ort_arithmetic=args.ort_arithmetic, force=args.force, reconstruct_method=args.reconstruct_method, reconstruct_settings=rec, **_conditioning(args), **_recipe_overrides(args))
+        # --calib-scheduler goes into the recipe: api.run's `scheduler` is the sampling one (--sampler)
+        recipe = load_recipe(args.recipe, scheduler=args.calib_scheduler) if args.calib_scheduler else args.recipe
+        result = api.run(args.model, args.out, recipe=recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, ort_arithmetic=args.ort_arithmetic, force=args.force, reconstruct_method=args.reconstruct_method, reconstruct_settings=rec, **_conditioning(args), **_recipe_overrides(args))
         print(result.report_paths[1])  # where the results went, also with --quiet
     elif args.command == "export":
         result = api.export_model(args.model, args.out, opset=args.opset, external_data=args.external_data, force=args.force, check=args.check, dtype=args.dtype)
         print(result.onnx_path)
     elif args.command == "calibrate":
-        result = api.calibrate(args.model, args.out, args.recipe, scheduler=args.scheduler, force=args.force, **_conditioning(args), **_recipe_overrides(args))
+        result = api.calibrate(args.model, args.out, args.recipe, scheduler=args.calib_scheduler, force=args.force, **_conditioning(args), **_recipe_overrides(args))
         print(result.table_path)
     elif args.command == "reconstruct":
         result = api.reconstruct(args.model, args.out, args.calib, _reconstruction_settings(args), force=args.force, **_conditioning(args))
@@ -270,6 +309,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         report = api.inspect_engine(args.engine, onnx=args.onnx, profile=args.profile, runs=args.runs, out=args.out)
         print(to_markdown(report, title=f"{args.engine}"), end="")
+        out = args.out if args.out is not None else (args.engine if args.engine.suffix != ".plan" else args.engine.parent)
+        print(Path(out) / "inspect.md")  # where the report went, also with --quiet
     elif args.command == "sample":
         if args.onnx and args.engine:
             raise SamplingError("give --onnx or --engine, not both")

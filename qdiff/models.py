@@ -22,9 +22,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `qdiff --help` and path errors stay fast
+    import torch
 
 from qdiff.artifacts import sha256_files
 from qdiff.errors import ModelLoadError
@@ -139,6 +140,8 @@ def check_weight_file(path: Path) -> None:
         import warnings
         import zipfile
 
+        import torch
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -172,6 +175,7 @@ def unet_sha256(unet_dir: Path) -> str:
 
 def _load_unet(unet_dir: Path) -> torch.nn.Module:
     import diffusers
+    import torch
 
     config = _read_json(unet_dir / "config.json")
     class_name = config.get("_class_name")
@@ -196,6 +200,8 @@ def _load_optional(model_dir: Path, sub: str, cls_name: str, module: str) -> Any
     if not folder.is_dir():
         return None
     check_weight_files(folder)
+    import torch
+
     lib = __import__(module, fromlist=[cls_name])
     cls = getattr(lib, cls_name)
     try:
@@ -212,6 +218,7 @@ def _load_class_embeddings(model_dir: Path) -> tuple[torch.Tensor | None, list[s
     weights = folder / "class_embeddings.safetensors"
     if not weights.is_file():
         return None, None
+    import torch
     from safetensors.torch import load_file
 
     try:
@@ -277,6 +284,7 @@ def materialize_random_model(config_path: Path, out_dir: Path, seed: int = 0) ->
         return out_dir
     import tempfile
 
+    import torch
     from diffusers import DDPMScheduler, UNet2DModel
 
     config = _read_json(config_path)

@@ -215,7 +215,7 @@ def generate(
 def step_errors(records: list[StepRecord], quantized: Denoiser) -> list[dict[str, float]]:
     """The quantized denoiser on the FP32 trajectory's inputs, step by step."""
     rows = []
-    for rec in records:
+    for rec in progress_bar(records, desc="step errors", unit="step"):
         q = quantized(rec.model_input, torch.tensor(rec.timestep), **rec.denoiser_kwargs)
         rows.append({"step": rec.index, "timestep": rec.timestep, "rel_l2": relative_l2(q, rec.model_output), "cosine": cosine(q, rec.model_output)})
     return rows

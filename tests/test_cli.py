@@ -16,6 +16,7 @@ def qdiff(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qdiff.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
+@pytest.mark.slow  # > 30 s on 2 cores; fast substitute: tests/test_cli_help.py
 def test_every_stage_through_the_cli(class_cond_model_dir, tmp_path):
     out = tmp_path / "art"
     r = qdiff("export", class_cond_model_dir, "-o", out)
@@ -40,6 +41,7 @@ def test_every_stage_through_the_cli(class_cond_model_dir, tmp_path):
         assert sorted(p.name for p in (tmp_path / sampler).glob("*.png")) == ["grid.png", "sample_00000.png", "sample_00001.png"]
 
 
+@pytest.mark.slow  # > 30 s on 2 cores; fast substitute: tests/test_cli_help.py
 def test_run_writes_grid_report_and_artifacts(uncond_model_dir, tmp_path):
     out = tmp_path / "run"
     r = qdiff("run", uncond_model_dir, "-o", out, "--steps", "10", "--num-images", "3", "--timesteps", "4", "--samples", "4", "--calib-steps", "8")

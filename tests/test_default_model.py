@@ -22,6 +22,7 @@ def test_class_conditional_model_loads_with_its_classes():
     assert tuple(bundle.class_embeddings.shape) == (9, 4, 128)
 
 
+@pytest.mark.slow  # > 30 s on 2 cores; fast substitute: tests/test_cli_help.py
 @pytest.mark.parametrize("model, min_psnr", [(None, 24.0), (PACKAGE_MODELS / "shapes-cond", 20.0)], ids=["ddpm", "cond"])
 def test_w8a8_stays_close_to_fp32_on_trained_models(tmp_path, model, min_psnr):
     """The baseline recorded in the README; later work must not fall below it."""
