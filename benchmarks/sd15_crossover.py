@@ -143,7 +143,7 @@ def bench(run: Run, args: argparse.Namespace, built: list[str]) -> None:
 
     from qdiff import api
     from qdiff.engines.manifest import read_engine_manifest
-    from qdiff.metrics import relative_l2
+    from qdiff.core.metrics import relative_l2
     from qdiff.runtime.tensorrt_backend import TensorRTDenoiser
 
     def inputs(batch: int, side: int) -> dict[str, torch.Tensor]:

@@ -61,7 +61,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     folder = make_model(args.work, args.config)
     t0 = time.perf_counter()
     if args.dtype == "fp16":  # opset 17 so TensorRT 8.6's parser takes the float graph
-        from qdiff.errors import QdiffError
+        from qdiff.core.errors import QdiffError
 
         try:
             result = api.export_model(folder, args.work / "onnx-fp16", check=False, opset=17, dtype="fp16")
@@ -198,7 +198,7 @@ def e2e_sampling(denoiser: Any, steps: int, runs: int) -> dict[str, float]:
     """50-step DDIM with CFG 7.5 (batch-2 calls), latents on the GPU, no text encoder/VAE."""
     from diffusers import DDIMScheduler
 
-    from qdiff.conditioning import Conditioning
+    from qdiff.core.conditioning import Conditioning
     from qdiff.runtime.sampler import denoise
 
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -246,7 +246,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from qdiff import api
     from qdiff.engines.inspector import graph_nodes
     from qdiff.engines.manifest import read_engine_manifest
-    from qdiff.metrics import relative_l2
+    from qdiff.core.metrics import relative_l2
     from qdiff.runtime.tensorrt_backend import TensorRTDenoiser
 
     setups = args.setups.split(",")

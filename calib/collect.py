@@ -28,8 +28,8 @@ from qdiff.calib.shortcuts import find_split_layers
 from qdiff.calib.targets import select_targets
 from qdiff.calib.timestep_stats import TimestepStatsRecorder
 from qdiff.calib.trajectories import TrajectorySampler, calibration_step_indices, calibration_trajectories
-from qdiff.conditioning import Conditioning
-from qdiff.errors import CalibrationError
+from qdiff.core.conditioning import Conditioning
+from qdiff.core.errors import CalibrationError
 
 __all__ = ["calibration_step_indices", "collect_ranges", "example_call", "layer_macs"]
 

@@ -20,7 +20,7 @@ from qdiff.calib.quant_math import fake_quantize, scale_from_amax, scale_in_dtyp
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.calib.targets import select_targets
-from qdiff.errors import CalibrationError
+from qdiff.core.errors import CalibrationError
 
 
 class FakeQuantLayer(nn.Module):

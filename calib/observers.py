@@ -19,7 +19,7 @@ from torch import nn
 
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.targets import Target
-from qdiff.errors import CalibrationError
+from qdiff.core.errors import CalibrationError
 
 
 def mse_amax_from_histogram(

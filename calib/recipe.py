@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from qdiff.errors import RecipeError, strict_fields
+from qdiff.core.errors import RecipeError, strict_fields
 
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
 WEIGHT_CALIBRATORS = ("max", "mse")

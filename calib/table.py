@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdiff.artifacts import write_json_atomic
-from qdiff.errors import CalibrationError
+from qdiff.core.artifacts import write_json_atomic
+from qdiff.core.errors import CalibrationError
 
 TABLE_SCHEMA = 1
 ROLES = ("input", "weight", "shortcut_a", "shortcut_b", "weight_a", "weight_b")

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qdiff.artifacts import atomic_path
-from qdiff.errors import CalibrationError
+from qdiff.core.artifacts import atomic_path
+from qdiff.core.errors import CalibrationError
 
 STATS_SUFFIX = ".stats.npz"
 _KEYS = ("step_indices", "timesteps", "layers", "amax", "split_layers", "branch_amax", "branch_hist", "branch_edges")

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from qdiff.calib.recipe import Recipe
-from qdiff.conditioning import Conditioning
-from qdiff.errors import CalibrationError
+from qdiff.core.conditioning import Conditioning
+from qdiff.core.errors import CalibrationError
 
 # Called before each denoiser call of a calibration trajectory: (step index, timestep, kept?).
 StepHook = Callable[[int, float, bool], None]

@@ -41,9 +41,9 @@ from qdiff.engines.graph_types import GraphTypes, graph_types
 from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, current_platform
 from qdiff.engines.precision import FLOAT_LAYER_PRECISIONS
 from qdiff.engines.profiles import Profile, ShapeRange, check_shapes, profile_to_json
-from qdiff.artifacts import CachedStage, Manifest, folder_lock, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic
-from qdiff.errors import EngineBuildError, OnnxModelError
-from qdiff.progress import log, quiet
+from qdiff.core.artifacts import CachedStage, Manifest, folder_lock, read_manifest, sha256_file, write_bytes_atomic, write_json_atomic
+from qdiff.core.errors import EngineBuildError, OnnxModelError
+from qdiff.core.progress import log, quiet
 
 PRECISIONS = ("fp32", "fp16", "int8", "w4a8", "int4-weight-only")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -189,7 +189,7 @@ class _Heartbeat:
 
     def __enter__(self) -> _Heartbeat:
         if not quiet():
-            from qdiff.progress import progress
+            from qdiff.core.progress import progress
 
             def tick() -> None:
                 # On a terminal the line ticks every second; in a log file, every minute.

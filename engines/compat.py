@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from qdiff.errors import BackendUnavailableError, EngineBuildError
+from qdiff.core.errors import BackendUnavailableError, EngineBuildError
 
 _TRT: ModuleType | None = None
 
@@ -238,7 +238,7 @@ def tactic_source_mask(trt: Any, names: tuple[str, ...]) -> tuple[int, tuple[str
 def make_logger(trt: Any, verbose: bool = False) -> Any:
     """A TensorRT logger that keeps errors (for the exception) and forwards warnings to stderr
     only when asked, since TensorRT 8.6 warns about every INT64 weight it casts down."""
-    from qdiff.progress import log
+    from qdiff.core.progress import log
 
     class _Logger(trt.ILogger):
         def __init__(self) -> None:

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdiff.errors import OnnxModelError
+from qdiff.core.errors import OnnxModelError
 
 CONV_OPS = ("Conv", "ConvTranspose")
 MATMUL_OPS = ("Gemm", "MatMul")

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from qdiff.engines.profiles import Profile, profile_from_json
-from qdiff.artifacts import Manifest, read_manifest, sha256_file
-from qdiff.errors import EngineMismatchError
+from qdiff.core.artifacts import Manifest, read_manifest, sha256_file
+from qdiff.core.errors import EngineMismatchError
 
 ENGINE_KIND = "tensorrt-engine"
 ENGINE_FILE = "engine.plan"
@@ -40,7 +40,7 @@ def current_platform(device: int = 0) -> Platform:
 
     trt = import_tensorrt()
     if not torch.cuda.is_available():
-        from qdiff.errors import BackendUnavailableError
+        from qdiff.core.errors import BackendUnavailableError
 
         raise BackendUnavailableError("TensorRT engines need a CUDA GPU, and torch sees none here", hint="run on a machine with an NVIDIA GPU")
     major, minor = torch.cuda.get_device_capability(device)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qdiff.engines.compat import network_typing
-from qdiff.errors import EngineBuildError
+from qdiff.core.errors import EngineBuildError
 
 FLOAT_LAYER_PRECISIONS = ("fp16",)
 

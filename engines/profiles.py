@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qdiff.errors import ProfileShapeError
+from qdiff.core.errors import ProfileShapeError
 
 Shape = tuple[int, ...]
 

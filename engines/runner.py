@@ -24,8 +24,8 @@ import torch
 from qdiff.engines.compat import import_tensorrt, make_logger, torch_dtype
 from qdiff.engines.manifest import EngineInfo, read_engine_manifest, verify_engine
 from qdiff.engines.profiles import check_shapes
-from qdiff.errors import BackendUnavailableError, EngineMismatchError, SamplingError
-from qdiff.progress import log
+from qdiff.core.errors import BackendUnavailableError, EngineMismatchError, SamplingError
+from qdiff.core.progress import log
 
 
 @dataclass

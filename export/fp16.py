@@ -55,7 +55,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qdiff.errors import OnnxModelError, QuantizationError
+from qdiff.core.errors import OnnxModelError, QuantizationError
 
 FP16_MAX = 65504.0
 # A tensor whose magnitude on the probe inputs exceeds this keeps its nodes in FP32 (see above).

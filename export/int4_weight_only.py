@@ -45,7 +45,7 @@ import onnx_graphsurgeon as gs
 
 from qdiff.export.shape_inference import symbolic_shapes, weightless
 from qdiff.calib.quant_math import MIN_AMAX
-from qdiff.errors import OnnxModelError, QuantizationError
+from qdiff.core.errors import OnnxModelError, QuantizationError
 from qdiff.export.graph_index import WEIGHTED_OPS, module_name
 from qdiff.export.coverage import CoverageReport, shown
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from qdiff.conditioning import added_condition_shapes, random_conditioning
-from qdiff.errors import ExportError
+from qdiff.core.conditioning import added_condition_shapes, random_conditioning
+from qdiff.core.errors import ExportError
 from qdiff.export.graph_index import SCOPE_ROOT  # noqa: F401  (defined there, torch-free; re-exported)
 from qdiff.export.onnx_io import save_onnx
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import onnx
 
-from qdiff.artifacts import folder_lock, fsync_dir, new_temp_path, remove_stale_temps
-from qdiff.errors import OnnxModelError
+from qdiff.core.artifacts import folder_lock, fsync_dir, new_temp_path, remove_stale_temps
+from qdiff.core.errors import OnnxModelError
 
 TWO_GB = 2**31
 SUPPORTED_OPSETS = range(13, 22)

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qdiff.calib.recipe import Recipe
-from qdiff.errors import RecipeError
+from qdiff.core.errors import RecipeError
 
 CONV_OPS = ("Conv", "ConvTranspose")
 LINEAR_OPS = ("Gemm", "MatMul")

@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from qdiff.calib.quant_math import MIN_AMAX, scale_from_amax, scale_in_dtype
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
-from qdiff.errors import QuantizationError
+from qdiff.core.errors import QuantizationError
 from qdiff.export.coverage import CoverageReport, shown
 from qdiff.export.graph_index import WeightedNode, weighted_nodes
 from qdiff.export.split_shortcut import channel_counts, split_concat_conv, split_sliced_conv

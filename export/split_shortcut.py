@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qdiff.errors import QuantizationError
+from qdiff.core.errors import QuantizationError
 
 
 @dataclass

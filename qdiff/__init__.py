@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qdiff._version import __version__
+from qdiff.core._version import __version__
 
 _API = {
     "export_model",

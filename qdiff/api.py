@@ -1,7 +1,7 @@
 """The public Python API: one function per stage, and `run` for all of them.
 
 The CLI only parses arguments and calls these. Each stage reads and writes artifacts with
-manifests (`qdiff.artifacts`), skips its work when the manifest on disk says the artifact was
+manifests (`qdiff.core.artifacts`), skips its work when the manifest on disk says the artifact was
 made from the same inputs and settings, and stages its output in a temporary folder so a
 failure or a kill leaves the previous artifact intact.
 """
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qdiff.artifacts import CachedStage, Manifest, config_sample_size, read_manifest, sha256_file, write_manifest
+from qdiff.core.artifacts import CachedStage, Manifest, config_sample_size, read_manifest, sha256_file, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
-from qdiff.errors import ArtifactMismatchError, ExportError, OnnxModelError, RecipeError, SamplingError
+from qdiff.core.errors import ArtifactMismatchError, ExportError, OnnxModelError, RecipeError, SamplingError
 from qdiff.models import ModelBundle, as_bundle, unet_config_of
-from qdiff.progress import log, progress
+from qdiff.core.progress import log, progress
 from qdiff.runtime.sampling_spec import SamplingSpec  # public as qdiff.api.SamplingSpec too
 
 # The sampling core (`SampleResult`, `generate`, `make_denoiser`, `step_errors`) lives in
@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # torch and the conditioning helpers are imported where they 
     import numpy as np  # command that fails on its arguments (or needs no torch) starts fast
     import torch
 
-    from qdiff.conditioning import Conditioning
+    from qdiff.core.conditioning import Conditioning
 
 ONNX_NAME = "denoiser.onnx"
 ONNX_FP16_NAME = "denoiser.fp16.onnx"
@@ -198,7 +198,7 @@ def calibrate(
     # torch and diffusers: after the cheap checks above, so a wrong path fails fast
     from qdiff.calib.collect import collect_ranges
     from qdiff.calib.timestep_stats import TimestepStatsRecorder, stats_path_for
-    from qdiff.conditioning import conditioning_key, resolve_conditioning
+    from qdiff.core.conditioning import conditioning_key, resolve_conditioning
     from qdiff.runtime.backends import TorchDenoiser
     from qdiff.runtime.calibration_loop import model_trajectory_sampler
 
@@ -295,10 +295,10 @@ def reconstruct(
     """
     import hashlib
 
-    from qdiff.artifacts import write_json_atomic
+    from qdiff.core.artifacts import write_json_atomic
     from qdiff.calib.reconstruct.artifact import weights_from_model
     from qdiff.calib.reconstruct.engine import Reconstructor
-    from qdiff.conditioning import conditioning_key, resolve_conditioning
+    from qdiff.core.conditioning import conditioning_key, resolve_conditioning
     from qdiff.calib.reconstruct.settings import ReconstructionSettings
     from qdiff.runtime.calibration_loop import model_calibration_inputs
     from qdiff.runtime.backends import TorchDenoiser
@@ -585,7 +585,7 @@ def inspect_engine(engine: str | Path, *, onnx: str | Path | None = None, profil
 
     Reads the inspector JSON saved at build time, so it runs without a GPU unless asked to
     profile (or the engine folder lacks that file)."""
-    from qdiff.artifacts import write_json_atomic, write_text_atomic
+    from qdiff.core.artifacts import write_json_atomic, write_text_atomic
     from qdiff.engines.inspector import inspect, to_markdown
     from qdiff.engines.manifest import read_engine_manifest
 
@@ -644,13 +644,13 @@ def sample(
     spec = SamplingSpec.of(spec, **sampling)
     from PIL import Image
 
-    from qdiff.conditioning import resolve_conditioning
+    from qdiff.core.conditioning import resolve_conditioning
     from qdiff.runtime.sampler import generate, make_denoiser
     from qdiff.report import image_grid, save_png
 
     bundle = as_bundle(model)
     if onnx is not None and backend == "onnxruntime":
-        from qdiff.artifacts import check_made_from_model
+        from qdiff.core.artifacts import check_made_from_model
 
         check_made_from_model(onnx, bundle.model_sha256, bundle.label, SamplingError)
     conditioning = resolve_conditioning(bundle, spec.num_images, **spec.conditioning_kwargs())

@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from qdiff.errors import QdiffError, SamplingError
+from qdiff.core.errors import QdiffError, SamplingError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from qdiff.artifacts import check_made_from_model, read_manifest
-from qdiff.conditioning import Conditioning, resolve_conditioning
-from qdiff.errors import ArtifactMismatchError, EvaluationError, SamplingError
+from qdiff.core.artifacts import check_made_from_model, read_manifest
+from qdiff.core.conditioning import Conditioning, resolve_conditioning
+from qdiff.core.errors import ArtifactMismatchError, EvaluationError, SamplingError
 from qdiff.models import ModelBundle
-from qdiff.progress import log
+from qdiff.core.progress import log
 from qdiff.runtime.sampling_spec import SamplingSpec
 
 EVAL_NAME = "eval"  # eval.json, eval.md, eval-grid.png, eval-steps.png
@@ -93,7 +93,7 @@ def compare(bundle: ModelBundle, reference, candidate, plan: SamplingPlan, *, la
     """Sample `candidate` from the plan's seeds and measure it against `reference`
     (`reference_samples` of the FP32 model under the same plan)."""
     from qdiff.runtime.sampler import generate, step_errors
-    from qdiff.metrics import psnr, ssim
+    from qdiff.core.metrics import psnr, ssim
 
     started = time.perf_counter()
     if not reference.steps or len(reference.images) != len(plan.seeds):

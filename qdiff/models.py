@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch is imported where it is used: `qdiff --help` and path errors stay fast
     import torch
 
-from qdiff.artifacts import sha256_files
-from qdiff.errors import ModelLoadError
+from qdiff.core.artifacts import sha256_files
+from qdiff.core.errors import ModelLoadError
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -293,7 +293,7 @@ def materialize_random_model(config_path: Path, out_dir: Path, seed: int = 0) ->
     unet = UNet2DModel(**config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    from qdiff.artifacts import current_umask
+    from qdiff.core.artifacts import current_umask
 
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would stay on the published folder
     unet.save_pretrained(tmp / "unet", safe_serialization=True)

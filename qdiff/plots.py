@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from qdiff.artifacts import atomic_path
+from qdiff.core.artifacts import atomic_path
 from qdiff.calib.timestep_stats import TimestepStats
 
 DPI = 110

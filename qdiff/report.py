@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from qdiff.artifacts import atomic_path, write_json_atomic, write_text_atomic
+from qdiff.core.artifacts import atomic_path, write_json_atomic, write_text_atomic
 
 
 def image_grid(rows: list[list[np.ndarray]], labels: list[str] | None = None, scale: int = 1, pad: int = 2) -> Image.Image:

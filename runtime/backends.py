@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from qdiff.errors import BackendUnavailableError, OnnxModelError
+from qdiff.core.errors import BackendUnavailableError, OnnxModelError
 
 
 class Denoiser(Protocol):
@@ -166,7 +166,7 @@ class OnnxRuntimeDenoiser:
         self.arithmetic = check_arithmetic(arithmetic) if optimize else "exact"
         options = session_options(arithmetic=self.arithmetic, optimize=optimize, threads=threads)
         if self.arithmetic == "fused-int8" and fused_int8_saturates():
-            from qdiff.progress import log
+            from qdiff.core.progress import log
 
             log(f"warning: {self.path.name}: ONNX Runtime's fused INT8 kernels saturate on this CPU (x86 without VNNI); "
                 "its output differs from TensorRT's. Use arithmetic 'exact' (--ort-arithmetic exact) for quality numbers.")

@@ -17,7 +17,7 @@ import torch
 
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.trajectories import CalibrationInput, TrajectorySampler, iter_calibration_inputs
-from qdiff.conditioning import Conditioning
+from qdiff.core.conditioning import Conditioning
 from qdiff.runtime.sampler import denoise
 from qdiff.runtime.schedulers import make_scheduler
 

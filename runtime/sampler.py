@@ -20,10 +20,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from qdiff.conditioning import Conditioning
-from qdiff.errors import SamplingError
-from qdiff.metrics import cosine, relative_l2
-from qdiff.progress import progress as progress_bar
+from qdiff.core.conditioning import Conditioning
+from qdiff.core.errors import SamplingError
+from qdiff.core.metrics import cosine, relative_l2
+from qdiff.core.progress import progress as progress_bar
 from qdiff.runtime.backends import Denoiser
 from qdiff.runtime.schedulers import make_scheduler
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qdiff.errors import SamplingError, strict_fields
+from qdiff.core.errors import SamplingError, strict_fields
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class SamplingSpec:
         return list(range(self.seed, self.seed + self.num_images))
 
     def conditioning_kwargs(self) -> dict[str, Any]:
-        """The keywords `qdiff.conditioning.resolve_conditioning` takes."""
+        """The keywords `qdiff.core.conditioning.resolve_conditioning` takes."""
         return {
             "prompts": list(self.prompts) if self.prompts is not None else None,
             "class_labels": list(self.class_labels) if self.class_labels is not None else None,

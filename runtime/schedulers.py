@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qdiff.errors import SamplingError
+from qdiff.core.errors import SamplingError
 
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qdiff.engines.runner import TensorRTEngine
-from qdiff.errors import EngineMismatchError, SamplingError
+from qdiff.core.errors import EngineMismatchError, SamplingError
 from qdiff.runtime.backends import timestep_batch
 
 __all__ = ["OUTPUT_NAME", "TensorRTDenoiser", "TensorRTEngine", "TensorRTUNet"]

@@ -15,7 +15,7 @@ from qdiff.calib.collect import calibration_step_indices
 from qdiff.calib.observers import ActivationObserver, entropy_amax_from_histogram, mse_amax_from_histogram
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
-from qdiff.errors import CalibrationError, ConditioningError, RecipeError
+from qdiff.core.errors import CalibrationError, ConditioningError, RecipeError
 from qdiff.models import load_model
 
 

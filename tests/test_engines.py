@@ -15,7 +15,7 @@ from qdiff.engines.compat import parse_tactic_sources, version_tuple
 from qdiff.engines.inspector import graph_nodes, inspect, precision_of, to_markdown
 from qdiff.engines.manifest import ENGINE_FILE, ENGINE_KIND, Platform, verify_engine
 from qdiff.engines.profiles import ShapeRange, check_shapes, derive_profile, graph_inputs, parse_range, parse_shape_spec, profile_to_json
-from qdiff.errors import EngineBuildError, EngineMismatchError, ProfileShapeError
+from qdiff.core.errors import EngineBuildError, EngineMismatchError, ProfileShapeError
 from tests.conftest import quantize_model
 
 DATA = Path(__file__).parent / "data"
@@ -111,7 +111,7 @@ def test_compat_helpers():
 
 
 def _fake_engine(folder: Path, platform: Platform) -> Path:
-    from qdiff.artifacts import Manifest, sha256_file, write_manifest
+    from qdiff.core.artifacts import Manifest, sha256_file, write_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     plan = folder / ENGINE_FILE

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import quantize_model
-from qdiff.errors import EvaluationError
+from qdiff.core.errors import EvaluationError
 from qdiff.evaluate import evaluate, resolve_graphs
 
 

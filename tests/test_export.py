@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qdiff.api import export_model, validate_export
-from qdiff.errors import ExportError
+from qdiff.core.errors import ExportError
 from qdiff.export.onnx_export import denoiser_signature, example_inputs, export_unet
 from qdiff.export.validate import Tolerance, error_stats
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser

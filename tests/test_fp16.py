@@ -12,7 +12,7 @@ import torch
 
 from qdiff.api import calibrate, export_model, quantize_int4_weight_only, quantize_onnx
 from qdiff.calib.fake_quant import build_fake_quant_model
-from qdiff.errors import QuantizationError
+from qdiff.core.errors import QuantizationError
 from qdiff.export.fp16 import boundary_casts
 from qdiff.export.onnx_export import example_inputs
 from qdiff.export.qdq import insert_qdq_file
@@ -133,7 +133,7 @@ def test_fp16_export_is_its_own_artifact_and_matches_pytorch(uncond_model_dir, t
     fp16 = export_model(uncond_model_dir, tmp_path, dtype="fp16")
     assert fp16.onnx_path.name == "denoiser.fp16.onnx" and not fp16.reused  # never the cached FP32 graph
     assert fp32.onnx_path.is_file() and export_model(uncond_model_dir, tmp_path, dtype="fp16").reused
-    from qdiff.artifacts import read_manifest
+    from qdiff.core.artifacts import read_manifest
 
     manifest = read_manifest(fp16.onnx_path)
     assert manifest.settings["dtype"] == "fp16" and manifest.details["fp32_islands"] == []

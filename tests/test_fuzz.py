@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qdiff.artifacts import Manifest, read_manifest
+from qdiff.core.artifacts import Manifest, read_manifest
 from qdiff.calib.table import ROLES, TABLE_SCHEMA, CalibrationTable
-from qdiff.errors import ArtifactMismatchError, CalibrationError
+from qdiff.core.errors import ArtifactMismatchError, CalibrationError
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qdiff.errors import OnnxModelError, QuantizationError
+from qdiff.core.errors import OnnxModelError, QuantizationError
 from qdiff.export import int4_weight_only as i4
 from qdiff.export.graph_index import module_name
 
@@ -95,7 +95,7 @@ def test_int4_tensor_is_packed_two_per_byte():
 
 def test_class_cond_unet_int4_graph_runs_exactly(exports, tmp_path):
     from qdiff.api import quantize_int4_weight_only
-    from qdiff.artifacts import read_manifest
+    from qdiff.core.artifacts import read_manifest
     from qdiff.engines.builder import check_precision, graph_facts
     from qdiff.export.onnx_export import example_inputs
     from qdiff.models import load_model

@@ -26,9 +26,9 @@ FOLDERS = {"qdiff": "qdiff", "calib": "qdiff.calib", "export": "qdiff.export", "
 # Lowest first. A module is in the layer of the longest prefix that names it (whole dotted
 # parts); "qdiff" alone is the package's __init__, the front door.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # The ground every stage uses. conditioning is here because calib, export and runtime all
-    # take a `Conditioning`; qdiff.core.* is where the ground is headed.
-    ("core", ("qdiff.core", "qdiff._version", "qdiff.errors", "qdiff.artifacts", "qdiff.metrics", "qdiff.progress", "qdiff.conditioning")),
+    # The ground every stage uses (qdiff/core/): errors, artifacts, metrics, progress, the
+    # version, and conditioning, because calib, export and runtime all take a `Conditioning`.
+    ("core", ("qdiff.core",)),
     ("calib", ("qdiff.calib",)),
     ("export", ("qdiff.export",)),
     ("engines", ("qdiff.engines",)),
@@ -139,7 +139,7 @@ def test_every_module_has_a_layer():
     assert not unplaced, f"modules in no layer (add them to LAYERS): {unplaced}"
 
 
-MODULES = {"qdiff", "qdiff.api", "qdiff.errors", "qdiff.artifacts", "qdiff.calib", "qdiff.calib.trajectories", "qdiff.runtime", "qdiff.runtime.sampler", "qdiff.engines", "qdiff.engines.runner"}
+MODULES = {"qdiff", "qdiff.api", "qdiff.core.errors", "qdiff.core.artifacts", "qdiff.calib", "qdiff.calib.trajectories", "qdiff.runtime", "qdiff.runtime.sampler", "qdiff.engines", "qdiff.engines.runner"}
 
 
 @pytest.mark.parametrize(
@@ -149,8 +149,8 @@ MODULES = {"qdiff", "qdiff.api", "qdiff.errors", "qdiff.artifacts", "qdiff.calib
         ("calib/trajectories.py", "from qdiff.runtime import sampler\n", 1, "qdiff.runtime.sampler"),
         ("calib/trajectories.py", "import qdiff.api\n", 1, "qdiff.api"),
         ("engines/runner.py", "from ..runtime.sampler import denoise\n", 1, "qdiff.runtime.sampler"),
-        ("qdiff/artifacts.py", "def v():\n    from qdiff import __version__\n", 2, "qdiff"),
-        ("qdiff/errors.py", "from . import api\n", 1, "qdiff.api"),
+        ("qdiff/core/artifacts.py", "def v():\n    from qdiff import __version__\n", 2, "qdiff"),
+        ("qdiff/core/errors.py", "from .. import api\n", 1, "qdiff.api"),
     ],
 )
 def test_the_checker_names_file_line_and_import(path, source, line, imported):
@@ -165,7 +165,7 @@ def test_the_checker_refuses_private_names_of_other_modules():
 
 
 def test_the_checker_allows_imports_down_and_sideways():
-    source = "from qdiff.errors import X\nfrom qdiff.calib import trajectories\nfrom . import runner\nimport numpy\n"
+    source = "from qdiff.core.errors import X\nfrom qdiff.calib import trajectories\nfrom . import runner\nimport numpy\n"
     assert check_source("engines/runner.py", source, MODULES) == []
     assert layer_of("qdiff.core.errors") == "core" and layer_of("qdiff.calib.reconstruct.engine") == "calib"
     assert layer_of("qdiff.cli") == "cli" and layer_of("qdiff.newthing") is None

@@ -17,12 +17,12 @@ from onnx import numpy_helper
 pytest.importorskip("modelopt.torch.quantization")
 
 from qdiff.api import export_model  # noqa: E402
-from qdiff.artifacts import read_manifest, sha256_file  # noqa: E402
+from qdiff.core.artifacts import read_manifest, sha256_file  # noqa: E402
 from qdiff.calib.recipe import Recipe  # noqa: E402
 from qdiff.calib.trajectories import count_calibration_calls  # noqa: E402
-from qdiff.errors import BackendUnavailableError, ModelLoadError, QuantizationError  # noqa: E402
+from qdiff.core.errors import BackendUnavailableError, ModelLoadError, QuantizationError  # noqa: E402
 from qdiff.export.onnx_export import example_inputs  # noqa: E402
-from qdiff.metrics import relative_l2  # noqa: E402
+from qdiff.core.metrics import relative_l2  # noqa: E402
 from qdiff.models import load_model  # noqa: E402
 from qdiff.peers.modelopt_int8 import ModelOptInt8Settings, step_amax_calibrator_class  # noqa: E402
 from qdiff.peers import quantize_with_modelopt  # noqa: E402
@@ -260,7 +260,7 @@ def test_modelopt_imports_without_pulp():
         "        if name.split('.')[0] == 'pulp': raise ImportError('hidden pulp')\n"
         "sys.meta_path.insert(0, Hide())\n"
         "from qdiff.peers.modelopt_int8 import _import_modelopt\n"
-        "from qdiff.errors import BackendUnavailableError\n"
+        "from qdiff.core.errors import BackendUnavailableError\n"
         "modelopt, mtq = _import_modelopt()\n"
         "import pulp\n"
         "assert pulp.__qdiff_stand_in__ and callable(mtq.quantize)\n"

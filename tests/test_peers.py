@@ -12,10 +12,10 @@ from onnx import numpy_helper
 from qdiff.api import export_model
 from qdiff.calib.collect import collect_ranges
 from qdiff.calib.trajectories import count_calibration_calls, iter_calibration_inputs
-from qdiff.conditioning import resolve_conditioning
-from qdiff.errors import ArtifactMismatchError, QuantizationError
+from qdiff.core.conditioning import resolve_conditioning
+from qdiff.core.errors import ArtifactMismatchError, QuantizationError
 from qdiff.export.onnx_export import example_inputs
-from qdiff.metrics import relative_l2
+from qdiff.core.metrics import relative_l2
 from qdiff.models import load_model
 from qdiff.peers import quantize_with_onnxruntime
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser

@@ -9,7 +9,7 @@ from PIL import Image
 
 from qdiff.api import calibrate
 from qdiff.calib.timestep_stats import TimestepStats, stats_path_for
-from qdiff.errors import CalibrationError
+from qdiff.core.errors import CalibrationError
 from qdiff.models import load_model
 from qdiff.plots import calibration_figures, plot_step_errors
 

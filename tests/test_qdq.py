@@ -11,7 +11,7 @@ import pytest
 from qdiff.api import calibrate, export_model, quantize_onnx
 from qdiff.calib.fake_quant import build_fake_quant_model
 from qdiff.calib.table import CalibrationTable
-from qdiff.errors import ArtifactMismatchError, QuantizationError
+from qdiff.core.errors import ArtifactMismatchError, QuantizationError
 from qdiff.export.onnx_export import example_inputs
 from qdiff.export.qdq import insert_qdq
 from qdiff.export.validate import error_stats
@@ -226,7 +226,7 @@ def test_named_placements_narrow_the_graph_and_keep_it_runnable(quantized_cond, 
 
 def test_placement_and_explicit_ops_are_exclusive(quantized_cond, tmp_path):
     _, fp32_onnx, _, full = quantized_cond
-    from qdiff.errors import RecipeError
+    from qdiff.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="not both"):
         quantize_onnx(fp32_onnx, full.onnx_path.parent / "calibration.json", tmp_path, placement="conv", quantize_ops=("Conv",))

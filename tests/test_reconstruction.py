@@ -18,7 +18,7 @@ from qdiff.calib.reconstruct.adaround import beta_at, hard_rounding, init_roundi
 from qdiff.calib.reconstruct.artifact import ReconstructedWeights
 from qdiff.calib.reconstruct.settings import ReconstructionSettings
 from qdiff.calib.table import CalibrationTable
-from qdiff.errors import CalibrationError, QuantizationError, RecipeError
+from qdiff.core.errors import CalibrationError, QuantizationError, RecipeError
 from qdiff.export.onnx_export import example_inputs
 from qdiff.export.validate import error_stats
 from qdiff.models import load_model

@@ -23,10 +23,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from qdiff.artifacts import remove_stale_temps, write_json_atomic
+from qdiff.core.artifacts import remove_stale_temps, write_json_atomic
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable, LayerRanges
-from qdiff.errors import BackendUnavailableError, CalibrationError, ModelLoadError, OnnxModelError
+from qdiff.core.errors import BackendUnavailableError, CalibrationError, ModelLoadError, OnnxModelError
 from qdiff.export.onnx_io import load_onnx, save_onnx
 from tests.conftest import tiny_cond_unet, tiny_unet2d
 
@@ -108,8 +108,8 @@ def test_truncated_safetensors_is_refused_by_name(uncond_model_dir, tmp_path):
 def test_nonfinite_embeddings_file_is_refused(bare_cond_unet_dir, tmp_path):
     from safetensors.torch import save_file
 
-    from qdiff.conditioning import from_embeddings_file
-    from qdiff.errors import ConditioningError
+    from qdiff.core.conditioning import from_embeddings_file
+    from qdiff.core.errors import ConditioningError
     from qdiff.models import load_model
 
     states = torch.randn(2, 5, 24)
@@ -362,7 +362,7 @@ _WRITER = textwrap.dedent(
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
     import json
-    from qdiff.artifacts import atomic_path
+    from qdiff.core.artifacts import atomic_path
     from qdiff.export.onnx_io import save_onnx
 
     target, mode, first, count, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from qdiff.api import export_model, generate, make_denoiser, sample
-from qdiff.conditioning import resolve_conditioning
-from qdiff.errors import ConditioningError, SamplingError
+from qdiff.core.conditioning import resolve_conditioning
+from qdiff.core.errors import ConditioningError, SamplingError
 from qdiff.models import load_model
 from qdiff.runtime.sampler import denoise, initial_noise
 from qdiff.runtime.schedulers import make_scheduler

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qdiff.errors import SamplingError
+from qdiff.core.errors import SamplingError
 from qdiff.runtime.sampling_spec import SamplingSpec
 
 

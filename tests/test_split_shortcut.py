@@ -14,7 +14,7 @@ from qdiff.api import calibrate
 from qdiff.calib.recipe import PRESETS, Recipe
 from qdiff.calib.shortcuts import find_split_layers
 from qdiff.calib.table import CalibrationTable
-from qdiff.errors import CalibrationError, QuantizationError
+from qdiff.core.errors import CalibrationError, QuantizationError
 from qdiff.export.graph_index import module_name, weighted_nodes
 from qdiff.export.onnx_export import example_inputs
 from qdiff.export.qdq import insert_qdq

@@ -23,8 +23,8 @@ if not torch.cuda.is_available():  # pragma: no cover - only on GPU machines
 
 from qdiff import api  # noqa: E402
 from qdiff.engines.manifest import read_engine_manifest  # noqa: E402
-from qdiff.errors import EngineBuildError, EngineMismatchError, ProfileShapeError  # noqa: E402
-from qdiff.metrics import cosine, relative_l2  # noqa: E402
+from qdiff.core.errors import EngineBuildError, EngineMismatchError, ProfileShapeError  # noqa: E402
+from qdiff.core.metrics import cosine, relative_l2  # noqa: E402
 from qdiff.runtime.backends import OnnxRuntimeDenoiser  # noqa: E402
 from qdiff.runtime.tensorrt_backend import TensorRTDenoiser, TensorRTUNet  # noqa: E402
 
@@ -146,14 +146,14 @@ def test_inspect_reports_int8_convolutions_and_profile(uncond_artifacts):
 
 
 def test_conditional_engine_runs_the_sampling_loop_like_onnxruntime(cond_artifacts):
-    from qdiff.conditioning import resolve_conditioning
+    from qdiff.core.conditioning import resolve_conditioning
 
     bundle = cond_artifacts["bundle"]
     cond = resolve_conditioning(bundle, 2, class_labels=[0, 1])
     common = dict(scheduler="ddim", steps=10, seeds=[0, 1], conditioning=cond, guidance_scale=3.0)
     ref = api.generate(bundle, OnnxRuntimeDenoiser(cond_artifacts["fp32"]), **common)
     got = api.generate(bundle, TensorRTDenoiser(cond_artifacts["fp16"]), **common)
-    from qdiff.metrics import psnr
+    from qdiff.core.metrics import psnr
 
     values = [psnr(a, b) for a, b in zip(ref.images, got.images)]
     print("TensorRT FP16 vs ONNX Runtime FP32, 10 DDIM steps with CFG, PSNR:", values)

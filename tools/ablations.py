@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qdiff.api import RUN_CALIBRATION, calibrate, export_model, quantize_onnx  # noqa: E402
-from qdiff.artifacts import write_json_atomic, write_text_atomic  # noqa: E402
+from qdiff.core.artifacts import write_json_atomic, write_text_atomic  # noqa: E402
 from qdiff.evaluate import compare, reference_samples, sampling_plan  # noqa: E402
 from qdiff.models import PACKAGE_MODELS, load_model  # noqa: E402
 from qdiff.report import markdown_table  # noqa: E402

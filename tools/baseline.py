@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qdiff.api import run  # noqa: E402
-from qdiff.artifacts import write_json_atomic, write_text_atomic  # noqa: E402
+from qdiff.core.artifacts import write_json_atomic, write_text_atomic  # noqa: E402
 from qdiff.models import PACKAGE_MODELS  # noqa: E402
 
 MODELS = ("shapes-ddpm", "shapes-cond")

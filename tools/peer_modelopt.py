@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 from peer_onnxruntime import graph_facts, json_ready, summary_row  # noqa: E402
 
 from qdiff.api import RUN_CALIBRATION, calibrate, export_model, quantize_onnx  # noqa: E402
-from qdiff.artifacts import library_versions, write_json_atomic, write_text_atomic  # noqa: E402
+from qdiff.core.artifacts import library_versions, write_json_atomic, write_text_atomic  # noqa: E402
 from qdiff.calib.recipe import load_recipe  # noqa: E402
-from qdiff.conditioning import resolve_conditioning  # noqa: E402
+from qdiff.core.conditioning import resolve_conditioning  # noqa: E402
 from qdiff.evaluate import compare, reference_samples, sampling_plan  # noqa: E402
 from qdiff.models import PACKAGE_MODELS, load_model  # noqa: E402
 from qdiff.peers.modelopt_int8 import ONNX_NAME, ModelOptInt8Settings, calibration_calls, quantize_with_modelopt  # noqa: E402
@@ -286,7 +286,7 @@ def cmd_shapes(args: argparse.Namespace, command: str) -> int:
 
 
 def cmd_sd15(args: argparse.Namespace) -> int:
-    from qdiff.errors import ModelLoadError
+    from qdiff.core.errors import ModelLoadError
 
     folder = args.work / "sd15-unet"
     if not (folder / "config.json").is_file():
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from qdiff.errors import QdiffError
+    from qdiff.core.errors import QdiffError
 
     try:
         raise SystemExit(main())

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qdiff.api import RUN_CALIBRATION, calibrate, export_model, quantize_onnx  # noqa: E402
-from qdiff.artifacts import library_versions, write_json_atomic, write_text_atomic  # noqa: E402
+from qdiff.core.artifacts import library_versions, write_json_atomic, write_text_atomic  # noqa: E402
 from qdiff.evaluate import compare, reference_samples, sampling_plan  # noqa: E402
 from qdiff.models import PACKAGE_MODELS, load_model  # noqa: E402
 from qdiff.peers import ORT_METHODS, quantize_with_onnxruntime  # noqa: E402
@@ -136,7 +136,7 @@ def scale_agreement(ort_graph: Path, fp32_graph: Path, table_path: Path) -> dict
 def output_gap(a: Path, b: Path, unet, seeds: tuple[int, ...] = (1, 2, 3)) -> float:
     """Largest relative L2 between two graphs' outputs on seeded random inputs (0: same function)."""
     from qdiff.export.onnx_export import example_inputs
-    from qdiff.metrics import relative_l2
+    from qdiff.core.metrics import relative_l2
 
     first, second = OnnxRuntimeDenoiser(a), OnnxRuntimeDenoiser(b)
     gaps = []

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from tools.ablations import MODELS, Config, Runner, _summary_row  # noqa: E402
 
 from qdiff.api import quantize_onnx  # noqa: E402
-from qdiff.artifacts import write_json_atomic  # noqa: E402
+from qdiff.core.artifacts import write_json_atomic  # noqa: E402
 from qdiff.export.placement import PLACEMENTS  # noqa: E402
 from qdiff.evaluate import compare  # noqa: E402
 from qdiff.runtime.backends import OnnxRuntimeDenoiser  # noqa: E402

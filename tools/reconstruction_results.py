@@ -125,7 +125,7 @@ def evaluate_model(model: str, rows: list[dict[str, Any]], args: argparse.Namesp
     from qdiff.calib.table import CalibrationTable
     from qdiff.datasets.shape_fd import real_reference
     from qdiff.evaluate import sampling_plan
-    from qdiff.metrics import psnr, ssim
+    from qdiff.core.metrics import psnr, ssim
     from qdiff.models import load_model
 
     bundle = load_model(model_dir(model))

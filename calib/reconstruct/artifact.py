@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qdiff.artifacts import atomic_path
-from qdiff.errors import CalibrationError
+from qdiff.core.artifacts import atomic_path
+from qdiff.core.errors import CalibrationError
 
 FORMAT = "qdiff-reconstruction/1"
 ROLES = ("", "_a", "_b")

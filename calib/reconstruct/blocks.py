@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qdiff.calib.hooks import forward_with_hooks
-from qdiff.errors import CalibrationError
+from qdiff.core.errors import CalibrationError
 
 BLOCK_CLASSES = ("ResnetBlock2D", "Attention", "BasicTransformerBlock")
 

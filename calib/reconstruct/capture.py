@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from qdiff.errors import CalibrationError
+from qdiff.core.errors import CalibrationError
 
 
 class _StopForward(Exception):

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdiff.artifacts import atomic_path
+from qdiff.core.artifacts import atomic_path
 from qdiff.calib.quant_math import scale_from_amax
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.reconstruct.adaround import beta_at, rounding_regulariser
@@ -41,7 +41,7 @@ from qdiff.calib.reconstruct.qlayer import PartSpec, ReconLayer
 from qdiff.calib.reconstruct.settings import ReconstructionSettings
 from qdiff.calib.table import CalibrationTable
 from qdiff.calib.targets import select_targets
-from qdiff.errors import CalibrationError
+from qdiff.core.errors import CalibrationError
 
 UnitHook = Callable[[int, "UnitResult"], None]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from qdiff.errors import RecipeError, strict_fields
+from qdiff.core.errors import RecipeError, strict_fields
 
 METHODS = ("adaround-brecq", "fbr")
 DEFAULT_ITERATIONS = {"adaround-brecq": 20000, "fbr": 5000}

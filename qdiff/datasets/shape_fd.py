@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from qdiff.artifacts import atomic_path, write_json_atomic
+from qdiff.core.artifacts import atomic_path, write_json_atomic
 from qdiff.datasets import shape_classifier as sc
-from qdiff.errors import EvaluationError
+from qdiff.core.errors import EvaluationError
 
 CLASSIFIER_DIR = Path(__file__).resolve().parents[1] / "models" / "shape-classifier"
 WEIGHTS_NAME = "classifier.safetensors"

@@ -82,12 +82,12 @@ from typing import Any
 
 import torch
 
-from qdiff.artifacts import CachedStage, Manifest, read_manifest
+from qdiff.core.artifacts import CachedStage, Manifest, read_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
-from qdiff.errors import ArtifactMismatchError, BackendUnavailableError, OnnxModelError, QuantizationError, strict_fields
+from qdiff.core.errors import ArtifactMismatchError, BackendUnavailableError, OnnxModelError, QuantizationError, strict_fields
 from qdiff.export.qdq import LayerDecision, QdqReport
 from qdiff.peers.onnxruntime_static import RECIPE_FIELDS, PeerResult
-from qdiff.progress import log, progress
+from qdiff.core.progress import log, progress
 
 ONNX_NAME = "denoiser.modelopt-int8.onnx"
 MODELOPT_VERSION = "0.47.0"  # the version this recipe was written and checked against
@@ -565,7 +565,7 @@ def quantize_with_modelopt(
     checked against the recipe's steps.
     """
     from qdiff.calib.trajectories import calibration_step_indices, count_calibration_calls
-    from qdiff.conditioning import conditioning_key, resolve_conditioning
+    from qdiff.core.conditioning import conditioning_key, resolve_conditioning
     from qdiff.export.onnx_export import export_unet
     from qdiff.export.onnx_io import load_onnx, publish_onnx, save_onnx
     from qdiff.models import as_bundle, unet_config_of

@@ -48,12 +48,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qdiff.artifacts import CachedStage, Manifest, read_manifest, sha256_file
+from qdiff.core.artifacts import CachedStage, Manifest, read_manifest, sha256_file
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.trajectories import CalibrationInput, calibration_step_indices, count_calibration_calls
-from qdiff.errors import ArtifactMismatchError, OnnxModelError, QuantizationError
+from qdiff.core.errors import ArtifactMismatchError, OnnxModelError, QuantizationError
 from qdiff.export.qdq import LayerDecision, QdqReport
-from qdiff.progress import log, progress
+from qdiff.core.progress import log, progress
 
 ORT_METHODS = ("minmax", "entropy", "percentile")
 
@@ -294,7 +294,7 @@ def quantize_with_onnxruntime(
     quantize attention's activation x activation MatMuls, as its QDQ defaults do (off: qdiff
     keeps them in float).
     """
-    from qdiff.conditioning import conditioning_key, resolve_conditioning
+    from qdiff.core.conditioning import conditioning_key, resolve_conditioning
     from qdiff.export.onnx_io import load_onnx, publish_onnx
     from qdiff.models import as_bundle
     from qdiff.runtime.backends import TorchDenoiser

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qdiff.errors import ConditioningError
+from qdiff.core.errors import ConditioningError
 
 COND_KEYS = ("encoder_hidden_states", "text_embeds", "time_ids")
 

@@ -24,9 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from qdiff._version import __version__
-from qdiff.errors import ArtifactMismatchError
-from qdiff.progress import log
+from qdiff.core._version import __version__
+from qdiff.core.errors import ArtifactMismatchError
+from qdiff.core.progress import log
 
 MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_SCHEMA = 1
