@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from qdiff.core.artifacts import CachedStage, Manifest, config_sample_size, read_manifest, sha256_file, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
-from qdiff.core.errors import ArtifactMismatchError, ExportError, OnnxModelError, RecipeError, SamplingError
+from qdiff.core.errors import ArtifactMismatchError, OnnxModelError, RecipeError, SamplingError
 from qdiff.models import ModelBundle, as_bundle, unet_config_of
 from qdiff.core.progress import log, progress
 from qdiff.runtime.sampling_spec import SamplingSpec  # public as qdiff.api.SamplingSpec too
@@ -32,11 +32,8 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:
     from qdiff.export.coverage import CoverageReport
 
-if TYPE_CHECKING:  # torch and the conditioning helpers are imported where they are used, so a
-    import numpy as np  # command that fails on its arguments (or needs no torch) starts fast
-    import torch
-
-    from qdiff.core.conditioning import Conditioning
+# torch and the conditioning helpers are imported inside the functions that use them, so a
+# command that fails on its arguments (or needs no torch) starts fast.
 
 ONNX_NAME = "denoiser.onnx"
 ONNX_FP16_NAME = "denoiser.fp16.onnx"
@@ -60,58 +57,6 @@ def _onnx_target(out: str | Path, dtype: str = "fp32") -> Path:
     return out if out.suffix == ".onnx" else out / (ONNX_NAME if dtype == "fp32" else ONNX_FP16_NAME)
 
 
-def _export_tolerance(dtype: str):
-    """FP32: the export's round-off (~1e-6). FP16: one FP16 rounding (2^-11 ~ 4.9e-4 relative)
-    per layer, amplified through ~100 layers, measured at 0.8-1.7e-3 relative L2 on the tiny
-    test UNets (the same as the PyTorch model run in FP16): 1e-2 leaves 6x headroom and still
-    fails a graph with a wrong weight or a lost layer (~1e-1 and above)."""
-    from qdiff.export.validate import Tolerance
-
-    return Tolerance() if dtype == "fp32" else Tolerance(rel_l2=1e-2, max_abs_fraction=2e-2)
-
-
-def _convert_export_to_fp16(unet: torch.nn.Module, fp32_path: Path, out_path: Path, external_data: bool | None):
-    """FP32 export -> FP16 graph with the overflow guard run on the validation's own inputs."""
-    from qdiff.export.fp16 import fp16_graph, tensor_maxima
-    from qdiff.export.onnx_export import example_inputs
-    from qdiff.export.onnx_io import load_onnx, save_onnx
-
-    feeds = []
-    for seed, batch in enumerate((1, 3)):  # the inputs `validate_export` checks with
-        inputs = example_inputs(unet, batch=batch, seed=100 + seed, tokens=7 + seed)
-        feeds.append({k: v.numpy() for k, v in inputs.items()})
-    maxima = tensor_maxima(fp32_path, feeds)
-    model = load_onnx(fp32_path, check=False)
-    converted, islands = fp16_graph(model, maxima)
-    external = bool(Path(str(fp32_path) + ".data").exists())
-    save_onnx(converted, out_path, external_data=external_data or external or None)
-    return islands
-
-
-def validate_export(unet: torch.nn.Module, onnx_path: Path, tolerance=None, batches: tuple[int, ...] = (1, 3)) -> list[dict[str, Any]]:
-    """ONNX Runtime vs PyTorch on seeded random inputs; raises ExportError above tolerance.
-
-    Two batch sizes, neither the one traced with, so a broken dynamic axis shows up here.
-    """
-    from qdiff.export.onnx_export import example_inputs
-    from qdiff.export.validate import Tolerance, error_stats
-    from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
-
-    tolerance = tolerance or Tolerance()
-    session = OnnxRuntimeDenoiser(onnx_path)
-    reference = TorchDenoiser(unet)
-    results = []
-    for seed, batch in enumerate(batches):
-        inputs = example_inputs(unet, batch=batch, seed=100 + seed, tokens=7 + seed)
-        sample, t = inputs.pop("sample"), inputs.pop("timestep")
-        stats = error_stats(session(sample, t, **inputs), reference(sample, t, **inputs))
-        problems = tolerance.violations(stats)
-        results.append({"batch": batch, **stats.to_json(), "ok": not problems})
-        if problems:
-            raise ExportError(f"ONNX Runtime disagrees with PyTorch on {onnx_path.name} at batch {batch}: " + "; ".join(problems) + f" [{stats}]")
-    return results
-
-
 def export_model(
     model: ModelLike, out: str | Path, *, opset: int = 17, external_data: bool | None = None, force: bool = False, check: bool = True, dtype: str = "fp32"
 ) -> ExportResult:
@@ -129,6 +74,7 @@ def export_model(
     check_dtype(dtype)
     bundle = as_bundle(model, components=False)
     from qdiff.export.onnx_export import export_unet  # torch: after the cheap checks above
+    from qdiff.runtime.export_check import convert_export_to_fp16, export_tolerance, validate_export
     target = _onnx_target(out, dtype)
     wanted = Manifest(kind="onnx-export", inputs={"model_sha256": bundle.model_sha256}, settings={"opset": opset, "unet_class": bundle.unet_class, "dtype": dtype})
     cached = CachedStage(target, wanted, log_as="export", why="same model and settings")
@@ -143,10 +89,10 @@ def export_model(
             fp32_staged = stage / "fp32" / "denoiser.onnx"
             fp32_staged.parent.mkdir()
             export_unet(bundle.unet, fp32_staged, opset=opset, external_data=external_data)
-            islands = _convert_export_to_fp16(bundle.unet, fp32_staged, staged, external_data)
+            islands = convert_export_to_fp16(bundle.unet, fp32_staged, staged, external_data)
         else:
             export_unet(bundle.unet, staged, opset=opset, external_data=external_data)
-        validation = validate_export(bundle.unet, staged, _export_tolerance(dtype)) if check else []
+        validation = validate_export(bundle.unet, staged, export_tolerance(dtype)) if check else []
         publish_onnx(staged, target)
     details = {"validation": validation, "seconds": round(time.perf_counter() - started, 2), "model_path": str(bundle.path), "unet_config": unet_config_of(bundle)}
     if islands is not None:
@@ -295,7 +241,6 @@ def reconstruct(
     """
     import hashlib
 
-    from qdiff.core.artifacts import write_json_atomic
     from qdiff.calib.reconstruct.artifact import weights_from_model
     from qdiff.calib.reconstruct.engine import Reconstructor
     from qdiff.core.conditioning import conditioning_key, resolve_conditioning
@@ -711,6 +656,7 @@ def run(
     conditioning = spec.conditioning_sources()
     from qdiff.evaluate import compare, model_json, reference_samples, sampling_plan, write_comparison
     from qdiff.plots import calibration_figures
+    from qdiff.report import coverage_text
     from qdiff.runtime.backends import OnnxRuntimeDenoiser
 
     started = time.perf_counter()
@@ -759,7 +705,7 @@ def run(
         "steps": comparison.steps,
         "shape_fd": comparison.shape_fd,
         "coverage": coverage_json,
-        "coverage_text": _coverage_text(coverage_json),
+        "coverage_text": coverage_text(coverage_json),
         "artifacts": artifacts,
     }
     paths = write_comparison(out_dir, report, comparison, label=recipe_obj.name, name="report", extra_figures=figures)
@@ -767,17 +713,11 @@ def run(
     return RunResult(out_dir, report, paths["grid"], (paths["json"], paths["markdown"]))
 
 
-def _coverage_text(coverage: dict[str, Any]) -> str:
-    lines = [f"{coverage['quantized_layers']} of {coverage['weighted_layers']} weighted layers quantized ({coverage['mac_share']:.1%} of their MACs).", ""]
-    for layer in coverage["float_layers"]:
-        lines.append(f"- float: `{layer['module']}` ({layer['op']}): {layer['reason']}")
-    return "\n".join(lines)
-
-
 # `qdiff eval` lives in its own module (its core is shared with `run`); re-exported here so the
 # public API stays in one place: `qdiff.api.evaluate(model, fp32_onnx, quantized_onnx, out_dir)`.
 # Resolved on first use (PEP 562), so importing the API does not import torch.
 _SAMPLING_CORE = ("SampleResult", "generate", "make_denoiser", "step_errors")
+_EXPORT_CHECK = ("validate_export",)  # runtime.export_check
 
 
 def __getattr__(name: str) -> Any:
@@ -789,4 +729,8 @@ def __getattr__(name: str) -> Any:
         from qdiff.runtime import sampler
 
         return getattr(sampler, name)
+    if name in _EXPORT_CHECK:
+        from qdiff.runtime import export_check
+
+        return getattr(export_check, name)
     raise AttributeError(f"module 'qdiff.api' has no attribute {name!r}")

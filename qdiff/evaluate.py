@@ -28,7 +28,7 @@ import numpy as np
 
 from qdiff.core.artifacts import check_made_from_model, read_manifest
 from qdiff.core.conditioning import Conditioning, resolve_conditioning
-from qdiff.core.errors import ArtifactMismatchError, EvaluationError, SamplingError
+from qdiff.core.errors import ArtifactMismatchError, EvaluationError
 from qdiff.models import ModelBundle
 from qdiff.core.progress import log
 from qdiff.runtime.sampling_spec import SamplingSpec

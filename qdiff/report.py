@@ -158,3 +158,11 @@ def _shape_fd_text(fd: dict[str, Any]) -> str:
         lines += ["", f"Noise at this n: {' and '.join('FP32' if b == 'fp32' else 'quantized' for b in below)} below the real-vs-real floor "
                       f"({fd['real_reference']:.4g} at n={n}), so shape-FD cannot rank them here; use more images."]
     return "\n".join(lines)
+
+
+def coverage_text(coverage: dict[str, Any]) -> str:
+    """The quantize report's coverage as the run report prints it: counts, then each float layer and why."""
+    lines = [f"{coverage['quantized_layers']} of {coverage['weighted_layers']} weighted layers quantized ({coverage['mac_share']:.1%} of their MACs).", ""]
+    for layer in coverage["float_layers"]:
+        lines.append(f"- float: `{layer['module']}` ({layer['op']}): {layer['reason']}")
+    return "\n".join(lines)

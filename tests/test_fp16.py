@@ -18,7 +18,7 @@ from qdiff.export.onnx_export import example_inputs
 from qdiff.export.qdq import insert_qdq_file
 from qdiff.export.validate import error_stats
 from qdiff.models import load_model
-from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
+from qdiff.runtime.backends import TorchDenoiser
 from tests.conftest import layerwise_fake_quant_errors, save_pipeline, tiny_cond_unet, tiny_unet2d
 
 CONFIGS = ["unet2d", "sd", "sd2", "sdxl"]
