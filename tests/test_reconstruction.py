@@ -157,7 +157,6 @@ def test_reconstruction_for_another_model_is_refused(reconstructed, calibrated, 
         reconstruct(class_cond_model_dir, tmp_path, calibrated[2], SETTINGS)
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_at_its_unit_and_matches_an_uninterrupted_run(uncond_model_dir, calibrated, reconstructed, tmp_path):
     """Same seed, interrupted after unit 2 and rerun: units 0-2 come from checkpoints, and the
     integers and table are bit-identical to the uninterrupted run (determinism on the CPU)."""
@@ -183,7 +182,6 @@ def test_killed_run_resumes_at_its_unit_and_matches_an_uninterrupted_run(uncond_
     assert again.reused
 
 
-@pytest.mark.slow
 def test_learned_activation_steps_stay_positive_and_change_the_table(uncond_model_dir, calibrated, tmp_path):
     settings = ReconstructionSettings(method="fbr", iterations=30, batch_size=4, device="cpu", learn_activation_steps=True, activation_lr=1e-2)
     result = reconstruct(uncond_model_dir, tmp_path, calibrated[2], settings)
