@@ -99,6 +99,8 @@ def _use_reconstructed(target, weights, split_channels: int | None) -> None:
         else:
             parts = ((slice(None), ""),)
         for sl, role in parts:
+            if role not in lw.parts:
+                raise CalibrationError(f"layer {target.name!r}: {weights.source} has no weight{role or ' (unsplit)'}; it has {sorted(lw.parts)}", hint="reconstruct with the table and split settings you quantize with")
             values = torch.from_numpy(weights.dequantized(target.name, role, target.weight_axis))
             if tuple(weight[:, sl].shape) != tuple(values.shape):
                 raise CalibrationError(f"layer {target.name!r}: reconstructed weight{role} has shape {tuple(values.shape)}, the model's is {tuple(weight[:, sl].shape)}", hint="the reconstruction is for another model")

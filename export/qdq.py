@@ -204,7 +204,7 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
     """Return a Q/DQ copy of `model` and a report of what was quantized.
 
     `weights` (a `calib.reconstruct.artifact.ReconstructedWeights`) gives every quantized layer
-    its reconstructed integers and scales instead of rounding the float weight to nearest; the
+    its reconstructed integers (their stored scales must equal the table's) instead of rounding the float weight to nearest; the
     graph keeps the same form (float initializer on the grid, per-channel Q/DQ)."""
     recipe = recipe or Recipe.from_json(table.recipe)
     if weights is not None:
@@ -322,6 +322,13 @@ def insert_qdq_file(
     if dtype == "fp16":
         quantized, report = fp16_qdq(model, onnx_path, table, recipe, probe_size=probe_size, limit=fp16_limit, weights=weights)
     else:
+        from qdiff.export.fp16 import is_fp16_graph
+
+        if is_fp16_graph(model):
+            raise QuantizationError(
+                f"{onnx_path.name} is an FP16 graph; Q/DQ insertion starts from the FP32 export",
+                hint="give the graph from `qdiff export` without --dtype fp16, and add --dtype fp16 to `qdiff quantize` for an FP16 Q/DQ graph",
+            )
         quantized, report = insert_qdq(model, table, recipe, weights)
     save_onnx(quantized, out_path, external_data=external or None)
     try:

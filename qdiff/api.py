@@ -27,10 +27,8 @@ from qdiff.runtime.sampling_spec import SamplingSpec  # public as qdiff.api.Samp
 # under its old names by `__getattr__` below, so `qdiff.api.generate(...)` works and importing
 # the API does not import torch.
 if TYPE_CHECKING:
-    from qdiff.runtime.sampler import SampleResult
-
-if TYPE_CHECKING:
     from qdiff.export.coverage import CoverageReport
+    from qdiff.runtime.sampler import SampleResult
 
 # torch and the conditioning helpers are imported inside the functions that use them, so a
 # command that fails on its arguments (or needs no torch) starts fast.
@@ -264,7 +262,9 @@ def reconstruct(
     wanted = Manifest(
         kind="weight-reconstruction",
         inputs={"model_sha256": bundle.model_sha256, "table_sha256": table_sha, "conditioning": conditioning_key(conditioning)},
-        settings={"reconstruction": settings.to_json(), "recipe": recipe.to_json()},
+        # The device says where it runs, not what it makes: a CPU rerun reuses (or resumes) a
+        # GPU reconstruction of the same settings instead of starting over.
+        settings={"reconstruction": {k: v for k, v in settings.to_json().items() if k != "device"}, "recipe": recipe.to_json()},
     )
     cached = CachedStage(target, wanted, log_as="reconstruct", why="same model, table and settings", companions={"table_sha256": table_target})
     if (have := cached.reusable(force)) is not None:
@@ -648,7 +648,9 @@ def run(
     with plots of the per-step error and of the calibration statistics.
 
     What to sample: `spec` (a `SamplingSpec`) or its fields as keywords; every other keyword
-    overrides a recipe setting (`activation_calibrator="max"`, ...). The conditioning of the
+    overrides a recipe setting (`activation_calibrator="max"`, ...). `scheduler` and `seed` are
+    fields of both, and go to sampling here; set the calibration ones in the recipe (a `Recipe`
+    or `load_recipe(..., scheduler=...)`, as `qdiff run --calib-scheduler` does). The conditioning of the
     spec also conditions the calibration trajectories."""
     sampling = {k: overrides.pop(k) for k in list(overrides) if k in SamplingSpec.field_names()}
     spec = SamplingSpec.of(spec, **sampling)

@@ -195,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=Path, help="calibration table from `qdiff calibrate` (required, except with --int4-weight-only)")
     p.add_argument("--int4-weight-only", action="store_true", help="INT4 block-quantized MatMul/Gemm weights, activations untouched (opset 21, TensorRT >= 10); no --calib; writes <stem>.int4wo.onnx (denoiser.int4wo.onnx for denoiser.onnx) beside the graph or into -o DIR")
     p.add_argument("--block-size", type=int, help="with --int4-weight-only: weights per scale along the input channels (default: 128)")
-    p.add_argument("-o", "--out", type=Path, help="output .onnx or folder (default: <stem>.<recipe>.onnx beside the graph, e.g. denoiser.w8a8.onnx)")
+    p.add_argument("-o", "--out", type=Path, help="output .onnx or folder (default: <stem>.<recipe>[-<method>][.fp16].onnx beside the graph, e.g. denoiser.w8a8.onnx; -<method> with --reconstruction)")
     p.add_argument("--placement", choices=["all", "conv", "conv-ff"], help="named Q/DQ placement (docs/int8-engines.md): all calibrated layers, convolutions only, or convolutions + feed-forward Linears (default: none, the table's recipe decides)")
     p.add_argument("--ops", help="quantize only these op types (subset of the table's, e.g. Conv,ConvTranspose) (default: the table's recipe's)")
     p.add_argument("--exclude", action="append", metavar="PATTERN", help="keep matching modules in float (fnmatch; repeatable; replaces the recipe's list) (default: the recipe's; the presets': conv_in, conv_out)")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="float type of the written graph, from the FP32 export: fp32 (opset 17, TensorRT 8.6) or fp16 (opset >= 19, FP16 scales and DequantizeLinear outputs, FP32 I/O, FP32 islands where FP16 would overflow; TensorRT >= 10 strongly typed; <onnx>.<recipe>.fp16.onnx) (default: %(default)s)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="float type of the written graph, from the FP32 export: fp32 (opset 17, TensorRT 8.6) or fp16 (opset >= 19, FP16 scales and DequantizeLinear outputs, FP32 I/O, FP32 islands where FP16 would overflow; TensorRT >= 10 strongly typed; <stem>.<recipe>.fp16.onnx, e.g. denoiser.w8a8.fp16.onnx) (default: %(default)s)")
     p.add_argument("--reconstruction", type=Path, help="reconstruction.safetensors from `qdiff reconstruct`: use its integer weights (pass its reconstruction.calibration.json as --calib) (default: none, round-to-nearest)")
     p.add_argument("--force", action="store_true", help="quantize again even if the graph is up to date")
 
@@ -323,8 +323,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _check_quantize_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--calib is required for Q/DQ insertion only; INT4 weight-only takes its scales from the weights."""
     if args.int4_weight_only:
-        if args.calib is not None or args.ops or args.placement:
-            parser.error("quantize --int4-weight-only takes no --calib, --ops or --placement (its scales come from the weights)")
+        if args.calib is not None or args.ops or args.placement or args.reconstruction is not None:
+            parser.error("quantize --int4-weight-only takes no --calib, --ops, --placement or --reconstruction (its scales come from the weights)")
     elif args.placement and (args.ops or args.exclude):
         parser.error("--placement sets the quantized ops and exclusions itself; give it or --ops/--exclude, not both")
     elif args.block_size is not None:

@@ -38,8 +38,10 @@ class SamplingSpec:
 
     @classmethod
     def of(cls, spec: SamplingSpec | None = None, **keywords: Any) -> SamplingSpec:
-        """`spec`, or a spec from keywords (None values mean "the default"); not both."""
-        keywords = {k: v for k, v in keywords.items() if v is not None}
+        """`spec`, or a spec from keywords (None, or a field's default value, means "the
+        default"); not both."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        keywords = {k: v for k, v in keywords.items() if v is not None and not (k in defaults and v == defaults[k])}
         if spec is not None:
             if keywords:
                 raise SamplingError(f"give a SamplingSpec or sampling keywords, not both (got spec= and {', '.join(sorted(keywords))})")

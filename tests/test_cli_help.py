@@ -129,3 +129,11 @@ def test_run_small_end_to_end_then_reused(uncond_model_dir, tmp_path, capsys, mo
     logged = capsys.readouterr().out
     for stage in ("export", "calibrate", "quantize"):
         assert f"{stage}: " in logged and "up to date" in logged
+
+
+def test_cli_refuses_int4_weight_only_with_a_reconstruction(capsys):
+    from qdiff.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["quantize", "g.onnx", "--int4-weight-only", "--reconstruction", "r.safetensors"])
+    assert exit_.value.code == 2 and "--reconstruction" in capsys.readouterr().err

@@ -188,6 +188,10 @@ def test_fp16_quantize_refuses_an_fp16_graph(graphs, tmp_path):
     table_path = fp32_path.parent / "calibration.json"
     with pytest.raises(QuantizationError, match=r"denoiser\.fp16\.onnx is already an FP16 graph"):
         quantize_onnx(fp16.onnx_path, table_path, tmp_path / "x.onnx", dtype="fp16")
+    # ... and the FP32 Q/DQ pass refuses it too, before writing anything
+    with pytest.raises(QuantizationError, match=r"denoiser\.fp16\.onnx is an FP16 graph.*FP32 export"):
+        quantize_onnx(fp16.onnx_path, table_path, tmp_path / "y.onnx")
+    assert not (tmp_path / "y.onnx").exists()
 
 
 def test_int4_weight_only_fp16_graph(graphs):

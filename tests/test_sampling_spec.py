@@ -32,3 +32,11 @@ def test_misspelt_keyword_and_both_forms_are_refused():
     spec = SamplingSpec.of(prompts=["a", "b"], embeddings=None, steps=None)
     assert spec.prompts == ("a", "b") and spec.steps == 50  # None means "the default"
     assert SamplingSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.to_json().items()}) == spec
+
+
+def test_default_valued_keywords_do_not_clash_with_a_spec():
+    spec = SamplingSpec(steps=9)
+    assert SamplingSpec.of(spec, random_conditioning=False, guidance_scale=3.0) is spec
+    with pytest.raises(SamplingError, match="not both.*steps"):
+        SamplingSpec.of(spec, steps=10)
+
