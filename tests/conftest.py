@@ -121,7 +121,7 @@ def compare_with_fake_quant(bundle, table, qdq_path, seeds):
     return results
 
 
-def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: int = 3, arithmetic: str = "exact", dtype: torch.dtype = torch.float32) -> dict[str, float]:
+def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: int = 3, arithmetic: str = "exact", dtype: torch.dtype = torch.float32, weights=None) -> dict[str, float]:
     """Each quantized layer of the Q/DQ graph, cut out (its input tensor -> its Conv/MatMul/Gemm
     output) and fed the very tensor its fake-quant twin sees: relative L2 per module.
 
@@ -169,7 +169,7 @@ def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: i
             if all(b.inputs and b.inputs[0].op == "Slice" for b in branches):  # split conv1
                 branches = [branches[0].inputs[0].inputs[0]]
             cuts[name] = ([b.name for b in branches], add.outputs[0].name, "Split")
-    reference = build_fake_quant_model(bundle.unet, table, recipe, dtype=dtype)
+    reference = build_fake_quant_model(bundle.unet, table, recipe, dtype=dtype, weights=weights)
     seen: dict[str, tuple] = {}
 
     def hook(module, args, out, name):
