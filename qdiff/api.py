@@ -194,25 +194,6 @@ class ReconstructResult:
     seconds: float = 0.0
 
 
-def _unet_calls(records) -> list[dict[str, Any]]:
-    """Calibration calls as UNet keyword arguments, the timestep broadcast to the batch (as the
-    backends call the UNet)."""
-    import torch
-
-    calls = []
-    for rec in records:
-        batch = rec.sample.shape[0]
-        t = torch.as_tensor(rec.timestep_input, dtype=torch.float32).reshape(-1)
-        call: dict[str, Any] = {"sample": rec.sample, "timestep": t.expand(batch).contiguous() if t.numel() == 1 else t}
-        cond = dict(rec.conditioning)
-        if "encoder_hidden_states" in cond:
-            call["encoder_hidden_states"] = cond.pop("encoder_hidden_states")
-        if cond:
-            call["added_cond_kwargs"] = cond
-        calls.append(call)
-    return calls
-
-
 def reconstruct(
     model: ModelLike,
     out: str | Path,
@@ -243,7 +224,7 @@ def reconstruct(
     from qdiff.calib.reconstruct.engine import Reconstructor
     from qdiff.core.conditioning import conditioning_key, resolve_conditioning
     from qdiff.calib.reconstruct.settings import ReconstructionSettings
-    from qdiff.runtime.calibration_loop import model_calibration_inputs
+    from qdiff.runtime.calibration_loop import model_calibration_inputs, unet_calls
     from qdiff.runtime.backends import TorchDenoiser
 
     settings = (settings or ReconstructionSettings()).with_overrides(**setting_overrides).resolved()
@@ -271,7 +252,7 @@ def reconstruct(
         return ReconstructResult(target, table_target, have.details.get("units", []), reused=True)
     started = time.perf_counter()
     log(f"reconstruct: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
-    calls = _unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress))
+    calls = unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress))
     key = hashlib.sha256(json.dumps({"inputs": wanted.inputs, "settings": wanted.settings}, sort_keys=True).encode()).hexdigest()[:16]
     cache = target.parent / RECONSTRUCTION_CACHE / key
     cache.mkdir(parents=True, exist_ok=True)

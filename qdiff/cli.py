@@ -159,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", type=Path, help="local diffusers folder (default: built-in model)")
     p.add_argument("-o", "--out", type=Path, default=Path("qdiff-out"), help="output folder (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo every stage even if its artifact is up to date")
-    p.add_argument("--reconstruct", dest="reconstruct_method", choices=["adaround-brecq", "fbr"], help="reconstruct the weights after calibration (default: round-to-nearest)")
-    p.add_argument("--reconstruct-iterations", type=int, help="iterations per unit with --reconstruct (default: the method's, 20000 / 5000)")
+    from qdiff.calib.reconstruct.settings import DEFAULT_ITERATIONS, METHODS
+
+    p.add_argument("--reconstruct", dest="reconstruct_method", choices=list(METHODS), help="reconstruct the weights after calibration (default: round-to-nearest)")
+    p.add_argument("--reconstruct-iterations", type=int, help="iterations per unit with --reconstruct (default: the method's, " + " / ".join(f"{m} {n}" for m, n in DEFAULT_ITERATIONS.items()) + ")")
     p.add_argument("--reconstruct-device", help="device for --reconstruct (default: cuda if available, else cpu)")
     _add_recipe(p, run=True)
     _sampling_args(p)

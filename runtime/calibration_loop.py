@@ -66,3 +66,20 @@ def model_calibration_inputs(
     """`iter_calibration_inputs` for a loaded model over qdiff's sampling loop. Reconstruction
     and the peers calibrate on exactly these calls, driven by `denoiser`."""
     return iter_calibration_inputs(model_trajectory_sampler(bundle, recipe, denoiser, conditioning=conditioning), recipe, progress=progress)
+
+
+def unet_calls(records: Iterator[CalibrationInput] | list[CalibrationInput]) -> list[dict[str, Any]]:
+    """Calibration calls as UNet keyword arguments (what reconstruction replays), the timestep
+    broadcast to the batch the way every backend calls the UNet (`backends.timestep_batch`)."""
+    from qdiff.runtime.backends import timestep_batch
+
+    calls = []
+    for rec in records:
+        call: dict[str, Any] = {"sample": rec.sample, "timestep": timestep_batch(rec.timestep_input, rec.sample.shape[0])}
+        cond = dict(rec.conditioning)
+        if "encoder_hidden_states" in cond:
+            call["encoder_hidden_states"] = cond.pop("encoder_hidden_states")
+        if cond:
+            call["added_cond_kwargs"] = cond
+        calls.append(call)
+    return calls
