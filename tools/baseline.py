@@ -2,7 +2,7 @@
 with the files they link.
 
 For each model (`shapes-ddpm`, `shapes-cond` at guidance 3.0) and each split-shortcut setting
-it runs `qdiff.api.run` with the defaults of `qdiff run` (W8A8 preset, max calibrator,
+it runs `qdiff.api.run` with the defaults of `qdiff run` (W8A8 preset, mse calibrator,
 timestep-uniform calibration, 8 images, 50 DDIM steps) into `<work>/<name>/`, then copies the
 report and every figure it links into docs/baseline/ under one prefix:
 
