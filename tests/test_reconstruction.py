@@ -226,3 +226,20 @@ def test_cross_attention_model_reconstructs_transformer_blocks_with_fbr(class_co
     bundle = load_model(class_cond_model_dir)
     layers = layerwise_fake_quant_errors(bundle, CalibrationTable.load(rec.table_path), q.onnx_path, weights=ReconstructedWeights.load(rec.weights_path))
     assert len(layers) == q.report.to_json()["quantized_layers"] and max(layers.values()) < 1e-5
+
+
+def test_the_device_says_where_not_what_so_another_device_reuses_the_result(uncond_model_dir, calibrated, reconstructed):
+    """A reconstruction made on one device is reused when asked for on another: reuse happens
+    before any work, so asking for cuda here (no GPU) must not touch the device at all."""
+    out, _, table_path = calibrated
+    again = reconstruct(uncond_model_dir, out / "adaround", table_path, ReconstructionSettings(**{**SETTINGS.to_json(), "device": "cuda"}))
+    assert again.reused and again.weights_path == reconstructed.weights_path
+
+
+def test_fake_quant_reference_names_a_reconstructed_weight_it_lacks(uncond_model_dir, calibrated, reconstructed):
+    weights = ReconstructedWeights.load(reconstructed.weights_path)
+    table = CalibrationTable.load(reconstructed.table_path)
+    name = next(n for n, r in table.layers.items() if r.split_channels is None and n in weights.layers)
+    weights.layers[name].parts.pop("")
+    with pytest.raises(CalibrationError, match=f"{name.replace('.', '[.]')}.*no weight"):
+        build_fake_quant_model(load_model(uncond_model_dir).unet, table, weights=weights)
