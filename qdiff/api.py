@@ -635,7 +635,6 @@ def run(
     spec also conditions the calibration trajectories."""
     sampling = {k: overrides.pop(k) for k in list(overrides) if k in SamplingSpec.field_names()}
     spec = SamplingSpec.of(spec, **sampling)
-    recipe_overrides = overrides
     conditioning = spec.conditioning_sources()
     from qdiff.evaluate import compare, model_json, reference_samples, sampling_plan, write_comparison
     from qdiff.plots import calibration_figures
@@ -644,7 +643,7 @@ def run(
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    overrides = {**RUN_CALIBRATION, **recipe_overrides}
+    overrides = {**RUN_CALIBRATION, **overrides}  # what is left after the sampling keys
     load_recipe(recipe, **overrides)  # fail fast on a bad recipe, before loading the model
     # Progress for the phases that printed nothing on a rerun (~20 s on 2 cores with every
     # artifact up to date): loading and hashing the model, the per-step errors, the plots.

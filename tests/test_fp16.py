@@ -28,11 +28,9 @@ def _qdq_session(path):
     """Q/DQ as float simulation (TensorRT's arithmetic), never ORT's fused integer kernels."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from qdiff.runtime.backends import session_options
+
+    return ort.InferenceSession(str(path), session_options(optimize=False), providers=["CPUExecutionProvider"])
 
 
 def _run(session, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

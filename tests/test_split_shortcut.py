@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import onnx_graphsurgeon as gs
 import pytest
-import torch
 
 from qdiff.api import calibrate
 from qdiff.calib.recipe import PRESETS, Recipe
@@ -22,7 +20,7 @@ from qdiff.export.split_shortcut import split_concat_conv, split_shortcuts
 from qdiff.export.validate import error_stats
 from qdiff.models import PACKAGE_MODELS, load_model
 from qdiff.calib.fake_quant import build_fake_quant_model
-from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser, session_options
+from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
 
 from tests.conftest import compare_with_fake_quant, layerwise_fake_quant_errors, quantize_model
 
@@ -345,29 +343,13 @@ def test_conv1_split_layers_equal_fake_quant_reference(conv1_uncond):
     """Each split conv1 of the Q/DQ graph (Slice -> Q/DQ -> two Convs -> Add), cut out and fed
     the very tensor its fake-quant twin sees, computes the same function at float32 round-off.
     (Fed by the whole model instead, ORT's and PyTorch's GroupNorm differ by ~3e-6 before the
-    quantizer and flip an INT8 rounding now and then; hence the layer-level check, and the
-    usual most-seeds criterion for the whole model.)"""
+    quantizer and flip an INT8 rounding now and then; hence the layer-level check, and only the
+    quantization-error bound for the whole model.)"""
     bundle, _, table, q = conv1_uncond
     conv1s = _conv1_layers(table)
-    reference = build_fake_quant_model(bundle.unet, table)
-    graph = gs.import_onnx(onnx.load(str(q.onnx_path)))
-    seen: dict[str, list] = {name: [] for name in conv1s}
-    handles = [reference.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: seen[name].append((a[0], out))) for name in conv1s]
-    inputs = example_inputs(bundle.unet, batch=2, seed=3)
-    with torch.no_grad():
-        reference(**inputs)
-    for h in handles:
-        h.remove()
-    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(onnx.load(str(q.onnx_path))))
-    for name in conv1s:
-        nodes = {n.name.rsplit("/", 1)[1]: n for n in graph.nodes if module_name(n) == name}
-        x_name, y_name = nodes["SliceA"].inputs[0].name, nodes["SplitAdd"].outputs[0].name
-        layer = extractor.extract_model([x_name], [y_name])
-        (x, expected), = seen[name]
-        got = ort.InferenceSession(layer.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]).run(None, {x_name: x.numpy()})[0]
-        assert error_stats(torch.from_numpy(got), expected).rel_l2 < 1e-6, name
-    layers = layerwise_fake_quant_errors(bundle, table, q.onnx_path)
+    layers = layerwise_fake_quant_errors(bundle, table, q.onnx_path)  # conv1s cut from SliceA's input to SplitAdd
     assert set(conv1s) <= set(layers) and max(layers.values()) < 1e-5
+    assert all(layers[name] < 1e-6 for name in conv1s), {name: layers[name] for name in conv1s}
     results = compare_with_fake_quant(bundle, table, q.onnx_path, range(1, 6))
     for qdq_vs_ref, fp32_vs_ref in results:
         assert qdq_vs_ref.rel_l2 < 2 * fp32_vs_ref.rel_l2 and fp32_vs_ref.rel_l2 > 1e-3
