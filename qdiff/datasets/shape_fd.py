@@ -1,10 +1,12 @@
-"""shape-FD of generated samples, for the shipped shapes models only.
+"""shape-FD of generated samples, for models trained on one of qdiff's procedural datasets.
 
 FID needs an Inception network nobody here can download, and it knows nothing of the shapes
 dataset. shape-FD is the same measure on the features of the small shapes classifier
 (`qdiff.datasets.shape_classifier`), whose trained weights ship in the package. It is only
 meaningful for models trained on that dataset, so `shipped_shapes_model` says whether a model
-is one of the shipped ones (by the hash of its UNet, not by its folder name).
+is one of the shipped ones (by the hash of its UNet, not by its folder name). Models trained on
+another procedural dataset (the evaluation models' "scenes") declare it in their folder, and
+every function here takes that dataset's name (`qdiff.datasets.registry`; default "shapes").
 
 Like FID it is biased upward at small sample counts, so every value comes with the real-vs-real
 distance at the same count (real train images vs the same real test images): a generated set
@@ -48,41 +50,43 @@ def save_classifier(model: torch.nn.Module, folder: Path, meta: dict[str, Any]) 
     return weights
 
 
-@functools.lru_cache(maxsize=2)
-def load_classifier(folder: Path = CLASSIFIER_DIR):
-    """The shipped classifier, in eval mode; an EvaluationError says how to make it if missing."""
+@functools.lru_cache(maxsize=4)
+def load_classifier(folder: Path = CLASSIFIER_DIR, dataset: str = "shapes"):
+    """A shipped classifier, in eval mode; an EvaluationError says how to make it if missing."""
     from safetensors.torch import load_file
 
     weights = Path(folder) / WEIGHTS_NAME
+    retrain = f"run `python tools/train_shape_classifier.py --dataset {dataset}`"
     if not weights.is_file():
-        raise EvaluationError(f"the shapes classifier for shape-FD is missing ({weights})", hint="run `python tools/train_shape_classifier.py`, or evaluate without shape-FD")
+        raise EvaluationError(f"the {dataset} classifier for shape-FD is missing ({weights})", hint=f"{retrain}, or evaluate without shape-FD")
     model = sc.ShapeClassifier()
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as exc:  # damaged file or another architecture: both need a retrain
-        raise EvaluationError(f"{weights} does not hold the shapes classifier ({type(exc).__name__}: {exc})", hint="run `python tools/train_shape_classifier.py`") from exc
+        raise EvaluationError(f"{weights} does not hold the {dataset} classifier ({type(exc).__name__}: {exc})", hint=retrain) from exc
     return model.eval().requires_grad_(False)
 
 
-@functools.lru_cache(maxsize=4)
-def _real_features(split: str, count: int, seed: int = 0) -> np.ndarray:
-    from qdiff.datasets.shapes import generate
+def _real_features(split: str, count: int, seed: int = 0, dataset: str = "shapes") -> np.ndarray:
+    from qdiff.datasets.registry import get_dataset
 
-    images, _ = generate(count, seed=seed, split=split)
-    return sc.features(load_classifier(), images)
+    return get_dataset(dataset).real_features(split, count, seed)
 
 
-def shape_fd(images: list[np.ndarray] | np.ndarray, real_images: int = DEFAULT_REAL_IMAGES) -> float:
+def shape_fd(images: list[np.ndarray] | np.ndarray, real_images: int = DEFAULT_REAL_IMAGES, dataset: str = "shapes") -> float:
     """Frechet distance between classifier features of `images` (uint8 HWC, 32x32) and real test images."""
+    from qdiff.datasets.registry import get_dataset
+
     batch = np.stack(list(images))
     if batch.shape[1:] != (32, 32, 3):
         raise EvaluationError(f"shape-FD needs 32x32 RGB images, got {batch.shape[1:]}")
-    return sc.frechet_distance(sc.features(load_classifier(), batch), _real_features("test", real_images))
+    spec = get_dataset(dataset)
+    return sc.frechet_distance(sc.features(spec.classifier(), batch), spec.real_features("test", real_images))
 
 
-def real_reference(count: int, real_images: int = DEFAULT_REAL_IMAGES) -> float:
+def real_reference(count: int, real_images: int = DEFAULT_REAL_IMAGES, dataset: str = "shapes") -> float:
     """shape-FD of `count` real train images: the floor a generated set of that size can reach."""
-    return sc.frechet_distance(_real_features("train", count), _real_features("test", real_images))
+    return sc.frechet_distance(_real_features("train", count, dataset=dataset), _real_features("test", real_images, dataset=dataset))
 
 
 @functools.lru_cache(maxsize=1)

@@ -273,11 +273,14 @@ def make_image(index: int, seed: int = 0, split: str = "train") -> tuple[np.ndar
     return sample.image, sample.class_id
 
 
-def _generate_range(start: int, stop: int, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+ImageFn = Callable[..., tuple[np.ndarray, int]]  # (index, seed=, split=) -> (uint8 HWC, class id)
+
+
+def _generate_range(make: ImageFn, start: int, stop: int, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
     images = np.empty((stop - start, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     labels = np.empty(stop - start, dtype=np.int64)
     for row, index in enumerate(range(start, stop)):
-        images[row], labels[row] = make_image(index, seed=seed, split=split)
+        images[row], labels[row] = make(index, seed=seed, split=split)
     return images, labels
 
 
@@ -294,13 +297,27 @@ def generate(
     16, once ``n`` is large enough to pay for them); the result is identical
     whatever the worker count.
     """
+    return generate_with(make_image, n, seed=seed, split=split, start=start, workers=workers)
+
+
+def generate_with(
+    make: ImageFn,
+    n: int,
+    seed: int = 0,
+    split: str = "train",
+    start: int = 0,
+    workers: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`generate` for any per-index image function ``make`` (a module-level function, so worker
+    processes can find it): other procedural datasets (`qdiff.datasets.scenes`) share the
+    batching and process pool instead of repeating them."""
     if n < 0:
         raise ValueError("n must be non-negative")
     _rng_for(start, seed, split)  # validate arguments before spawning anything
     if workers is None:
         workers = min(os.cpu_count() or 1, 16) if n >= _PARALLEL_THRESHOLD else 1
     if workers <= 1 or n < 2 * workers:
-        return _generate_range(start, start + n, seed, split)
+        return _generate_range(make, start, start + n, seed, split)
 
     chunk = math.ceil(n / (workers * 4))
     bounds = [(s, min(s + chunk, start + n)) for s in range(start, start + n, chunk)]
@@ -310,5 +327,5 @@ def generate(
     # the work here is pure numpy/PIL, so a plain fork is both safe and fast.
     ctx = multiprocessing.get_context("fork") if os.name == "posix" else None
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        parts = list(pool.map(_generate_range, *zip(*[(a, b, seed, split) for a, b in bounds])))
+        parts = list(pool.map(_generate_range, *zip(*[(make, a, b, seed, split) for a, b in bounds])))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
