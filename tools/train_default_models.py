@@ -318,7 +318,7 @@ def folder_sizes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def reload_and_check(folder: Path, cls: type, reference: nn.Module) -> nn.Module:
+def reload_and_check(folder: Path, cls: type, reference: nn.Module, max_weight_bytes: float = 10e6) -> nn.Module:
     """Reload ``folder/unet`` and check it matches ``reference`` cast to fp16; print file sizes."""
     unet = cls.from_pretrained(folder / "unet", torch_dtype=torch.float16, low_cpu_mem_usage=False)
     ref = {k: v.detach().to("cpu", torch.float16) for k, v in reference.state_dict().items()}
@@ -333,8 +333,8 @@ def reload_and_check(folder: Path, cls: type, reference: nn.Module) -> nn.Module
     for name, size in sizes.items():
         print(f"  {name:48s} {size / 1e6:8.3f} MB")
     weights = sum(s for n, s in sizes.items() if n.endswith(".safetensors"))
-    if weights > 10e6:
-        raise RuntimeError(f"{folder}: weights are {weights / 1e6:.2f} MB, over the 10 MB limit")
+    if weights > max_weight_bytes:
+        raise RuntimeError(f"{folder}: weights are {weights / 1e6:.2f} MB, over the {max_weight_bytes / 1e6:.0f} MB limit")
     return unet.float()
 
 
@@ -421,7 +421,7 @@ def debiased_ema(values: np.ndarray, beta: float) -> np.ndarray:
     return out
 
 
-def plot_loss_curves(path: Path, logs: dict[str, dict[str, Any]]) -> None:
+def plot_loss_curves(path: Path, logs: dict[str, dict[str, Any]], title: str = "shapes default models: training loss") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -442,7 +442,7 @@ def plot_loss_curves(path: Path, logs: dict[str, dict[str, Any]]) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("shapes default models: training loss")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
