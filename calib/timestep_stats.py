@@ -138,8 +138,8 @@ class TimestepStatsRecorder:
     def _subsample(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1).float()
         if flat.numel() <= self.samples_per_call:
-            return flat.clone()
-        return flat[torch.randint(flat.numel(), (self.samples_per_call,), generator=self._gen)]
+            return flat.cpu().clone()  # kept on the CPU: a CUDA model's samples are histogrammed by numpy
+        return flat[torch.randint(flat.numel(), (self.samples_per_call,), generator=self._gen).to(flat.device)].cpu()
 
     def remove(self) -> None:
         for handle in self._handles:

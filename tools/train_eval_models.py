@@ -384,10 +384,16 @@ def probe(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]:
     """Train ``steps`` steps of each model as the real run will (in parallel with --parallel); rates and fitting steps."""
     results = run_jobs(args, [job_for(args, kind, work, steps, probe=True) for kind in MODEL_NAMES], "probe")
     rates = {kind: r["probe_it_s"] for kind, r in results.items()}
-    fit = {kind: max(100, int(rate * args.budget_s) // 100 * 100) for kind, rate in rates.items()}
+    fit = {kind: fitting_steps(rate, args.budget_s) for kind, rate in rates.items()}
     for kind in MODEL_NAMES:
         print(f"probe: {kind} {rates[kind]:.2f} steps/s ({'parallel' if args.parallel else 'alone'}) -> {fit[kind]} steps in {args.budget_s:.0f} s", flush=True)
     return {"steps": steps, "it_s": rates, "steps_for_budget": fit, "budget_s": args.budget_s, "parallel": args.parallel}
+
+
+def fitting_steps(rate: float, budget_s: float) -> int:
+    """Steps that ``rate`` fits in ``budget_s``, rounded down to a multiple of 100 from 1000 up."""
+    steps = max(1, int(rate * budget_s))
+    return steps // 100 * 100 if steps >= 1000 else steps
 
 
 def check_determinism(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]:
