@@ -15,7 +15,7 @@ import pytest
 from qdiff.core.errors import ArtifactMismatchError, EvaluationError
 from qdiff.datasets import scenes
 from qdiff.datasets.registry import DATASET_FILE, dataset_for, get_dataset, write_dataset_file
-from qdiff.models import PACKAGE_MODELS, load_model
+from qdiff.models import DEFAULT_RANDOM_CONFIG, PACKAGE_MODELS, load_model, materialize_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -90,6 +90,12 @@ def test_registry_resolves_both_datasets_and_old_folders_default_to_shapes(tmp_p
 
 
 @pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A small random-weight UNet2DModel pipeline folder (the built-in fallback model's config)."""
+    return materialize_random_model(DEFAULT_RANDOM_CONFIG, tmp_path_factory.mktemp("tiny") / "tiny-ddpm")
+
+
+@pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-models")
     out, models, pack = root / "out", root / "models", root / "pack"
@@ -98,7 +104,8 @@ def smoke(tmp_path_factory):
     return {"out": out, "models": models, "pack": pack, "root": root}
 
 
-def test_smoke_run_writes_loadable_models_in_the_cifar_layout(smoke):
+@pytest.mark.slow  # ~30 s alone on 2 cores, minutes on a busy machine
+def test_smoke_run_writes_loadable_models_in_the_cifar_layout(smoke, tmp_path):
     metrics = json.loads((smoke["out"] / "metrics.json").read_text())
     assert metrics["status"] == "done"
     ddpm = load_model(smoke["models"] / "scenes-ddpm")
@@ -117,21 +124,26 @@ def test_smoke_run_writes_loadable_models_in_the_cifar_layout(smoke):
     assert tuple(cond.class_embeddings.shape) == (9, 4, train_eval_models.CROSS_ATTENTION_DIM)
     assert (smoke["out"] / "scene-classifier" / "classifier.safetensors").is_file()
     assert (smoke["out"] / "samples_cond.png").is_file() and (smoke["out"] / "loss_curves.png").is_file()
-
-
-def test_pack_and_unpack_round_trip_and_a_corrupted_part_is_refused(smoke, tmp_path):
-    folders = [smoke["models"] / "scenes-ddpm", smoke["models"] / "scenes-cond"]
-    unpacked = unpack_eval_models.unpack(smoke["pack"], tmp_path / "from-tool")  # what the tool's --pack wrote
+    unpacked = unpack_eval_models.unpack(smoke["pack"], tmp_path / "unpacked")  # what the tool's --pack wrote
     assert [f.name for f in unpacked] == ["scenes-ddpm", "scenes-cond"]
-    load_model(unpacked[1])
+    assert load_model(unpacked[1]).model_sha256 == cond.model_sha256
+    check_properties(smoke["models"] / "scenes-cond", tmp_path / "properties")
+
+
+def test_pack_and_unpack_round_trip_and_a_corrupted_part_is_refused(tiny, tmp_path):
+    second = tmp_path / "second"
+    shutil.copytree(tiny, second)
+    write_dataset_file(second, "scenes")
+    folders = [tiny, second]
     parts = tmp_path / "parts"
-    manifest = json.loads(unpack_eval_models.pack_models(folders, parts, part_bytes=400_000).read_text())
+    manifest = json.loads(unpack_eval_models.pack_models(folders, parts, part_bytes=1_000_000).read_text())
     assert len(manifest["parts"]) > 2
     restored = unpack_eval_models.unpack(parts, tmp_path / "dest")
     for original, copy in zip(folders, restored):
         files = sorted(p.relative_to(original) for p in original.rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file())
         assert all(_sha(original / f) == _sha(copy / f) for f in files)
+        assert load_model(copy).model_sha256 == load_model(original).model_sha256
     with pytest.raises(ArtifactMismatchError, match="already exists"):
         unpack_eval_models.unpack(parts, tmp_path / "dest")
     bad = tmp_path / "bad"
@@ -142,20 +154,28 @@ def test_pack_and_unpack_round_trip_and_a_corrupted_part_is_refused(smoke, tmp_p
     victim.write_bytes(bytes(data))
     with pytest.raises(ArtifactMismatchError, match=manifest["parts"][1]["name"]):
         unpack_eval_models.unpack(bad, tmp_path / "never")
-    assert not (tmp_path / "never" / "scenes-ddpm").exists()
+    assert not (tmp_path / "never" / tiny.name).exists()
     assert unpack_eval_models.main([str(bad), "--dest", str(tmp_path / "never")]) == 1
 
 
-def test_properties_give_one_ratio_per_skip_concat_of_the_real_unet(smoke, tmp_path):
-    for name in ("scenes-ddpm", "scenes-cond"):
-        folder = smoke["models"] / name
-        assert eval_model_properties.main([str(folder), "--out", str(tmp_path / name), "--samples", "2", "--steps", "3"]) == 0
-        result = json.loads((tmp_path / name / "properties.json").read_text())
-        unet = load_model(folder).unet
-        up_resnets = [f"up_blocks.{i}.resnets.{j}.conv_shortcut" for i, b in enumerate(unet.up_blocks) for j in range(len(b.resnets))]
-        concat = result["concat"]["layers"]
-        assert sorted(c["layer"] for c in concat) == sorted(up_resnets)
-        assert all(np.isfinite(c["ratio"]) and c["ratio"] >= 1.0 for c in concat)
-        assert result["timestep_spread"]["summary"]["count"] == len(result["timestep_spread"]["layers"]) > len(concat)
-        assert len(result["timesteps"]) == 3
-        assert "Skip-concat" in (tmp_path / name / "properties.md").read_text()
+def check_properties(folder: Path, out: Path) -> dict:
+    """The tool's result for ``folder``: one ratio per up-block resnet's concat of the real UNet."""
+    assert eval_model_properties.main([str(folder), "--out", str(out), "--samples", "2", "--steps", "3"]) == 0
+    result = json.loads((out / "properties.json").read_text())
+    unet = load_model(folder).unet
+    up_resnets = [f"up_blocks.{i}.resnets.{j}.conv_shortcut" for i, b in enumerate(unet.up_blocks) for j in range(len(b.resnets))]
+    concat = result["concat"]["layers"]
+    assert sorted(c["layer"] for c in concat) == sorted(up_resnets)
+    assert all(np.isfinite(c["ratio"]) and c["ratio"] >= 1.0 for c in concat)
+    assert all(c["ratio"] == pytest.approx(max(c["deep_amax"], c["skip_amax"]) / min(c["deep_amax"], c["skip_amax"])) for c in concat)
+    spread = result["timestep_spread"]
+    assert spread["summary"]["count"] == len(spread["layers"]) > len(concat)
+    assert all(s["spread"] >= 1.0 for s in spread["layers"])
+    assert len(result["timesteps"]) == 3
+    assert "Skip-concat" in (out / "properties.md").read_text()
+    return result
+
+
+def test_properties_give_one_ratio_per_skip_concat_of_the_real_unet(tiny, tmp_path):
+    result = check_properties(tiny, tmp_path / "tiny")
+    assert result["dataset"] == "shapes" and len(result["concat"]["layers"]) == 6
