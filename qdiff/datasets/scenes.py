@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from qdiff.datasets import shapes
-from qdiff.datasets.shapes import _BACKGROUNDS, _XX, _YY, IMAGE_SIZE, NUM_CLASSES, SPLITS, _draw_shape, _shape_colour
+from qdiff.datasets.shapes import BACKGROUND_FIELDS, IMAGE_SIZE, NUM_CLASSES, PIXEL_X, PIXEL_Y, SPLITS, draw_shape, shape_colour
 
 _STREAM_TAG = 0x51_44_53_43  # "QDSC"
 MIN_SHAPES, MAX_SHAPES = 2, 4
@@ -46,13 +46,13 @@ class SceneSample(NamedTuple):
 
 
 def _rng_for(index: int, seed: int, split: str) -> np.random.Generator:
-    shapes._rng_for(index, seed, split)  # the same argument checks and messages
+    shapes.rng_for(index, seed, split)  # the same argument checks and messages
     return np.random.default_rng(np.random.SeedSequence([_STREAM_TAG, seed, SPLITS[split], index]))
 
 
 def _field(rng: np.random.Generator) -> np.ndarray:
     """One of the shapes dataset's scalar fields in [0, 1] (gradient, radial, stripes, noise)."""
-    return _BACKGROUNDS[int(rng.integers(len(_BACKGROUNDS)))](rng)
+    return BACKGROUND_FIELDS[int(rng.integers(len(BACKGROUND_FIELDS)))](rng)
 
 
 def _textured_background(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,7 +67,7 @@ def _texture_fill(rng: np.random.Generator, colour: np.ndarray) -> np.ndarray:
     """A shape's fill: its colour mixed with a darker/lighter variant along a random field."""
     other = np.clip(colour * rng.uniform(0.45, 0.8) + rng.uniform(-0.1, 0.25), 0.0, 1.0)
     shade_dir = rng.uniform(0.0, 2.0 * math.pi)
-    shade = 1.0 + rng.uniform(0.0, 0.25) * (math.cos(shade_dir) * _XX + math.sin(shade_dir) * _YY) / 2.0
+    shade = 1.0 + rng.uniform(0.0, 0.25) * (math.cos(shade_dir) * PIXEL_X + math.sin(shade_dir) * PIXEL_Y) / 2.0
     return (colour + _field(rng)[..., None] * (other - colour)) * shade[..., None]
 
 
@@ -95,13 +95,13 @@ def make_sample(index: int, seed: int = 0, split: str = "train") -> SceneSample:
         radius = float(rng.uniform(*_RADIUS))
         for _try in range(_PLACEMENT_TRIES):
             cx, cy = _place(rng, radius, placed)
-            mask = _draw_shape(class_id, rng, cx, cy, radius)
+            mask = draw_shape(class_id, rng, cx, cy, radius)
             if not placed or float((mask * union).sum()) >= 1.0:  # at least a pixel's worth shared
                 break
         placed.append((cx, cy, radius))
         masks.append(mask)
         union = np.maximum(union, mask)
-        fill = _texture_fill(rng, _shape_colour(rng, c1, c2))
+        fill = _texture_fill(rng, shape_colour(rng, c1, c2))
         alpha = mask[..., None]
         image = image * (1.0 - alpha) + fill * alpha  # later shapes occlude earlier ones
     image = image + rng.normal(0.0, rng.uniform(0.0, 0.03), size=image.shape).astype(np.float32)

@@ -329,3 +329,13 @@ def generate_with(
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         parts = list(pool.map(_generate_range, *zip(*[(make, a, b, seed, split) for a, b in bounds])))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# --------------------------------------------------------------------------- #
+# Drawing pieces that other procedural datasets compose (qdiff.datasets.scenes)
+# --------------------------------------------------------------------------- #
+draw_shape = _draw_shape  # (class_id, rng, cx, cy, radius) -> coverage mask [32, 32]
+shape_colour = _shape_colour  # (rng, c1, c2) -> a colour that stands out from the c1-c2 background
+rng_for = _rng_for  # (index, seed, split) -> this dataset's stream; checks the arguments
+BACKGROUND_FIELDS = _BACKGROUNDS  # rng -> scalar field [32, 32] in [0, 1]
+PIXEL_X, PIXEL_Y = _XX, _YY  # pixel-centre coordinates in [-1, 1]
