@@ -9,6 +9,7 @@ tolerance, which is how we know the graph pass put the right scales on the right
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,9 @@ def _use_reconstructed(target, weights, split_channels: int | None) -> None:
             weight[:, sl] = values.to(weight.dtype)
 
 
-def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32, weights=None) -> nn.Module:
+def build_fake_quant_model(
+    model: nn.Module, table: CalibrationTable, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32, weights=None, layers: Collection[str] | None = None
+) -> nn.Module:
     """A deep copy of `model` with every layer the table quantizes wrapped in `FakeQuantLayer`.
 
     `dtype=torch.float16` is the reference of the FP16 Q/DQ graph: the model in FP16 (run it
@@ -117,6 +120,10 @@ def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Re
 
     `weights` (a `calib.reconstruct.artifact.ReconstructedWeights`) replaces round-to-nearest
     by the reconstructed integers, as `export.qdq.insert_qdq(..., weights=)` does in the graph.
+
+    `layers` quantizes only those of the table's layers and leaves every other one in float
+    (what a per-layer-group sensitivity measures, `calib.sensitivity`); a name the table does
+    not have is an error, so a mistyped group cannot silently measure nothing.
     """
     recipe = recipe or Recipe.from_json(table.recipe)
     quantized = copy.deepcopy(model).eval()
@@ -128,8 +135,15 @@ def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Re
         return scale_in_dtype(scale_from_amax(amax, qmax), np_dtype)
 
     targets, _ = select_targets(quantized, recipe)
+    if layers is not None:
+        unknown = sorted(set(layers) - set(table.layers))
+        if unknown:
+            raise CalibrationError(f"cannot quantize {len(unknown)} layer(s) the table has no ranges for: {unknown[:5]}", hint="calibrate them (check the recipe's exclude)")
+        layers = set(layers)
     split = table.split_layers(recipe.split_shortcut, recipe.split_conv1)
     for target in targets:
+        if layers is not None and target.name not in layers:
+            continue
         ranges = table.layers.get(target.name)
         if ranges is None:
             continue  # the layer never ran during calibration (and so is not in the export either)
