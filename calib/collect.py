@@ -27,7 +27,7 @@ from qdiff.calib.table import CalibrationTable, LayerRanges
 from qdiff.calib.shortcuts import find_split_layers
 from qdiff.calib.targets import select_targets
 from qdiff.calib.timestep_stats import TimestepStatsRecorder
-from qdiff.calib.trajectories import TrajectorySampler, calibration_step_indices, calibration_trajectories
+from qdiff.calib.trajectories import TimestepPlan, TrajectorySampler, calibration_step_indices, calibration_trajectories
 from qdiff.core.conditioning import Conditioning
 from qdiff.core.errors import CalibrationError
 
@@ -70,14 +70,25 @@ def collect_ranges(
     while calib itself stays independent of the runtime package. A `timestep_stats` recorder,
     if given, watches the same layers at the same steps and keeps per-step ranges and branch
     histograms (its `result()` afterwards).
+
+    With `recipe.timestep_sampling == "tdac"` a probe batch first decides how many samples each
+    step gets (`calib.tdac.tdac_plan`); the decision and its evidence go into the provenance.
     """
     sample_shape, conditioning = sampler.sample_shape, sampler.conditioning
     targets, skipped = select_targets(unet, recipe)
     if not targets:
         raise CalibrationError("the recipe selects no layer to quantize", hint="check the recipe's exclude and quantize_ops")
-    steps = calibration_step_indices(recipe.calibration_steps, recipe.num_timesteps, recipe.timestep_window)
+    tdac = None
+    if recipe.timestep_sampling == "tdac":
+        from qdiff.calib.tdac import tdac_plan
+
+        tdac = tdac_plan(unet, sampler, recipe, progress=progress)
+        plan = tdac.plan()
+    else:
+        plan = TimestepPlan.uniform(recipe)
+    steps = plan.steps
     total = recipe.samples_per_timestep
-    recorded_timesteps: list[float] = []
+    recorded_timesteps: dict[int, float] = {}
     example = example_call(unet, sample_shape, conditioning)
     splits: dict[str, int] = {}
     conv1_splits: dict[str, int] = {}
@@ -94,10 +105,10 @@ def collect_ranges(
             recorder.enabled = kept
             if timestep_stats is not None:
                 timestep_stats.begin_step(i, t, kept)
-            if kept and len(recorded_timesteps) < len(steps):
-                recorded_timesteps.append(t)
+            if kept:
+                recorded_timesteps.setdefault(i, t)
 
-        for _batch in calibration_trajectories(sampler, recipe, on_step=on_step, progress=progress):
+        for _batch in calibration_trajectories(sampler, recipe, on_step=on_step, progress=progress, plan=plan):
             pass
         observers = recorder.observers
         never_ran = [name for name, obs in observers.items() if obs.batches == 0]
@@ -123,9 +134,10 @@ def collect_ranges(
         "scheduler_class": sampler.scheduler_class,
         "calibration_steps": recipe.calibration_steps,
         "step_indices": steps,
-        "timesteps": recorded_timesteps,
+        "timesteps": [recorded_timesteps[s] for s in steps],
         "samples_per_timestep": total,
-        "denoiser_inputs": total * len(steps) * (2 if conditioning and recipe.guidance_scale != 1.0 else 1),
+        "timestep_sampling": recipe.timestep_sampling,
+        "denoiser_inputs": plan.total * (2 if conditioning and recipe.guidance_scale != 1.0 else 1),
         "seed": recipe.seed,
         "calibrator": recipe.activation_calibrator,
         "weight_calibrator": recipe.weight_calibrator,
@@ -135,6 +147,9 @@ def collect_ranges(
         "split_shortcut_layers": {name: splits[name] for name in sorted(splits) if name not in conv1_splits},
         "float_layers": [{"module": s.name, "op": s.op, "reason": s.reason, "macs": macs.get(s.name, 0)} for s in skipped],
     }
+    if tdac is not None:
+        table.provenance["timestep_plan"] = plan.to_json()
+        table.provenance["tdac"] = tdac.to_json()
     if recipe.split_conv1:
         table.provenance["split_conv1_layers"] = {name: conv1_splits[name] for name in sorted(conv1_splits)}
     return table

@@ -16,6 +16,11 @@ from typing import Any
 from qdiff.core.errors import RecipeError, strict_fields
 
 CALIBRATORS = ("max", "percentile", "mse", "entropy")
+TIMESTEP_SAMPLINGS = ("uniform", "tdac")
+# The settings of TDAC (EDA-DM's temporal distribution alignment calibration). A recipe with
+# uniform sampling and these at their defaults serializes without them, so the tables and
+# graphs made before TDAC existed keep their recipe hashes (and stay reusable).
+_TDAC_DEFAULTS = {"timestep_sampling": "uniform", "tdac_lambda": 1.2, "tdac_r": "auto"}
 WEIGHT_CALIBRATORS = ("max", "mse")
 
 
@@ -52,6 +57,15 @@ class Recipe:
     # to measure (docs/results). A recipe JSON without the key keeps it off.
     split_conv1: bool = False
     histogram_bins: int = 2048
+    # How the calibration budget (num_timesteps x samples_per_timestep denoiser inputs) is spread
+    # over the trajectory: "uniform" (Q-Diffusion: num_timesteps evenly spaced steps, all
+    # samples_per_timestep trajectories at each) or "tdac" (EDA-DM: every step of the window gets
+    # a share proportional to its density + tdac_lambda x diversity of mid-block attention
+    # inputs; see calib.tdac). tdac_r is the density radius in MSE units of the model's own
+    # features, or "auto" (the median pairwise MSE; calib.tdac says why).
+    timestep_sampling: str = "uniform"
+    tdac_lambda: float = 1.2
+    tdac_r: float | str = "auto"
 
     def __post_init__(self) -> None:
         problems = []
@@ -72,6 +86,12 @@ class Recipe:
                 f"calibration_steps={self.calibration_steps} < num_timesteps={self.num_timesteps}: "
                 "the trajectory must have at least as many steps as timesteps to keep"
             )
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            problems.append(f"timestep_sampling={self.timestep_sampling!r} (one of {', '.join(TIMESTEP_SAMPLINGS)})")
+        if not isinstance(self.tdac_lambda, (int, float)) or self.tdac_lambda < 0:
+            problems.append(f"tdac_lambda={self.tdac_lambda!r} (a number >= 0)")
+        if self.tdac_r != "auto" and (isinstance(self.tdac_r, bool) or not isinstance(self.tdac_r, (int, float)) or not self.tdac_r > 0):
+            problems.append(f"tdac_r={self.tdac_r!r} (\"auto\" or a number > 0)")
         lo, hi = self.timestep_window
         if not 0.0 <= lo < hi <= 1.0:
             problems.append(f"timestep_window={self.timestep_window} (need 0 <= start < end <= 1)")
@@ -102,6 +122,9 @@ class Recipe:
         obj["timestep_window"] = list(self.timestep_window)
         obj["exclude"] = list(self.exclude)
         obj["quantize_ops"] = list(self.quantize_ops)
+        if all(obj[k] == v for k, v in _TDAC_DEFAULTS.items()):
+            for key in _TDAC_DEFAULTS:
+                del obj[key]
         return obj
 
     @classmethod

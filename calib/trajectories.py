@@ -94,9 +94,134 @@ class TrajectoryBatch:
     size: int
 
 
-def trajectory_batches(recipe: Recipe) -> list[TrajectoryBatch]:
-    total = recipe.samples_per_timestep
+@dataclass(frozen=True)
+class TimestepPlan:
+    """How many calibration trajectories are observed at each step of the calibration loop.
+
+    Step `i` observes the first `counts[i]` trajectories of the pool (trajectories 0 ..
+    `trajectories - 1`, sampled in batches of the recipe's `batch_size` from the recipe's seeds);
+    steps without a count are only run. Uniform sampling (Q-Diffusion) observes all
+    `samples_per_timestep` trajectories at `num_timesteps` evenly spaced steps; TDAC (`calib.tdac`)
+    spreads the same budget unevenly over every step of the window. Taking the *first* n
+    trajectories (not a random subset) keeps the pool, its seeds and its conditioning those of
+    uniform calibration, and lets every consumer (range observers, the recorded calls of
+    reconstruction and the peers) see the same rows.
+    """
+
+    counts: dict[int, int]
+
+    def __post_init__(self) -> None:
+        if not any(c > 0 for c in self.counts.values()) or any(c < 0 for c in self.counts.values()):
+            raise CalibrationError(f"a timestep plan needs non-negative counts and at least one > 0, got {self.counts}")
+
+    @classmethod
+    def uniform(cls, recipe: Recipe) -> TimestepPlan:
+        steps = calibration_step_indices(recipe.calibration_steps, recipe.num_timesteps, recipe.timestep_window)
+        return cls({step: recipe.samples_per_timestep for step in steps})
+
+    @property
+    def steps(self) -> list[int]:
+        """The observed steps, in trajectory order."""
+        return sorted(step for step, count in self.counts.items() if count > 0)
+
+    @property
+    def trajectories(self) -> int:
+        """The size of the trajectory pool: the most trajectories any step observes."""
+        return max(self.counts.values())
+
+    @property
+    def total(self) -> int:
+        """Observed (trajectory, step) pairs: the calibration budget spent."""
+        return sum(self.counts.values())
+
+    def rows(self, step: int, batch: TrajectoryBatch) -> int:
+        """How many leading trajectories of `batch` step `step` observes (0 .. batch.size)."""
+        return min(max(self.counts.get(step, 0) - batch.start, 0), batch.size)
+
+    def to_json(self) -> dict[str, list[int]]:
+        steps = self.steps
+        return {"step_indices": steps, "counts": [self.counts[s] for s in steps]}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TimestepPlan:
+        return cls({int(s): int(c) for s, c in zip(obj["step_indices"], obj["counts"], strict=True)})
+
+    @classmethod
+    def of_table(cls, provenance: dict[str, Any], recipe: Recipe) -> TimestepPlan:
+        """The plan a calibration table was made with: uniform from the recipe, TDAC's from the
+        table's provenance (it depends on the model's features, so it is recorded, not redone)."""
+        if recipe.timestep_sampling == "uniform":
+            return cls.uniform(recipe)
+        if "timestep_plan" not in provenance:
+            raise CalibrationError(
+                f"the table's recipe samples timesteps by {recipe.timestep_sampling!r} but its provenance has no timestep_plan",
+                hint="recalibrate with this version of qdiff (`qdiff calibrate --force`)",
+            )
+        return cls.from_json(provenance["timestep_plan"])
+
+
+def trajectory_batches(recipe: Recipe, plan: TimestepPlan | None = None) -> list[TrajectoryBatch]:
+    total = plan.trajectories if plan is not None else recipe.samples_per_timestep
     return [TrajectoryBatch(start, min(recipe.batch_size, total - start)) for start in range(0, total, recipe.batch_size)]
+
+
+def default_plan(recipe: Recipe, plan: TimestepPlan | None) -> TimestepPlan:
+    """`plan`, or the recipe's uniform plan; a TDAC recipe needs its plan given (`calib.tdac`)."""
+    if plan is not None:
+        return plan
+    if recipe.timestep_sampling != "uniform":
+        raise CalibrationError(
+            f"recipe {recipe.name!r} samples timesteps by {recipe.timestep_sampling!r}, which needs a TimestepPlan from the model",
+            hint="compute it with qdiff.calib.tdac.tdac_plan (collect_ranges and model_calibration_inputs do), or read a table's with TimestepPlan.of_table",
+        )
+    return TimestepPlan.uniform(recipe)
+
+
+def _select_rows(value: Any, index: torch.Tensor, batch_rows: int) -> Any:
+    """`value` restricted to the batch rows `index`: tensors with one row per call row (and
+    dicts of them, diffusers' added_cond_kwargs); anything else (a 0-d timestep) as is."""
+    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch_rows:
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, dict):
+        return {k: _select_rows(v, index, batch_rows) for k, v in value.items()}
+    return value
+
+
+class _PartlyObserved:
+    """The denoiser of a calibration trajectory at steps that observe only some of the batch.
+
+    At such a step the call is split in two, the observed trajectories first (`on_step(i, t,
+    True)` before it) and the rest (`on_step(i, t, False)`), and the outputs are put back in
+    order: the loop goes on exactly as one call would, while the hooks (and a recorder of the
+    calls) see only the observed rows. With classifier-free guidance the call holds [uncond;
+    cond] halves and the same trajectories are taken from each. A UNet treats batch rows
+    independently, so only floating-point summation order can differ from the unsplit call.
+    """
+
+    def __init__(self, denoiser: Callable[..., torch.Tensor], on_step: StepHook) -> None:
+        self.denoiser = denoiser
+        self.on_step = on_step
+        self.step: tuple[int, float, int, int] = (-1, 0.0, 0, 0)  # (i, t, rows observed, batch size)
+
+    def __call__(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> torch.Tensor:
+        i, t, rows, size = self.step
+        if rows in (0, size):
+            return self.denoiser(sample, timestep, **kwargs)
+        n = sample.shape[0]
+        if n % size:
+            raise CalibrationError(f"the denoiser call at step {i} has {n} rows, not a multiple of the {size} trajectories of its batch")
+        observed = torch.cat([torch.arange(rows) + g * size for g in range(n // size)])
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[observed] = False
+        rest = torch.nonzero(mask).flatten()
+        outputs = []
+        for index, kept in ((observed, True), (rest, False)):
+            self.on_step(i, t, kept)
+            outputs.append(self.denoiser(sample.index_select(0, index.to(sample.device)), _select_rows(timestep, index, n), **_select_rows(kwargs, index, n)))
+        out = torch.empty((n, *outputs[0].shape[1:]), dtype=outputs[0].dtype, device=outputs[0].device)
+        out[observed.to(out.device)] = outputs[0]
+        out[rest.to(out.device)] = outputs[1]
+        return out
 
 
 def calibration_trajectories(
@@ -105,32 +230,43 @@ def calibration_trajectories(
     *,
     on_step: StepHook,
     progress: Callable | None = None,
+    plan: TimestepPlan | None = None,
 ) -> Iterator[TrajectoryBatch]:
     """Run the recipe's calibration trajectories batch by batch, yielding each batch once run.
 
-    `on_step(i, t, kept)` runs before every denoiser call; `kept` says whether step `i` is one
-    of the recipe's calibration steps. Each trajectory stops after the last kept step. Being a
-    generator lets a consumer take what it recorded batch by batch (bounded memory) while the
-    loop itself stays in one place.
+    `on_step(i, t, kept)` runs before every denoiser call; `kept` says whether the call's rows
+    are observed at step `i` (`plan`, by default the recipe's uniform one). Where a plan observes
+    only part of a batch, the call is split in two (`_PartlyObserved`) and `on_step` runs before
+    each part. Each trajectory stops after the last observed step. Being a generator lets a
+    consumer take what it recorded batch by batch (bounded memory) while the loop itself stays
+    in one place.
     """
-    steps = calibration_step_indices(recipe.calibration_steps, recipe.num_timesteps, recipe.timestep_window)
-    keep = set(steps)
-    last = max(steps)
-    batches = trajectory_batches(recipe)
+    plan = default_plan(recipe, plan)
+    last = max(plan.steps)
+    batches = trajectory_batches(recipe, plan)
     conditioning = sampler.conditioning
+    if conditioning is not None and conditioning.num_samples < plan.trajectories:
+        raise CalibrationError(f"the calibration plan needs {plan.trajectories} trajectories but the conditioning has {conditioning.num_samples} entries", hint="resolve the conditioning for that many samples")
     bar = progress(total=len(batches) * (last + 1), desc="calibrate", unit="step") if progress else None
+    split = _PartlyObserved(sampler.denoiser, on_step)
+    current = [batches[0]]
 
     def before_step(i: int, t: float) -> None:
-        on_step(i, t, i in keep)
+        batch = current[0]
+        rows = plan.rows(i, batch)
+        split.step = (i, t, rows, batch.size)
+        if rows in (0, batch.size):
+            on_step(i, t, rows > 0)
         if bar:
             bar.update(1)
 
     try:
         for batch in batches:
+            current[0] = batch
             gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + batch.start)
             noise = torch.randn((batch.size, *sampler.sample_shape), generator=gen)
             sampler.run_trajectory(
-                sampler.denoiser,
+                split,
                 noise,
                 recipe.calibration_steps,
                 conditioning=conditioning.select(batch.start, batch.start + batch.size) if conditioning else None,
@@ -194,19 +330,22 @@ class InputRecorder:
         return records
 
 
-def iter_calibration_inputs(sampler: TrajectorySampler, recipe: Recipe, *, progress: Callable | None = None) -> Iterator[CalibrationInput]:
-    """The denoiser calls qdiff's calibration observes, in the order it makes them.
+def iter_calibration_inputs(
+    sampler: TrajectorySampler, recipe: Recipe, *, progress: Callable | None = None, plan: TimestepPlan | None = None
+) -> Iterator[CalibrationInput]:
+    """The denoiser calls qdiff's calibration observes, in the order it makes them (with a
+    `plan` that observes part of a batch at a step, that part's rows only).
 
     Lazy per batch of trajectories: at most one batch's kept calls are held in memory, which is
     what keeps this usable for latent models with long text conditioning.
     """
     recorder = InputRecorder(sampler.denoiser)
-    for batch in calibration_trajectories(sampler.driven_by(recorder), recipe, on_step=recorder.on_step, progress=progress):
+    for batch in calibration_trajectories(sampler.driven_by(recorder), recipe, on_step=recorder.on_step, progress=progress, plan=plan):
         yield from recorder.drain(batch)
 
 
-def count_calibration_calls(recipe: Recipe) -> int:
-    """How many kept denoiser calls `iter_calibration_inputs` yields (one per batch and step)."""
-    steps = calibration_step_indices(recipe.calibration_steps, recipe.num_timesteps, recipe.timestep_window)
-    return len(trajectory_batches(recipe)) * len(steps)
+def count_calibration_calls(recipe: Recipe, plan: TimestepPlan | None = None) -> int:
+    """How many kept denoiser calls `iter_calibration_inputs` yields (one per batch and observed step)."""
+    plan = default_plan(recipe, plan)
+    return sum(plan.rows(step, batch) > 0 for batch in trajectory_batches(recipe, plan) for step in plan.steps)
 

@@ -164,6 +164,7 @@ def calibrate(
     log(
         f"calibrate: {recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps of a {recipe.calibration_steps}-step "
         f"{recipe.scheduler} loop, {recipe.activation_calibrator} calibrator"
+        + (f"; TDAC spreads the {recipe.num_timesteps * recipe.samples_per_timestep} samples over the steps (lambda {recipe.tdac_lambda}, r {recipe.tdac_r})" if recipe.timestep_sampling == "tdac" else "")
     )
     started = time.perf_counter()
     recorder = TimestepStatsRecorder(seed=recipe.seed) if timestep_stats else None
@@ -224,6 +225,7 @@ def reconstruct(
     from qdiff.calib.reconstruct.engine import Reconstructor
     from qdiff.core.conditioning import conditioning_key, resolve_conditioning
     from qdiff.calib.reconstruct.settings import ReconstructionSettings
+    from qdiff.calib.trajectories import TimestepPlan
     from qdiff.runtime.calibration_loop import model_calibration_inputs, unet_calls
     from qdiff.runtime.backends import TorchDenoiser
 
@@ -252,7 +254,8 @@ def reconstruct(
         return ReconstructResult(target, table_target, have.details.get("units", []), reused=True)
     started = time.perf_counter()
     log(f"reconstruct: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
-    calls = unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress))
+    plan = TimestepPlan.of_table(table.provenance, recipe)  # TDAC's counts as calibration drew them
+    calls = unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress, plan=plan))
     key = hashlib.sha256(json.dumps({"inputs": wanted.inputs, "settings": wanted.settings}, sort_keys=True).encode()).hexdigest()[:16]
     cache = target.parent / RECONSTRUCTION_CACHE / key
     cache.mkdir(parents=True, exist_ok=True)
@@ -667,7 +670,7 @@ def run(
     comparison = compare(bundle, reference, candidate, plan, label=recipe_obj.name)
     if calibrated.stats_path:
         log("run: plotting the calibration statistics ...")
-    figures = calibration_figures(calibrated.stats_path, out_dir) if calibrated.stats_path else []
+    figures = calibration_figures(calibrated.stats_path, out_dir, provenance=calibrated.table.provenance) if calibrated.stats_path else []
     coverage = quantized.report
     coverage_json = coverage.to_json() if hasattr(coverage, "to_json") else coverage
     artifacts = {"fp32_onnx": exported.onnx_path.name, "qdq_onnx": quantized.onnx_path.name, "calibration_table": calibrated.table_path.name}
@@ -699,6 +702,8 @@ def run(
 # public API stays in one place: `qdiff.api.evaluate(model, fp32_onnx, quantized_onnx, out_dir)`.
 # Resolved on first use (PEP 562), so importing the API does not import torch.
 _SAMPLING_CORE = ("SampleResult", "generate", "make_denoiser", "step_errors")
+# The evaluation harness (qdiff.eval_harness): candidates vs FP32 at n >= 1000 with intervals.
+_HARNESS = ("run_harness", "HarnessSettings", "HarnessResult", "Candidate", "fake_quant_candidate", "decomposition_candidates", "fp32_candidate")
 _EXPORT_CHECK = ("validate_export",)  # runtime.export_check
 
 
@@ -711,6 +716,10 @@ def __getattr__(name: str) -> Any:
         from qdiff.runtime import sampler
 
         return getattr(sampler, name)
+    if name in _HARNESS:
+        from qdiff import eval_harness
+
+        return getattr(eval_harness, name)
     if name in _EXPORT_CHECK:
         from qdiff.runtime import export_check
 

@@ -81,6 +81,18 @@ def _add_recipe(p: argparse.ArgumentParser, default: str = "w8a8", run: bool = F
     g.add_argument("--scheduler", dest="calib_scheduler", action=_DeprecatedAlias, new="--calib-scheduler", help=argparse.SUPPRESS)
     g.add_argument("--split-shortcut", action=argparse.BooleanOptionalAction, default=None, help="per-branch quantization of skip-concat convolutions (default: the recipe's; the presets: on)")
     g.add_argument("--split-conv1", action=argparse.BooleanOptionalAction, default=None, help="also split the up-block resnets' conv1, which sees the concat after GroupNorm+SiLU (default: the recipe's; the presets: off)")
+    g.add_argument("--timestep-sampling", choices=["uniform", "tdac"], help="how the calibration samples are spread over the trajectory: uniform (Q-Diffusion) or tdac (EDA-DM: by density and diversity of the mid-block attention input) (default: the recipe's; the presets: uniform)")
+    g.add_argument("--tdac-lambda", type=float, help=f"TDAC's weight of diversity against density (default: the recipe's, {r.tdac_lambda})")
+    g.add_argument("--tdac-r", type=_tdac_radius, help=f"TDAC's density radius in MSE of the mid-block features, or auto (the median pairwise MSE) (default: the recipe's, {r.tdac_r})")
+
+
+def _tdac_radius(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'auto' nor a number") from None
 
 
 def _add_reconstruction(p: argparse.ArgumentParser) -> None:
@@ -117,7 +129,7 @@ def _reconstruction_settings(args: argparse.Namespace):
 
 
 def _recipe_overrides(args: argparse.Namespace) -> dict:
-    keys = ("activation_calibrator", "percentile", "num_timesteps", "samples_per_timestep", "calibration_steps", "batch_size", "split_shortcut", "split_conv1")
+    keys = ("activation_calibrator", "percentile", "num_timesteps", "samples_per_timestep", "calibration_steps", "batch_size", "split_shortcut", "split_conv1", "timestep_sampling", "tdac_lambda", "tdac_r")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

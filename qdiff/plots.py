@@ -8,6 +8,10 @@ that motivate Q-Diffusion's two techniques.
   single INT8 scale handles badly and split-shortcut quantization fixes.
 - `plot_amax_vs_timestep`: input range (amax) vs timestep of the layers whose range moves most;
   a range that moves is why calibration samples the whole trajectory (timestep-uniform).
+- `plot_tdac`: the calibration samples TDAC gave each step, with the density, diversity and
+  weight behind them (`calib.tdac`).
+- `plot_group_sensitivity`: per-step error with only one layer group quantized, and with all
+  but that group (`calib.sensitivity`).
 
 Matplotlib is used through its object API on the Agg canvas (`Figure` + `FigureCanvasAgg`), not
 through `pyplot`: no global backend switch, no GUI, safe on headless machines and in threads.
@@ -139,12 +143,68 @@ def plot_amax_vs_timestep(stats: TimestepStats, path: str | Path, max_layers: in
     return save_figure(fig, path)
 
 
-def calibration_figures(stats_path: str | Path, out_dir: str | Path) -> list[dict[str, str]]:
-    """Both calibration plots from a `calibration.stats.npz` into `out_dir`, as report figure
-    entries ({title, path, caption}); a plot without data is left out."""
+def plot_tdac(tdac: dict[str, Any], path: str | Path) -> Path:
+    """TDAC's samples per step (bars), over its normalised density, diversity and weight
+    (`calib.tdac.TdacResult.to_json()`), against timestep as sampling runs."""
+    t = np.asarray(tdac["timesteps"], dtype=float)
+    counts = np.asarray(tdac["counts"], dtype=float)
+
+    def norm(v) -> np.ndarray:
+        v = np.asarray(v, dtype=float)
+        span = v.max() - v.min()
+        return (v - v.min()) / span if span > 0 else np.zeros_like(v)
+
+    fig = _figure(6.4, 5.0)
+    top = fig.add_subplot(2, 1, 1)
+    width = float(np.median(np.abs(np.diff(t)))) * 0.85 if len(t) > 1 else 1.0
+    top.bar(t, counts, width=width, color="tab:blue", alpha=0.8, label=f"TDAC ({int(counts.sum())} samples)")
+    top.axhline(counts.sum() / len(counts), color="0.3", linestyle="--", linewidth=1, label="same budget spread evenly")
+    top.set_ylabel("calibration samples")
+    top.invert_xaxis()
+    top.grid(True, alpha=0.3)
+    top.legend(fontsize=7)
+    top.set_title(f"TDAC: samples per step (lambda {tdac['lam']:g}, r {tdac['r']:.3g} = MSE quantile {tdac['r_quantile']:.2f}, {tdac['r_rule']})", fontsize=8.5)
+    bottom = fig.add_subplot(2, 1, 2, sharex=top)
+    bottom.plot(t, norm(tdac["density"]), label="density (normalised)", linewidth=1.2)
+    bottom.plot(t, norm(tdac["diversity"]), label="diversity (normalised)", linewidth=1.2)
+    bottom.plot(t, np.asarray(tdac["weights"]) / max(max(tdac["weights"]), 1e-12), label="weight (/ max)", linewidth=1.5, color="k")
+    bottom.set_xlabel("timestep")
+    bottom.set_ylabel("score")
+    bottom.grid(True, alpha=0.3)
+    bottom.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def plot_group_sensitivity(rows: list[dict[str, Any]], path: str | Path, title: str = "per-step error by layer group") -> Path:
+    """Horizontal bars per layer group: mean step rel-L2 with only that group quantized, and
+    with everything but that group (rows as `calib.sensitivity.group_sensitivity` returns)."""
+    fig = _figure(6.4, 0.9 + 0.32 * len(rows))
+    ax = fig.add_subplot(1, 1, 1)
+    y = np.arange(len(rows))
+    only = [max(r["only"], 1e-8) if r.get("only") is not None else np.nan for r in rows]
+    others = [max(r["all_but"], 1e-8) if r.get("all_but") is not None else np.nan for r in rows]
+    ax.barh(y - 0.2, only, height=0.4, label="only this group quantized", color="tab:orange")
+    ax.barh(y + 0.2, others, height=0.4, label="all but this group quantized", color="tab:blue")
+    ax.set_yticks(y, [f"{r['group']} ({r['layers']})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("mean relative L2 of eps per step (vs FP32)")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def calibration_figures(stats_path: str | Path, out_dir: str | Path, provenance: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """The calibration plots from a `calibration.stats.npz` into `out_dir`, as report figure
+    entries ({title, path, caption}); a plot without data is left out. With the table's
+    `provenance` from a TDAC calibration, its samples-per-step plot too."""
     stats = TimestepStats.load(stats_path)
     out_dir = Path(out_dir)
     figures = []
+    if provenance and provenance.get("tdac"):
+        tdac = plot_tdac(provenance["tdac"], out_dir / "calib-tdac-samples.png")
+        figures.append({"title": "TDAC samples per step", "path": tdac.name, "caption": "EDA-DM's temporal distribution alignment: calibration samples each step got, from the density and diversity of its mid-block attention input (calib.tdac)."})
     amax = plot_amax_vs_timestep(stats, out_dir / "calib-amax-vs-timestep.png")
     if amax is not None:
         figures.append({"title": "Activation range vs timestep", "path": amax.name, "caption": "Input amax of the layers whose range moves most along the trajectory, at each calibration timestep: why calibration samples the whole trajectory."})
@@ -152,3 +212,35 @@ def calibration_figures(stats_path: str | Path, out_dir: str | Path) -> list[dic
     if hist is not None:
         figures.append({"title": "Split-shortcut branches", "path": hist.name, "caption": "Activation histograms of the deep (a) and skip (b) halves of skip-concat convolutions: why each half gets its own scale."})
     return figures
+
+
+def plot_metric_intervals(result: Any, path: str | Path) -> Path:
+    """One panel per harness metric: each candidate's mean as a dot, its bootstrap 95% interval
+    as a bar (FP32's shape-FD and the real-vs-real floor as lines), so which candidates overlap
+    is seen at a glance. `result` is a `qdiff.eval_harness.HarnessResult`."""
+    from qdiff.eval_harness import METRIC_TITLES, METRICS
+
+    labels = list(result.rows)
+    metrics = [m for m in METRICS if any(m in r["metrics"] for r in result.rows.values())]
+    fig = _figure(2.6 * len(metrics), 0.9 + 0.32 * len(labels))
+    y = np.arange(len(labels))[::-1]
+    for k, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), k + 1)
+        for yi, label in zip(y, labels):
+            stat = result.rows[label]["metrics"].get(metric)
+            if stat is None:
+                continue
+            lo, hi = stat["ci95"]
+            color = "tab:red" if label == result.baseline else "tab:blue"
+            ax.errorbar([stat["mean"]], [yi], xerr=[[max(stat["mean"] - lo, 0.0)], [max(hi - stat["mean"], 0.0)]], fmt="o", markersize=3.5, capsize=3, color=color)
+        if metric == "shape_fd" and "shape_fd" in result.fp32:
+            ax.axvline(result.fp32["shape_fd"]["mean"], color="0.3", linestyle="--", linewidth=0.9, label="fp32")
+            ax.axvline(result.fp32["real_floor_shape_fd"], color="tab:green", linestyle=":", linewidth=0.9, label="real floor")
+            ax.legend(fontsize=6)
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels if k == 0 else [""] * len(labels), fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(METRIC_TITLES[metric], fontsize=8.5)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"mean and 95% interval per candidate (baseline {result.baseline} in red)", fontsize=9)
+    return save_figure(fig, path)

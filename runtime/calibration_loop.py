@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from qdiff.calib.recipe import Recipe
-from qdiff.calib.trajectories import CalibrationInput, TrajectorySampler, iter_calibration_inputs
+from qdiff.calib.trajectories import CalibrationInput, TimestepPlan, TrajectorySampler, iter_calibration_inputs
 from qdiff.core.conditioning import Conditioning
 from qdiff.runtime.sampler import denoise
 from qdiff.runtime.schedulers import make_scheduler
@@ -61,11 +61,23 @@ def model_trajectory_sampler(bundle: Any, recipe: Recipe, denoiser: Callable[...
 
 
 def model_calibration_inputs(
-    bundle: Any, recipe: Recipe, denoiser: Callable[..., torch.Tensor], *, conditioning: Conditioning | None, progress: Callable | None = None
+    bundle: Any,
+    recipe: Recipe,
+    denoiser: Callable[..., torch.Tensor],
+    *,
+    conditioning: Conditioning | None,
+    progress: Callable | None = None,
+    plan: TimestepPlan | None = None,
 ) -> Iterator[CalibrationInput]:
     """`iter_calibration_inputs` for a loaded model over qdiff's sampling loop. Reconstruction
-    and the peers calibrate on exactly these calls, driven by `denoiser`."""
-    return iter_calibration_inputs(model_trajectory_sampler(bundle, recipe, denoiser, conditioning=conditioning), recipe, progress=progress)
+    and the peers calibrate on exactly these calls, driven by `denoiser`. A TDAC recipe without
+    a `plan` (a table's: `TimestepPlan.of_table`) gets one from a probe batch of `bundle.unet`."""
+    sampler = model_trajectory_sampler(bundle, recipe, denoiser, conditioning=conditioning)
+    if plan is None and recipe.timestep_sampling == "tdac":
+        from qdiff.calib.tdac import tdac_plan
+
+        plan = tdac_plan(bundle.unet, sampler, recipe, progress=progress).plan()
+    return iter_calibration_inputs(sampler, recipe, progress=progress, plan=plan)
 
 
 def unet_calls(records: Iterator[CalibrationInput] | list[CalibrationInput]) -> list[dict[str, Any]]:

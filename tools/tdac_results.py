@@ -1,0 +1,243 @@
+"""TDAC (EDA-DM's temporal distribution alignment calibration) vs uniform timestep sampling.
+
+For each model (default: the two shipped shapes models; `--models DIR ...` for others), preset
+(w8a8, w4a8) and timestep sampling (uniform, tdac), one calibration as `qdiff run` does it
+(10 timesteps x 32 trajectories of a 50-step DDIM loop: TDAC spends the same 320 samples
+over all 50 steps), then round-to-nearest weights and AdaRound-BRECQ reconstruction on that
+table (`qdiff.api.reconstruct`, which replays the table's own TDAC counts). Every (model,
+preset, method) pair uniform/tdac is measured by the evaluation harness
+(`qdiff.eval_harness.run_harness`) with uniform as the baseline, so the tdac row's differences
+are paired over the same noise, with bootstrap 95% intervals. Optionally (`--sensitivity`) the
+per-layer-group sensitivity table of tools/sensitivity_results.py for each model and preset.
+
+Calibrations run on the CPU in `--workers` processes; reconstructions on `--device` in
+`--workers` processes at once; the harness runs one candidate pair after the other. Results
+are written as they finish: <out>/tdac.json (rows), tdac.md, harness folders per pair, and
+TDAC's samples-per-step plot per model and preset.
+
+GPU (H200), the issue's measurement (estimate: ~20-25 min; see the report's timing lines):
+
+    python3 tools/tdac_results.py --device cuda --images 1000 --seed-sets 1 --iterations 500 --sensitivity --out docs/results/tdac
+
+CPU check of the whole path (< 2 min on an idle 2-core machine; numbers not meaningful):
+
+    .venv/bin/python tools/tdac_results.py --smoke --out /tmp/tdac-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = (ROOT / "qdiff" / "models" / "shapes-ddpm", ROOT / "qdiff" / "models" / "shapes-cond")
+PRESETS = ("w8a8", "w4a8")
+SAMPLINGS = ("uniform", "tdac")
+METHODS = ("rtn", "adaround-brecq")
+RUN_CALIBRATION = {"num_timesteps": 10, "samples_per_timestep": 32, "calibration_steps": 50, "batch_size": 32}
+SMOKE_CALIBRATION = {"num_timesteps": 2, "samples_per_timestep": 2, "calibration_steps": 4, "batch_size": 2}
+
+
+def _quiet(threads: int) -> None:
+    os.environ.setdefault("QDIFF_QUIET", "1")
+    torch.set_num_threads(threads)
+
+
+def calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
+    _quiet(job["threads"])
+    from qdiff.api import calibrate
+
+    started = time.perf_counter()
+    res = calibrate(job["model"], job["out"], job["preset"], timestep_sampling=job["sampling"], timestep_stats=False, **job["calibration"])
+    tdac = res.table.provenance.get("tdac")
+    return {**job, "table": str(res.table_path), "tdac": tdac, "calibrate_seconds": round(time.perf_counter() - started, 1)}
+
+
+def reconstruct_job(job: dict[str, Any]) -> dict[str, Any]:
+    _quiet(job["threads"])
+    from qdiff.api import reconstruct
+    from qdiff.calib.reconstruct.settings import ReconstructionSettings
+
+    started = time.perf_counter()
+    settings = ReconstructionSettings(method=job["method"], iterations=job["iterations"], batch_size=job["recon_batch"], device=job["device"])
+    res = reconstruct(job["model"], job["out"], job["table"], settings)
+    return {**job, "weights": str(res.weights_path), "recon_table": str(res.table_path), "reconstruct_seconds": round(time.perf_counter() - started, 1)}
+
+
+def _pool_map(fn, jobs: list[dict[str, Any]], workers: int, what: str) -> list[dict[str, Any]]:
+    """`fn` over `jobs`, in `workers` spawned processes (inline with one), printing each as it ends."""
+    done = []
+    if workers <= 1:
+        for job in jobs:
+            done.append(fn(job))
+            print(f"{what}: {_key(done[-1])} done", flush=True)
+        return done
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for result in pool.map(fn, jobs):
+            done.append(result)
+            print(f"{what}: {_key(result)} done", flush=True)
+    return done
+
+
+def _key(job: dict[str, Any]) -> str:
+    return "/".join(str(job[k]) for k in ("label", "preset", "sampling", "method") if k in job)
+
+
+def counts_summary(tdac: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not tdac:
+        return None
+    counts = tdac["counts"]
+    return {"steps": len(counts), "min": min(counts), "max": max(counts), "zero_steps": sum(c == 0 for c in counts), "r": tdac["r"], "r_rule": tdac["r_rule"], "lam": tdac["lam"]}
+
+
+def write_report(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any]) -> None:
+    from qdiff.core.artifacts import write_json_atomic, write_text_atomic
+    from qdiff.report import markdown_table
+
+    write_json_atomic(out / "tdac.json", {"settings": settings, "rows": rows})
+
+    def metric(m: dict[str, Any] | None) -> str:
+        return "-" if not m else f"{m['mean']:.4g} [{m['ci95'][0]:.4g}, {m['ci95'][1]:.4g}]"
+
+    def diff(c: dict[str, Any] | None) -> str:
+        return "-" if not c else f"{c['diff']:+.4g} [{c['ci95'][0]:+.4g}, {c['ci95'][1]:+.4g}]" + (" *" if c.get("significant") else "")
+
+    table = []
+    for r in rows:
+        for name in ("step_rel_l2", "psnr", "shape_fd", "class_accuracy"):
+            if name in r["uniform"]:
+                table.append([r["model"], r["preset"], r["method"], name, metric(r["uniform"].get(name)), metric(r["tdac"].get(name)), diff(r["comparison"].get(name))])
+    md = [
+        "# TDAC vs uniform timestep sampling",
+        "",
+        f"Made by `python3 tools/tdac_results.py {settings['argv']}` on {settings['device']}; harness: {settings['harness']}.",
+        f"Calibration: {settings['calibration']} (TDAC spreads the same num_timesteps x samples_per_timestep budget over every step of the loop, at most samples_per_timestep per step; calib/tdac.py). "
+        f"Reconstruction: adaround-brecq, {settings['iterations']} iterations per unit.",
+        "",
+        "Each row: mean [95% bootstrap interval]; tdac - uniform is paired over the same noise (* = interval excludes 0).",
+        "",
+        markdown_table(["model", "preset", "weights", "metric", "uniform", "tdac", "tdac - uniform"], table),
+        "",
+        "## TDAC's samples per step",
+        "",
+    ]
+    seen = set()
+    for r in rows:
+        key = (r["model"], r["preset"])
+        if key in seen or not r.get("tdac_counts"):
+            continue
+        seen.add(key)
+        s = r["tdac_counts"]
+        md += [f"- {r['model']} {r['preset']}: {s['steps']} steps, {s['min']}..{s['max']} samples per step, {s['zero_steps']} steps without any; r = {s['r']:.4g} ({s['r_rule']}), lambda {s['lam']}. ![tdac]({r['tdac_plot']})"]
+    md += ["", "## Timing", ""] + [f"- {line}" for line in settings.get("timing", [])]
+    write_text_atomic(out / "tdac.md", "\n".join(md) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", type=Path, default=list(MODELS), help="diffusers model folders (default: the two shipped shapes models)")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="weights: rtn and/or adaround-brecq reconstruction (default: both)")
+    parser.add_argument("--iterations", type=int, default=500, help="reconstruction iterations per unit (default: %(default)s)")
+    parser.add_argument("--recon-batch", type=int, default=32)
+    parser.add_argument("--tdac-lambda", type=float, help="TDAC lambda (default: the recipe's, 1.2)")
+    parser.add_argument("--tdac-r", help="TDAC radius: auto or a number (default: the recipe's, auto)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--images", type=int, default=1000, help="harness images per seed set")
+    parser.add_argument("--seed-sets", type=int, default=1)
+    parser.add_argument("--step-images", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=250, help="harness images per UNet call")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=8, help="processes for calibration (CPU) and reconstruction (device) (default: %(default)s)")
+    parser.add_argument("--sensitivity", action="store_true", help="also the per-layer-group sensitivity table (tools/sensitivity_results.py) per model and preset")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "tdac")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qdiff-tdac"))
+    parser.add_argument("--smoke", action="store_true", help="tiny settings on the CPU: checks the whole path, numbers not meaningful")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ.setdefault("QDIFF_QUIET", "1")
+    calibration = dict(SMOKE_CALIBRATION if args.smoke else RUN_CALIBRATION)
+    if args.tdac_lambda is not None:
+        calibration["tdac_lambda"] = args.tdac_lambda
+    if args.tdac_r is not None:
+        calibration["tdac_r"] = args.tdac_r if args.tdac_r == "auto" else float(args.tdac_r)
+    if args.smoke:
+        args.device, args.models, args.presets, args.iterations, args.workers = "cpu", args.models[:1], args.presets[:1], 2, 1
+        args.images, args.step_images, args.steps, args.batch_size, args.bootstrap = 3, 2, 3, 4, 20
+    from qdiff.eval_harness import HarnessSettings, fake_quant_candidate, run_harness
+    from qdiff.plots import plot_tdac
+
+    harness = HarnessSettings(images=args.images, seed_sets=args.seed_sets, steps=args.steps, step_images=args.step_images, device=args.device,
+                              batch_size=args.batch_size, bootstrap=args.bootstrap, shape_fd=not args.smoke)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timing: list[str] = []
+    settings = {"argv": " ".join(argv if argv is not None else sys.argv[1:]), "device": args.device, "calibration": calibration, "iterations": args.iterations,
+                "harness": f"{args.seed_sets} seed set(s) x {args.images} images, {args.steps} DDIM steps, step error on {args.step_images}", "timing": timing}
+    cpu = os.cpu_count() or 2
+    threads = max(1, cpu // max(1, args.workers))
+    jobs = [{"model": str(m), "label": m.name, "preset": p, "sampling": s, "calibration": calibration, "threads": threads if args.workers > 1 else cpu,
+             "out": str(args.work / m.name / f"{p}-{s}")} for m in args.models for p in args.presets for s in SAMPLINGS]
+    tables = {(j["label"], j["preset"], j["sampling"]): j for j in _pool_map(calibrate_job, jobs, args.workers, "calibrate")}
+    timing.append(f"calibration: {len(jobs)} tables in {time.perf_counter() - started:.0f} s (CPU, {args.workers} processes)")
+    print(timing[-1], flush=True)
+    weights: dict[tuple, dict[str, Any]] = {}
+    if "adaround-brecq" in args.methods:
+        t0 = time.perf_counter()
+        rjobs = [{**j, "method": "adaround-brecq", "iterations": args.iterations, "recon_batch": args.recon_batch, "device": args.device, "threads": max(1, cpu // max(1, args.workers))} for j in tables.values()]
+        weights = {(j["label"], j["preset"], j["sampling"]): j for j in _pool_map(reconstruct_job, rjobs, args.workers, "reconstruct")}
+        timing.append(f"reconstruction: {len(rjobs)} x {args.iterations} iterations in {time.perf_counter() - t0:.0f} s ({args.device}, {args.workers} at once)")
+        print(timing[-1], flush=True)
+    rows: list[dict[str, Any]] = []
+    for model in args.models:
+        for preset in args.presets:
+            tdac = tables[(model.name, preset, "tdac")]["tdac"]
+            plot = plot_tdac(tdac, args.out / f"tdac-samples-{model.name}-{preset}.png")
+            for method in args.methods:
+                t0 = time.perf_counter()
+                candidates = []
+                for sampling in SAMPLINGS:
+                    job = tables[(model.name, preset, sampling)]
+                    rec = weights.get((model.name, preset, sampling)) if method != "rtn" else None
+                    candidates.append(fake_quant_candidate(f"{preset}/{method}/{sampling}", rec["recon_table"] if rec else job["table"], weights=rec["weights"] if rec else None,
+                                                           meta={"sampling": sampling, "method": method, "preset": preset}))
+                result = run_harness(model, candidates, harness, baseline=candidates[0].label, out_dir=args.work / "harness" / model.name / f"{preset}-{method}")
+                uniform, tdac_row = (result.rows[c.label]["metrics"] for c in candidates)
+                rows.append({"model": model.name, "model_path": str(model), "preset": preset, "method": method, "iterations": args.iterations if method != "rtn" else None,
+                             "uniform": uniform, "tdac": tdac_row, "comparison": result.comparisons.get(candidates[1].label, {}), "fp32": result.fp32,
+                             "tdac_counts": counts_summary(tdac), "tdac_plot": plot.name, "seconds": round(time.perf_counter() - t0, 1)})
+                timing.append(f"harness {model.name} {preset} {method}: {rows[-1]['seconds']} s")
+                write_report(rows, args.out, settings)
+                c = rows[-1]["comparison"].get("step_rel_l2", {})
+                print(f"harness: {model.name} {preset} {method}: step rel-L2 uniform {uniform['step_rel_l2']['mean']:.4f}, tdac {tdac_row['step_rel_l2']['mean']:.4f}"
+                      + (f", diff {c['diff']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]" if c else "") + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+    if args.sensitivity:
+        sys.path.insert(0, str(ROOT / "tools"))
+        from sensitivity_results import model_sensitivity, write_outputs
+
+        t0 = time.perf_counter()
+        entries = []
+        sens_settings = {"argv": settings["argv"] + " (via tdac_results --sensitivity)", "device": args.device}
+        for model in args.models:
+            for preset in args.presets:
+                entries.append(model_sensitivity(model, preset, device=args.device, images=2 if args.smoke else 64, steps=args.steps, calibration=calibration, calibrator=None, work=args.work / "sensitivity"))
+                write_outputs(entries, args.out / "sensitivity", sens_settings)
+        timing.append(f"sensitivity: {len(entries)} tables in {time.perf_counter() - t0:.0f} s")
+    timing.append(f"total {time.perf_counter() - started:.0f} s")
+    write_report(rows, args.out, settings)
+    print(f"wrote {args.out / 'tdac.md'} in {time.perf_counter() - started:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
