@@ -16,7 +16,7 @@ from torch import nn
 
 import numpy as np
 
-from qdiff.calib.quant_math import fake_quantize, scale_from_amax, scale_in_dtype
+from qdiff.calib.quant_math import INT8_MAX, fake_quantize, scale_from_amax, scale_in_dtype
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.calib.targets import select_targets
@@ -26,9 +26,10 @@ from qdiff.core.errors import CalibrationError
 class FakeQuantLayer(nn.Module):
     """Wraps one Conv/Linear layer with input and weight fake quantization."""
 
-    def __init__(self, layer: nn.Module, input_scale: float, weight_scale: torch.Tensor, weight_axis: int, weight_qmax: int):
+    def __init__(self, layer: nn.Module, input_scale: float, weight_scale: torch.Tensor, weight_axis: int, weight_qmax: int, input_qmax: int = INT8_MAX):
         super().__init__()
         self.layer = layer
+        self.input_qmax = input_qmax  # 127; 7 for the simulated-only A4 recipes
         self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float32))
         self.register_buffer("weight_scale", weight_scale.float())
         self.weight_axis = weight_axis
@@ -38,7 +39,7 @@ class FakeQuantLayer(nn.Module):
         return fake_quantize(self.layer.weight, self.weight_scale, axis=self.weight_axis, qmax=self.weight_qmax)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        x = fake_quantize(x, self.input_scale)
+        x = fake_quantize(x, self.input_scale, qmax=self.input_qmax)
         weight = self.quantized_weight()
         layer = self.layer
         if isinstance(layer, nn.Linear):
@@ -57,7 +58,7 @@ class SplitShortcutFakeQuant(nn.Module):
     then Add). A split resnet `conv1` (recipe `split_conv1`) uses it too: its input is
     silu(norm1(cat(a, b))), split at the same channel (the export slices it)."""
 
-    def __init__(self, layer: nn.Conv2d, split_channels: int, input_scales: tuple[float, float], weight_scales: tuple[torch.Tensor, torch.Tensor], weight_qmax: int):
+    def __init__(self, layer: nn.Conv2d, split_channels: int, input_scales: tuple[float, float], weight_scales: tuple[torch.Tensor, torch.Tensor], weight_qmax: int, input_qmax: int = INT8_MAX):
         super().__init__()
         if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
             raise CalibrationError(f"split-shortcut needs an ungrouped Conv2d, got {layer!r}")
@@ -68,12 +69,13 @@ class SplitShortcutFakeQuant(nn.Module):
         self.register_buffer("weight_scale_a", weight_scales[0].float())
         self.register_buffer("weight_scale_b", weight_scales[1].float())
         self.weight_qmax = weight_qmax
+        self.input_qmax = input_qmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.split_channels
         layer = self.layer
-        xa = fake_quantize(x[:, :c], self.input_scale_a)
-        xb = fake_quantize(x[:, c:], self.input_scale_b)
+        xa = fake_quantize(x[:, :c], self.input_scale_a, qmax=self.input_qmax)
+        xb = fake_quantize(x[:, c:], self.input_scale_b, qmax=self.input_qmax)
         wa = fake_quantize(layer.weight[:, :c], self.weight_scale_a, axis=0, qmax=self.weight_qmax)
         wb = fake_quantize(layer.weight[:, c:], self.weight_scale_b, axis=0, qmax=self.weight_qmax)
         return layer._conv_forward(xa, wa, layer.bias) + layer._conv_forward(xb, wb, None)
@@ -144,11 +146,12 @@ def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Re
                 (float(scale_of(ranges.shortcut_a, recipe.activation_qmax)), float(scale_of(ranges.shortcut_b, recipe.activation_qmax))),
                 (torch.from_numpy(scale_of(ranges.weight_a, recipe.weight_qmax)), torch.from_numpy(scale_of(ranges.weight_b, recipe.weight_qmax))),
                 recipe.weight_qmax,
+                recipe.activation_qmax,
             )
             _set_submodule(quantized, target.name, wrapper)
             continue
         input_scale = float(scale_of(ranges.input, recipe.activation_qmax))
         weight_scale = torch.from_numpy(scale_of(ranges.weight, recipe.weight_qmax))
-        wrapper = FakeQuantLayer(target.module, input_scale, weight_scale, target.weight_axis, recipe.weight_qmax)
+        wrapper = FakeQuantLayer(target.module, input_scale, weight_scale, target.weight_axis, recipe.weight_qmax, recipe.activation_qmax)
         _set_submodule(quantized, target.name, wrapper)
     return quantized

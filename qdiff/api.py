@@ -349,6 +349,7 @@ def quantize_onnx(
     onnx_path, table_path = Path(onnx_path), Path(table_path)
     table = CalibrationTable.load(table_path)
     recipe = Recipe.from_json(table.recipe)
+    recipe.check_deployable("a Q/DQ graph")  # before hashing anything
     if placement is not None:
         if quantize_ops is not None or exclude is not None:
             raise RecipeError("give a named placement or quantize_ops/exclude, not both", hint="a placement already sets both")
@@ -489,6 +490,9 @@ def build_engine(
     onnx = Path(onnx)
     if not onnx.exists():
         raise OnnxModelError(f"no ONNX file at {onnx}", hint="export one with `qdiff export` (and `qdiff quantize` for INT8)")
+    graph_manifest = read_manifest(onnx)
+    if graph_manifest is not None and isinstance(graph_manifest.settings.get("recipe"), dict):
+        Recipe.from_json(graph_manifest.settings["recipe"]).check_deployable("a TensorRT engine")  # W4A4 is simulated only
     facts = graph_facts(onnx)
     default_size = config_sample_size(facts.unet_config)
     profile = derive_profile(graph_inputs(onnx), batch=batch, height=size, tokens=tokens, overrides=shapes, default_size=default_size)
@@ -644,7 +648,7 @@ def run(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     overrides = {**RUN_CALIBRATION, **overrides}  # what is left after the sampling keys
-    load_recipe(recipe, **overrides)  # fail fast on a bad recipe, before loading the model
+    load_recipe(recipe, **overrides).check_deployable("the ONNX Runtime comparison of `run`")  # fail fast, before loading the model
     # Progress for the phases that printed nothing on a rerun (~20 s on 2 cores with every
     # artifact up to date): loading and hashing the model, the per-step errors, the plots.
     log(f"run: loading the model ({model if model is not None else 'built-in'}) and hashing its weights ...")

@@ -70,7 +70,7 @@ def _add_recipe(p: argparse.ArgumentParser, default: str = "w8a8", run: bool = F
 
         title += f" (qdiff run calibrates lighter than the recipe unless told: {c['num_timesteps']} timesteps x {c['samples_per_timestep']} samples x {c['calibration_steps']}-step loop, batch {c['batch_size']})"
     g = p.add_argument_group(title)
-    g.add_argument("--recipe", default=default, help="preset (w8a8, w4a8) or a recipe .json file (default: %(default)s)")
+    g.add_argument("--recipe", default=default, help="preset (w8a8, w4a8; w4a4 is fake-quant only: calibrate works, quantize/run refuse it) or a recipe .json file (default: %(default)s)")
     g.add_argument("--calibrator", dest="activation_calibrator", choices=["max", "percentile", "mse", "entropy"], help=f"activation calibrator (default: the recipe's; the presets': {r.activation_calibrator})")
     g.add_argument("--percentile", type=float, help=f"percentile for the percentile calibrator (default: the recipe's, {r.percentile})")
     g.add_argument("--timesteps", dest="num_timesteps", type=int, help="calibration timesteps, spread uniformly over the trajectory " + size("num_timesteps"))

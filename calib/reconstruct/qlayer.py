@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdiff.calib.reconstruct.adaround import hard_rounding, init_rounding_variable, rectified_sigmoid
+from qdiff.calib.quant_math import INT8_MAX
 from qdiff.calib.reconstruct.lsq import LearnedStep
 
 WEIGHT_MODES = ("float", "nearest", "soft", "fixed")
@@ -34,7 +35,7 @@ class PartSpec:
 
 
 class QuantPart(nn.Module):
-    def __init__(self, weight: torch.Tensor, spec: PartSpec, weight_axis: int, weight_qmax: int) -> None:
+    def __init__(self, weight: torch.Tensor, spec: PartSpec, weight_axis: int, weight_qmax: int, input_qmax: int = INT8_MAX) -> None:
         super().__init__()
         shape = [1] * weight.ndim
         shape[weight_axis] = -1
@@ -46,7 +47,7 @@ class QuantPart(nn.Module):
         self.register_buffer("floor", torch.floor(w_over_s))
         self.register_buffer("fixed", torch.clamp(torch.round(w_over_s), -weight_qmax - 1, weight_qmax))
         self.v = nn.Parameter(init_rounding_variable(w_over_s), requires_grad=False)
-        self.input = LearnedStep(spec.input_step)
+        self.input = LearnedStep(spec.input_step, input_qmax)
 
     def _clamp(self, q: torch.Tensor) -> torch.Tensor:
         return torch.clamp(q, -self.qmax - 1, self.qmax)
@@ -70,13 +71,13 @@ class QuantPart(nn.Module):
 class ReconLayer(nn.Module):
     """Conv2d / ConvTranspose2d / Linear with quantized input(s) and weight(s)."""
 
-    def __init__(self, layer: nn.Module, parts: list[PartSpec], weight_axis: int, weight_qmax: int) -> None:
+    def __init__(self, layer: nn.Module, parts: list[PartSpec], weight_axis: int, weight_qmax: int, input_qmax: int = INT8_MAX) -> None:
         super().__init__()
         self.layer = layer
         for p in layer.parameters():
             p.requires_grad_(False)
         self.weight_axis = weight_axis
-        self.parts = nn.ModuleList(QuantPart(layer.weight[:, p.start : p.stop] if p.role else layer.weight, p, weight_axis, weight_qmax) for p in parts)
+        self.parts = nn.ModuleList(QuantPart(layer.weight[:, p.start : p.stop] if p.role else layer.weight, p, weight_axis, weight_qmax, input_qmax) for p in parts)
         self.weight_mode = "nearest"
         self.act_quant = True
         if len(parts) > 1 and not (isinstance(layer, nn.Conv2d) and layer.groups == 1):
