@@ -2,8 +2,10 @@
 
 It computes what the fake-quant reference (`calib.fake_quant`) computes, per-tensor input
 quantization and per-output-channel weights on the recipe's grid, but its weights can be
-rounded four ways: float (off), nearest (the reference's round-to-nearest), soft (AdaRound's
-h(V), while training) and fixed (integers decided by reconstruction). A split-shortcut layer
+rounded five ways: float (off), nearest (the reference's round-to-nearest), soft (AdaRound's
+h(V), while training), fixed (integers decided by reconstruction) and trained (QuEST's selective
+fine-tuning: the float weight trained through floor with the fixed rounding offset kept, see
+`start_weight_training`). A split-shortcut layer
 has two parts, one per concat branch, each with its own input step, weight scale and rounding
 variables: both halves are reconstructed, the rounding term covers both.
 """
@@ -18,9 +20,9 @@ from torch import nn
 
 from qdiff.calib.reconstruct.adaround import hard_rounding, init_rounding_variable, rectified_sigmoid
 from qdiff.calib.quant_math import INT8_MAX
-from qdiff.calib.reconstruct.lsq import LearnedStep
+from qdiff.calib.reconstruct.lsq import LearnedStep, floor_ste
 
-WEIGHT_MODES = ("float", "nearest", "soft", "fixed")
+WEIGHT_MODES = ("float", "nearest", "soft", "fixed", "trained")
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,30 @@ class QuantPart(nn.Module):
             return self._clamp(self.floor + rectified_sigmoid(self.v))
         if mode == "nearest":
             return self._clamp(torch.round(self.weight / self.scale))
+        if mode == "trained":
+            return self._clamp(floor_ste(self.weight / self.scale) + self.offset)
         return self.fixed
 
     def quantized_weight(self, mode: str) -> torch.Tensor:
         return self.weight if mode == "float" else self.integer_weight(mode) * self.scale
+
+    @torch.no_grad()
+    def start_weight_training(self) -> None:
+        """Make the float weight trainable with today's integers as the starting point.
+
+        QuEST's quantizer after AdaRound computes floor_ste(w / s) + 1[alpha >= 0]: the rounding
+        decision stays, the float weight gets a straight-through gradient, and an integer moves
+        only when w / s crosses a grid line. Here the decision is the offset fixed - floor(w / s)
+        (0 or 1 after AdaRound or round-to-nearest), so "trained" mode starts at exactly the
+        integers in `fixed`, whatever made them."""
+        self.register_buffer("offset", self.fixed - torch.floor(self.weight / self.scale))
+        self.weight.requires_grad_(True)
+
+    @torch.no_grad()
+    def fix_trained_weight(self) -> None:
+        """Re-round: the integers the trained float weight gives, back in `fixed`."""
+        self.fixed.copy_(self.integer_weight("trained"))
+        self.weight.requires_grad_(False)
 
     @torch.no_grad()
     def fix_rounding(self) -> None:
