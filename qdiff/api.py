@@ -338,6 +338,7 @@ def finetune(
     import shutil
 
     from qdiff.calib.quest.finetune import SelectiveFinetuner
+    from qdiff.calib.quest.time_aware import copy_table
     from qdiff.calib.quest.settings import FinetuneSettings
     from qdiff.calib.reconstruct.artifact import ReconstructedWeights, weights_from_model
     from qdiff.core.conditioning import conditioning_key, resolve_conditioning
@@ -382,7 +383,7 @@ def finetune(
     engine = SelectiveFinetuner(bundle.unet, table, settings, calls, weights=start, checkpoint_dir=cache, progress=progress, on_stage_done=on_stage_done)
     outcome = engine.run()
     weights = weights_from_model(outcome.model, bundle.model_sha256, recipe.weight_bits, f"{base_method}-ft")
-    new_table = CalibrationTable.from_json(table.to_json())
+    new_table = copy_table(table)
     if settings.learn_activation_steps:  # only the trained layers' steps moved
         trained = {name for stage in outcome.stages for name in stage.layers}
         for name, layer in outcome.layers().items():

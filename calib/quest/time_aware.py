@@ -21,6 +21,7 @@ deployment waits for a measured gain; until then this is a fake-quant simulation
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -103,6 +104,11 @@ class TimeBuckets:
         return out
 
 
+def copy_table(table: CalibrationTable) -> CalibrationTable:
+    """A deep copy (`from_json(to_json())` shares the provenance dict with the original)."""
+    return CalibrationTable.from_json(copy.deepcopy(table.to_json()))
+
+
 def collect_bucket_tables(unet: nn.Module, sampler: TrajectorySampler, table: CalibrationTable, buckets: TimeBuckets, *, progress: Callable | None = None) -> list[CalibrationTable]:
     """One calibration table per bucket, its activation ranges measured at that bucket's steps.
 
@@ -128,7 +134,7 @@ def collect_bucket_tables(unet: nn.Module, sampler: TrajectorySampler, table: Ca
             recorder.remove()
     out = []
     for k, recorder in enumerate(recorders):
-        new = CalibrationTable.from_json(table.to_json())
+        new = copy_table(table)
         for name, ranges in new.layers.items():
             observer = recorder.observers.get(name)
             if observer is None or observer.batches == 0:
@@ -146,7 +152,7 @@ def collect_bucket_tables(unet: nn.Module, sampler: TrajectorySampler, table: Ca
 def bucket_tables(unet: nn.Module, sampler: TrajectorySampler, table: CalibrationTable, k: int, *, base_sha256: str = "", progress: Callable | None = None) -> tuple[list[CalibrationTable], TimeBuckets]:
     """The K tables of `table` (K = 1: `table` itself) and their buckets, provenance filled in."""
     buckets = TimeBuckets.of_table(table, k)
-    tables = [CalibrationTable.from_json(table.to_json())] if k == 1 else collect_bucket_tables(unet, sampler, table, buckets, progress=progress)
+    tables = [copy_table(table)] if k == 1 else collect_bucket_tables(unet, sampler, table, buckets, progress=progress)
     for b, t in enumerate(tables):
         t.provenance["time_aware"] = {"bucket": b, "buckets": k, "step_indices": list(buckets.step_indices[b]), "timesteps": list(buckets.timesteps[b]), "base_table_sha256": base_sha256}
     return tables, buckets
