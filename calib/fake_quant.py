@@ -26,9 +26,11 @@ from qdiff.core.errors import CalibrationError
 class FakeQuantLayer(nn.Module):
     """Wraps one Conv/Linear layer with input and weight fake quantization."""
 
-    def __init__(self, layer: nn.Module, input_scale: float, weight_scale: torch.Tensor, weight_axis: int, weight_qmax: int, input_qmax: int = INT8_MAX):
+    def __init__(self, layer: nn.Module, input_scale: float, weight_scale: torch.Tensor, weight_axis: int, weight_qmax: int, *, quantize_input: bool = True, quantize_weight: bool = True, input_qmax: int = INT8_MAX):
         super().__init__()
         self.layer = layer
+        self.quantize_input = quantize_input  # False/False sides: the decomposition rows (`only=`)
+        self.quantize_weight = quantize_weight
         self.input_qmax = input_qmax  # 127; 7 for the simulated-only A4 recipes
         self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float32))
         self.register_buffer("weight_scale", weight_scale.float())
@@ -36,10 +38,13 @@ class FakeQuantLayer(nn.Module):
         self.weight_qmax = weight_qmax
 
     def quantized_weight(self) -> torch.Tensor:
+        if not self.quantize_weight:
+            return self.layer.weight
         return fake_quantize(self.layer.weight, self.weight_scale, axis=self.weight_axis, qmax=self.weight_qmax)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        x = fake_quantize(x, self.input_scale, qmax=self.input_qmax)
+        if self.quantize_input:
+            x = fake_quantize(x, self.input_scale, qmax=self.input_qmax)
         weight = self.quantized_weight()
         layer = self.layer
         if isinstance(layer, nn.Linear):
@@ -58,8 +63,11 @@ class SplitShortcutFakeQuant(nn.Module):
     then Add). A split resnet `conv1` (recipe `split_conv1`) uses it too: its input is
     silu(norm1(cat(a, b))), split at the same channel (the export slices it)."""
 
-    def __init__(self, layer: nn.Conv2d, split_channels: int, input_scales: tuple[float, float], weight_scales: tuple[torch.Tensor, torch.Tensor], weight_qmax: int, input_qmax: int = INT8_MAX):
+    def __init__(self, layer: nn.Conv2d, split_channels: int, input_scales: tuple[float, float], weight_scales: tuple[torch.Tensor, torch.Tensor], weight_qmax: int, *, quantize_input: bool = True, quantize_weight: bool = True, input_qmax: int = INT8_MAX):
         super().__init__()
+        self.quantize_input = quantize_input
+        self.quantize_weight = quantize_weight
+        self.input_qmax = input_qmax  # 127; 7 for the simulated-only A4 recipes
         if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
             raise CalibrationError(f"split-shortcut needs an ungrouped Conv2d, got {layer!r}")
         self.layer = layer
@@ -69,15 +77,16 @@ class SplitShortcutFakeQuant(nn.Module):
         self.register_buffer("weight_scale_a", weight_scales[0].float())
         self.register_buffer("weight_scale_b", weight_scales[1].float())
         self.weight_qmax = weight_qmax
-        self.input_qmax = input_qmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.split_channels
         layer = self.layer
-        xa = fake_quantize(x[:, :c], self.input_scale_a, qmax=self.input_qmax)
-        xb = fake_quantize(x[:, c:], self.input_scale_b, qmax=self.input_qmax)
-        wa = fake_quantize(layer.weight[:, :c], self.weight_scale_a, axis=0, qmax=self.weight_qmax)
-        wb = fake_quantize(layer.weight[:, c:], self.weight_scale_b, axis=0, qmax=self.weight_qmax)
+        xa, xb, wa, wb = x[:, :c], x[:, c:], layer.weight[:, :c], layer.weight[:, c:]
+        if self.quantize_input:
+            xa, xb = fake_quantize(xa, self.input_scale_a, qmax=self.input_qmax), fake_quantize(xb, self.input_scale_b, qmax=self.input_qmax)
+        if self.quantize_weight:
+            wa = fake_quantize(wa, self.weight_scale_a, axis=0, qmax=self.weight_qmax)
+            wb = fake_quantize(wb, self.weight_scale_b, axis=0, qmax=self.weight_qmax)
         return layer._conv_forward(xa, wa, layer.bias) + layer._conv_forward(xb, wb, None)
 
 
@@ -109,7 +118,7 @@ def _use_reconstructed(target, weights, split_channels: int | None) -> None:
             weight[:, sl] = values.to(weight.dtype)
 
 
-def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32, weights=None) -> nn.Module:
+def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Recipe | None = None, dtype: torch.dtype = torch.float32, weights=None, only: str | None = None) -> nn.Module:
     """A deep copy of `model` with every layer the table quantizes wrapped in `FakeQuantLayer`.
 
     `dtype=torch.float16` is the reference of the FP16 Q/DQ graph: the model in FP16 (run it
@@ -119,7 +128,13 @@ def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Re
 
     `weights` (a `calib.reconstruct.artifact.ReconstructedWeights`) replaces round-to-nearest
     by the reconstructed integers, as `export.qdq.insert_qdq(..., weights=)` does in the graph.
+
+    `only="weights"` or `only="activations"` quantizes one side and leaves the other in float
+    (no Q/DQ graph computes that; it is the evaluation's decomposition of the error by side).
     """
+    if only not in (None, "weights", "activations"):
+        raise CalibrationError(f"only={only!r}: expected None, 'weights' or 'activations'")
+    sides = {"quantize_input": only != "weights", "quantize_weight": only != "activations"}
     recipe = recipe or Recipe.from_json(table.recipe)
     quantized = copy.deepcopy(model).eval()
     if dtype != torch.float32:
@@ -146,12 +161,13 @@ def build_fake_quant_model(model: nn.Module, table: CalibrationTable, recipe: Re
                 (float(scale_of(ranges.shortcut_a, recipe.activation_qmax)), float(scale_of(ranges.shortcut_b, recipe.activation_qmax))),
                 (torch.from_numpy(scale_of(ranges.weight_a, recipe.weight_qmax)), torch.from_numpy(scale_of(ranges.weight_b, recipe.weight_qmax))),
                 recipe.weight_qmax,
-                recipe.activation_qmax,
+                input_qmax=recipe.activation_qmax,
+                **sides,
             )
             _set_submodule(quantized, target.name, wrapper)
             continue
         input_scale = float(scale_of(ranges.input, recipe.activation_qmax))
         weight_scale = torch.from_numpy(scale_of(ranges.weight, recipe.weight_qmax))
-        wrapper = FakeQuantLayer(target.module, input_scale, weight_scale, target.weight_axis, recipe.weight_qmax, recipe.activation_qmax)
+        wrapper = FakeQuantLayer(target.module, input_scale, weight_scale, target.weight_axis, recipe.weight_qmax, input_qmax=recipe.activation_qmax, **sides)
         _set_submodule(quantized, target.name, wrapper)
     return quantized

@@ -880,6 +880,8 @@ def run(
 # public API stays in one place: `qdiff.api.evaluate(model, fp32_onnx, quantized_onnx, out_dir)`.
 # Resolved on first use (PEP 562), so importing the API does not import torch.
 _SAMPLING_CORE = ("SampleResult", "generate", "make_denoiser", "step_errors")
+# The evaluation harness (qdiff.eval_harness): candidates vs FP32 at n >= 1000 with intervals.
+_HARNESS = ("run_harness", "HarnessSettings", "HarnessResult", "Candidate", "fake_quant_candidate", "decomposition_candidates", "fp32_candidate")
 _EXPORT_CHECK = ("validate_export",)  # runtime.export_check
 
 
@@ -892,6 +894,10 @@ def __getattr__(name: str) -> Any:
         from qdiff.runtime import sampler
 
         return getattr(sampler, name)
+    if name in _HARNESS:
+        from qdiff import eval_harness
+
+        return getattr(eval_harness, name)
     if name in _EXPORT_CHECK:
         from qdiff.runtime import export_check
 

@@ -152,3 +152,35 @@ def calibration_figures(stats_path: str | Path, out_dir: str | Path) -> list[dic
     if hist is not None:
         figures.append({"title": "Split-shortcut branches", "path": hist.name, "caption": "Activation histograms of the deep (a) and skip (b) halves of skip-concat convolutions: why each half gets its own scale."})
     return figures
+
+
+def plot_metric_intervals(result: Any, path: str | Path) -> Path:
+    """One panel per harness metric: each candidate's mean as a dot, its bootstrap 95% interval
+    as a bar (FP32's shape-FD and the real-vs-real floor as lines), so which candidates overlap
+    is seen at a glance. `result` is a `qdiff.eval_harness.HarnessResult`."""
+    from qdiff.eval_harness import METRIC_TITLES, METRICS
+
+    labels = list(result.rows)
+    metrics = [m for m in METRICS if any(m in r["metrics"] for r in result.rows.values())]
+    fig = _figure(2.6 * len(metrics), 0.9 + 0.32 * len(labels))
+    y = np.arange(len(labels))[::-1]
+    for k, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), k + 1)
+        for yi, label in zip(y, labels):
+            stat = result.rows[label]["metrics"].get(metric)
+            if stat is None:
+                continue
+            lo, hi = stat["ci95"]
+            color = "tab:red" if label == result.baseline else "tab:blue"
+            ax.errorbar([stat["mean"]], [yi], xerr=[[max(stat["mean"] - lo, 0.0)], [max(hi - stat["mean"], 0.0)]], fmt="o", markersize=3.5, capsize=3, color=color)
+        if metric == "shape_fd" and "shape_fd" in result.fp32:
+            ax.axvline(result.fp32["shape_fd"]["mean"], color="0.3", linestyle="--", linewidth=0.9, label="fp32")
+            ax.axvline(result.fp32["real_floor_shape_fd"], color="tab:green", linestyle=":", linewidth=0.9, label="real floor")
+            ax.legend(fontsize=6)
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels if k == 0 else [""] * len(labels), fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(METRIC_TITLES[metric], fontsize=8.5)
+        ax.grid(True, axis="x", alpha=0.3)
+    fig.suptitle(f"mean and 95% interval per candidate (baseline {result.baseline} in red)", fontsize=9)
+    return save_figure(fig, path)
