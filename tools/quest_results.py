@@ -21,10 +21,13 @@ artifact is cached under `--work`, so a rerun after a cut-off skips what is done
 written as they finish: `<out>/quest.json` + `quest.md`, and per (model, preset) the harness's
 own `harness.json/.md` and plots under `<out>/quest/<model>-<preset>/`.
 
-Regenerate (H200; one command per model keeps each under 10 minutes, see the estimate below):
+Regenerate (H200). Each command stays under 10 minutes; their rows accumulate in quest.json
+(a rerun of a (model, preset) replaces its rows):
 
-    python3 tools/quest_results.py --device cuda --models shapes-ddpm
-    python3 tools/quest_results.py --device cuda --models shapes-cond
+    python3 tools/quest_results.py --device cuda --models shapes-ddpm --presets w8a8 w4a8
+    python3 tools/quest_results.py --device cuda --models shapes-ddpm --presets w4a4
+    python3 tools/quest_results.py --device cuda --models shapes-cond --presets w8a8 w4a8
+    python3 tools/quest_results.py --device cuda --models shapes-cond --presets w4a4
 
 CPU check of the whole path at tiny settings (numbers meaningless):
 
@@ -198,6 +201,13 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _earlier_runs(path: Path) -> list[dict[str, Any]]:
+    try:
+        return list(json.loads(path.read_text(encoding="utf-8")).get("runs", []))
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -260,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = HarnessSettings(images=args.images, seed_sets=args.seed_sets, steps=args.steps, step_images=args.step_images, device=args.device, batch_size=args.harness_batch, bootstrap=50 if args.smoke else 1000)
     command = "python3 tools/quest_results.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    runs: list[dict[str, Any]] = []
+    # Runs of earlier invocations (other models or presets) stay in quest.json; this one's replace theirs.
+    mine = {(model_key(m), pr) for m, pr in prep}
+    runs: list[dict[str, Any]] = [r for r in _earlier_runs(args.out / "quest.json") if (r["model"], r["preset"]) not in mine]
 
     def write(current: dict[str, Any] | None = None, complete: bool = False) -> None:
         meta = {
