@@ -110,6 +110,11 @@ def collect_ranges(
 
         for _batch in calibration_trajectories(sampler, recipe, on_step=on_step, progress=progress, plan=plan):
             pass
+        # The last trajectory step was a kept one: switch recording off, or the MAC-counting
+        # pass below (a zero sample at t=500) would be observed as calibration data too.
+        recorder.enabled = False
+        if timestep_stats is not None:
+            timestep_stats.begin_step(-1, 0.0, False)
         observers = recorder.observers
         never_ran = [name for name, obs in observers.items() if obs.batches == 0]
         table = CalibrationTable(model_sha256=model_sha256, recipe=recipe.to_json())

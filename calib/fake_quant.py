@@ -17,7 +17,7 @@ from torch import nn
 
 import numpy as np
 
-from qdiff.calib.quant_math import fake_quantize, scale_from_amax, scale_in_dtype
+from qdiff.calib.quant_math import INT8_MAX, fake_quantize, scale_from_amax, scale_in_dtype
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.calib.targets import select_targets
@@ -27,11 +27,12 @@ from qdiff.core.errors import CalibrationError
 class FakeQuantLayer(nn.Module):
     """Wraps one Conv/Linear layer with input and weight fake quantization."""
 
-    def __init__(self, layer: nn.Module, input_scale: float, weight_scale: torch.Tensor, weight_axis: int, weight_qmax: int, *, quantize_input: bool = True, quantize_weight: bool = True):
+    def __init__(self, layer: nn.Module, input_scale: float, weight_scale: torch.Tensor, weight_axis: int, weight_qmax: int, *, quantize_input: bool = True, quantize_weight: bool = True, input_qmax: int = INT8_MAX):
         super().__init__()
         self.layer = layer
         self.quantize_input = quantize_input  # False/False sides: the decomposition rows (`only=`)
         self.quantize_weight = quantize_weight
+        self.input_qmax = input_qmax  # 127; 7 for the simulated-only A4 recipes
         self.register_buffer("input_scale", torch.tensor(input_scale, dtype=torch.float32))
         self.register_buffer("weight_scale", weight_scale.float())
         self.weight_axis = weight_axis
@@ -44,7 +45,7 @@ class FakeQuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.quantize_input:
-            x = fake_quantize(x, self.input_scale)
+            x = fake_quantize(x, self.input_scale, qmax=self.input_qmax)
         weight = self.quantized_weight()
         layer = self.layer
         if isinstance(layer, nn.Linear):
@@ -63,10 +64,11 @@ class SplitShortcutFakeQuant(nn.Module):
     then Add). A split resnet `conv1` (recipe `split_conv1`) uses it too: its input is
     silu(norm1(cat(a, b))), split at the same channel (the export slices it)."""
 
-    def __init__(self, layer: nn.Conv2d, split_channels: int, input_scales: tuple[float, float], weight_scales: tuple[torch.Tensor, torch.Tensor], weight_qmax: int, *, quantize_input: bool = True, quantize_weight: bool = True):
+    def __init__(self, layer: nn.Conv2d, split_channels: int, input_scales: tuple[float, float], weight_scales: tuple[torch.Tensor, torch.Tensor], weight_qmax: int, *, quantize_input: bool = True, quantize_weight: bool = True, input_qmax: int = INT8_MAX):
         super().__init__()
         self.quantize_input = quantize_input
         self.quantize_weight = quantize_weight
+        self.input_qmax = input_qmax  # 127; 7 for the simulated-only A4 recipes
         if not isinstance(layer, nn.Conv2d) or layer.groups != 1:
             raise CalibrationError(f"split-shortcut needs an ungrouped Conv2d, got {layer!r}")
         self.layer = layer
@@ -82,7 +84,7 @@ class SplitShortcutFakeQuant(nn.Module):
         layer = self.layer
         xa, xb, wa, wb = x[:, :c], x[:, c:], layer.weight[:, :c], layer.weight[:, c:]
         if self.quantize_input:
-            xa, xb = fake_quantize(xa, self.input_scale_a), fake_quantize(xb, self.input_scale_b)
+            xa, xb = fake_quantize(xa, self.input_scale_a, qmax=self.input_qmax), fake_quantize(xb, self.input_scale_b, qmax=self.input_qmax)
         if self.quantize_weight:
             wa = fake_quantize(wa, self.weight_scale_a, axis=0, qmax=self.weight_qmax)
             wb = fake_quantize(wb, self.weight_scale_b, axis=0, qmax=self.weight_qmax)
@@ -179,12 +181,13 @@ def build_fake_quant_model(
                 (float(scale_of(ranges.shortcut_a, recipe.activation_qmax)), float(scale_of(ranges.shortcut_b, recipe.activation_qmax))),
                 (torch.from_numpy(scale_of(ranges.weight_a, recipe.weight_qmax)), torch.from_numpy(scale_of(ranges.weight_b, recipe.weight_qmax))),
                 recipe.weight_qmax,
+                input_qmax=recipe.activation_qmax,
                 **sides,
             )
             _set_submodule(quantized, target.name, wrapper)
             continue
         input_scale = float(scale_of(ranges.input, recipe.activation_qmax))
         weight_scale = torch.from_numpy(scale_of(ranges.weight, recipe.weight_qmax))
-        wrapper = FakeQuantLayer(target.module, input_scale, weight_scale, target.weight_axis, recipe.weight_qmax, **sides)
+        wrapper = FakeQuantLayer(target.module, input_scale, weight_scale, target.weight_axis, recipe.weight_qmax, input_qmax=recipe.activation_qmax, **sides)
         _set_submodule(quantized, target.name, wrapper)
     return quantized

@@ -71,8 +71,8 @@ class Recipe:
         problems = []
         if self.weight_bits not in (4, 8):
             problems.append(f"weight_bits={self.weight_bits} (use 4 or 8)")
-        if self.activation_bits != 8:
-            problems.append(f"activation_bits={self.activation_bits} (only 8 is supported)")
+        if self.activation_bits not in (4, 8):
+            problems.append(f"activation_bits={self.activation_bits} (use 8, or 4 for fake-quant simulation only)")
         if self.activation_calibrator not in CALIBRATORS:
             problems.append(f"activation_calibrator={self.activation_calibrator!r} (one of {', '.join(CALIBRATORS)})")
         if self.weight_calibrator not in WEIGHT_CALIBRATORS:
@@ -106,6 +106,25 @@ class Recipe:
     @property
     def activation_qmax(self) -> int:
         return 2 ** (self.activation_bits - 1) - 1
+
+    @property
+    def simulated_only(self) -> str | None:
+        """Why this recipe exists only in fake-quant (no Q/DQ graph, no engine), or None.
+
+        INT4 activations (QuEST's W4A4) have no TensorRT kernels: TensorRT quantizes activations
+        to INT8 or FP8 only, so a W4A4 recipe is calibrated and evaluated in the PyTorch
+        fake-quant reference and refused by `qdiff quantize`/build."""
+        if self.activation_bits != 8:
+            return f"simulated: TensorRT has no INT{self.activation_bits} activations"
+        return None
+
+    def check_deployable(self, what: str) -> None:
+        """Refuse a simulated-only recipe where a Q/DQ graph or an engine would be made."""
+        if self.simulated_only is not None:
+            raise RecipeError(
+                f"recipe {self.name!r} (W{self.weight_bits}A{self.activation_bits}) is {self.simulated_only}; {what} cannot be made for it",
+                hint="evaluate it in fake-quant (the evaluation harness, tools/quest_results.py); deploy w8a8 or w4a8",
+            )
 
     def is_excluded(self, module_name: str) -> str | None:
         """The exclusion pattern that keeps `module_name` in float, or None."""
@@ -144,11 +163,13 @@ PRESETS: dict[str, Recipe] = {
     # (shapes-ddpm 0.0177 vs percentile 0.0184, max 0.0250; shapes-cond 0.0196 vs 0.0202, max 0.0273).
     "w8a8": Recipe(name="w8a8", activation_calibrator="mse", split_shortcut=True),
     "w4a8": Recipe(name="w4a8", weight_bits=4, activation_calibrator="mse", weight_calibrator="mse", split_shortcut=True),
+    # QuEST's headline setting, fake-quant only (`Recipe.simulated_only`): activation qmax 7.
+    "w4a4": Recipe(name="w4a4", weight_bits=4, activation_bits=4, activation_calibrator="mse", weight_calibrator="mse", split_shortcut=True),
 }
 
 
 def load_recipe(spec: str | Path | Recipe, **overrides: Any) -> Recipe:
-    """A preset name (`w8a8`, `w4a8`) or a path to a recipe JSON file, plus overrides."""
+    """A preset name (`w8a8`, `w4a8`, `w4a4` simulated) or a path to a recipe JSON file, plus overrides."""
     if isinstance(spec, Recipe):
         recipe = spec
     elif str(spec) in PRESETS:

@@ -207,6 +207,7 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
     its reconstructed integers (their stored scales must equal the table's) instead of rounding the float weight to nearest; the
     graph keeps the same form (float initializer on the grid, per-channel Q/DQ)."""
     recipe = recipe or Recipe.from_json(table.recipe)
+    recipe.check_deployable("a Q/DQ graph")
     if weights is not None:
         if weights.model_sha256 != table.model_sha256:
             raise QuantizationError(

@@ -296,6 +296,183 @@ def _table_with_learned_steps(table: CalibrationTable, outcome, settings, recipe
     return new
 
 
+# ----------------------------------------------------------------------------- finetune (QuEST)
+
+FINETUNE_NAME = "finetune.safetensors"
+FINETUNE_CACHE = ".qdiff-finetune-cache"
+
+
+@dataclass
+class FinetuneResult:
+    weights_path: Path  # finetune.safetensors: integer weights + scales (a ReconstructedWeights)
+    table_path: Path  # finetune.calibration.json: the table (activation ranges updated if steps were trained)
+    stages: list[dict[str, Any]]
+    reused: bool = False
+    seconds: float = 0.0
+
+
+def finetune(
+    model: ModelLike,
+    out: str | Path,
+    table_path: str | Path,
+    settings: Any = None,
+    *,
+    reconstruction: str | Path | None = None,
+    prompts: list[str] | None = None,
+    class_labels: list[int] | None = None,
+    embeddings: str | Path | None = None,
+    random_conditioning: bool = False,
+    force: bool = False,
+    on_stage_done: Any = None,
+    **setting_overrides: Any,
+) -> FinetuneResult:
+    """QuEST's selective fine-tuning (`calib.quest.finetune`) of a calibrated model, starting from
+    round-to-nearest or from `reconstruction` (a `reconstruct` artifact; pass the table written
+    beside it). Distils the quantized model's eps into the float model's on the calibration
+    calls (re-collected with calibration's seeded loop, as `reconstruct` does), the
+    time-embedding layers first, then attention; weights stay on their integer grid.
+
+    Writes `finetune.safetensors` (the same format as a reconstruction: `qdiff quantize
+    --reconstruction` and the fake-quant reference take it) and `finetune.calibration.json`,
+    each with a manifest. A finished stage is checkpointed under
+    `<out>/.qdiff-finetune-cache/<key>/`; a killed run restarts at the stage it was in.
+    """
+    import hashlib
+    import shutil
+
+    from qdiff.calib.quest.finetune import SelectiveFinetuner
+    from qdiff.calib.quest.time_aware import copy_table
+    from qdiff.calib.quest.settings import FinetuneSettings
+    from qdiff.calib.reconstruct.artifact import ReconstructedWeights, weights_from_model
+    from qdiff.core.conditioning import conditioning_key, resolve_conditioning
+    from qdiff.runtime.backends import TorchDenoiser
+    from qdiff.runtime.calibration_loop import model_calibration_inputs, unet_calls
+
+    settings = (settings or FinetuneSettings()).with_overrides(**setting_overrides)
+    table_path = Path(table_path)
+    table = CalibrationTable.load(table_path)
+    bundle = as_bundle(model)
+    table.check_model(bundle.model_sha256, str(bundle.path))
+    recipe = Recipe.from_json(table.recipe)
+    start = None
+    if reconstruction is not None:
+        start = ReconstructedWeights.load(reconstruction)
+        start.check_model(bundle.model_sha256, str(bundle.path))
+    base_method = start.method if start is not None else "rtn"
+    out = Path(out)
+    target = out if out.suffix == ".safetensors" else out / FINETUNE_NAME
+    table_target = target.with_name(target.name.removesuffix(".safetensors") + ".calibration.json")
+    conditioning = resolve_conditioning(
+        bundle, recipe.samples_per_timestep, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random=random_conditioning, seed=recipe.seed
+    )
+    inputs = {"model_sha256": bundle.model_sha256, "table_sha256": sha256_file(table_path), "conditioning": conditioning_key(conditioning)}
+    if reconstruction is not None:
+        inputs["reconstruction_sha256"] = sha256_file(reconstruction)
+    wanted = Manifest(
+        kind="selective-finetune",
+        inputs=inputs,
+        settings={"finetune": {k: v for k, v in settings.to_json().items() if k != "device"}, "recipe": recipe.to_json()},  # the device says where, not what
+    )
+    cached = CachedStage(target, wanted, log_as="finetune", why="same model, table, starting weights and settings", companions={"table_sha256": table_target})
+    if (have := cached.reusable(force)) is not None:
+        return FinetuneResult(target, table_target, have.details.get("stages", []), reused=True)
+    started = time.perf_counter()
+    log(f"finetune: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
+    calls = unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress))
+    key = hashlib.sha256(json.dumps({"inputs": wanted.inputs, "settings": wanted.settings}, sort_keys=True).encode()).hexdigest()[:16]
+    cache = target.parent / FINETUNE_CACHE / key
+    cache.mkdir(parents=True, exist_ok=True)
+    log(f"finetune: stages {', '.join(settings.stages)}, iterations {list(settings.stage_iterations())}, batch {settings.batch_size}, lr {settings.lr}, from {base_method}, on {settings.device}; checkpoints in {cache}")
+    engine = SelectiveFinetuner(bundle.unet, table, settings, calls, weights=start, checkpoint_dir=cache, progress=progress, on_stage_done=on_stage_done)
+    outcome = engine.run()
+    weights = weights_from_model(outcome.model, bundle.model_sha256, recipe.weight_bits, f"{base_method}-ft")
+    new_table = copy_table(table)
+    if settings.learn_activation_steps:  # only the trained layers' steps moved
+        trained = {name for stage in outcome.stages for name in stage.layers}
+        for name, layer in outcome.layers().items():
+            if name in trained:
+                for part in layer.parts:
+                    setattr(new_table.layers[name], f"shortcut_{part.role}" if part.role else "input", part.input.amax)
+    new_table.provenance["finetune"] = {"from": base_method, "from_table_sha256": inputs["table_sha256"], "weights": target.name, "settings": settings.to_json()}
+    weights.save(target)
+    new_table.save(table_target)
+    stages = [vars(st) | {"layers": len(st.layers)} for st in outcome.stages]
+    seconds = round(time.perf_counter() - started, 2)
+    cached.record({"seconds": seconds, "calibration_calls": len(calls), "stages": stages, "table": table_target.name, "method": weights.method})
+    write_manifest(table_target, Manifest(kind="calibration-table", inputs={"model_sha256": bundle.model_sha256, "finetune_sha256": wanted.outputs["sha256"]}, settings={"recipe": recipe.to_json()}, outputs={"sha256": wanted.outputs["table_sha256"]}))
+    shutil.rmtree(cache, ignore_errors=True)
+    summary = "; ".join(f"{st['name']}: {st['error_before']:.4g} -> {st['error_after']:.4g} ({st['integers_changed']} integers moved)" for st in stages)
+    log(f"finetune: {summary}; {seconds} s -> {target}")
+    return FinetuneResult(target, table_target, stages, seconds=seconds)
+
+
+# ----------------------------------------------------------------------------- time-aware activation scales (QuEST)
+
+
+@dataclass
+class TimeAwareResult:
+    index_path: Path  # buckets.json: the buckets and the names of the K tables beside it
+    table_paths: list[Path]
+    reused: bool = False
+
+
+def calibrate_time_aware(
+    model: ModelLike,
+    out: str | Path,
+    table_path: str | Path,
+    buckets: int = 4,
+    *,
+    prompts: list[str] | None = None,
+    class_labels: list[int] | None = None,
+    embeddings: str | Path | None = None,
+    random_conditioning: bool = False,
+    force: bool = False,
+) -> TimeAwareResult:
+    """QuEST's time-aware activation quantizer, simulated: K calibration tables whose activation
+    ranges are measured per bucket of the calibration timesteps (`calib.quest.time_aware`).
+
+    Writes `<out>/time-aware-k<K>/` (or `out` itself if it ends with the K folder name):
+    `bucket-NN.calibration.json` per bucket and `buckets.json` with its manifest. The trajectories
+    are calibration's own (same recipe, seeds and conditioning). Evaluate the result with
+    `qdiff.quest.time_aware_candidate` (fake-quant); there is no engine for it (yet)."""
+    from qdiff.calib.quest.time_aware import INDEX_NAME, bucket_table_name, bucket_tables, save_time_aware
+    from qdiff.core.conditioning import conditioning_key, resolve_conditioning
+    from qdiff.runtime.backends import TorchDenoiser
+    from qdiff.runtime.calibration_loop import model_trajectory_sampler
+
+    table_path = Path(table_path)
+    table = CalibrationTable.load(table_path)
+    bundle = as_bundle(model)
+    table.check_model(bundle.model_sha256, str(bundle.path))
+    recipe = Recipe.from_json(table.recipe)
+    folder = Path(out)
+    if folder.name != f"time-aware-k{buckets}":
+        folder = folder / f"time-aware-k{buckets}"
+    index = folder / INDEX_NAME
+    conditioning = resolve_conditioning(
+        bundle, recipe.samples_per_timestep, prompts=prompts, class_labels=class_labels, embeddings=embeddings, random=random_conditioning, seed=recipe.seed
+    )
+    table_sha = sha256_file(table_path)
+    paths = [folder / bucket_table_name(b) for b in range(buckets)]
+    wanted = Manifest(
+        kind="time-aware-tables",
+        inputs={"model_sha256": bundle.model_sha256, "table_sha256": table_sha, "conditioning": conditioning_key(conditioning)},
+        settings={"buckets": buckets, "recipe": recipe.to_json()},
+    )
+    cached = CachedStage(index, wanted, log_as="time-aware", why="same model, table and K", companions={f"bucket_{b:02d}_sha256": p for b, p in enumerate(paths)})
+    if cached.reusable(force) is not None:
+        return TimeAwareResult(index, paths, reused=True)
+    started = time.perf_counter()
+    log(f"time-aware: {buckets} buckets over the {len(table.provenance.get('timesteps', []))} calibration timesteps of {table_path.name}")
+    sampler = model_trajectory_sampler(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning)
+    tables, time_buckets = bucket_tables(bundle.unet, sampler, table, buckets, base_sha256=table_sha, progress=progress)
+    index.unlink(missing_ok=True)  # a half-rewritten folder must not look complete
+    save_time_aware(folder, tables, time_buckets)
+    cached.record({"seconds": round(time.perf_counter() - started, 2), "boundaries": list(time_buckets.boundaries), "timesteps": [list(t) for t in time_buckets.timesteps]})
+    log(f"time-aware: {buckets} tables -> {folder}")
+    return TimeAwareResult(index, paths)
+
+
 # ----------------------------------------------------------------------------- quantize
 
 
@@ -352,6 +529,7 @@ def quantize_onnx(
     onnx_path, table_path = Path(onnx_path), Path(table_path)
     table = CalibrationTable.load(table_path)
     recipe = Recipe.from_json(table.recipe)
+    recipe.check_deployable("a Q/DQ graph")  # before hashing anything
     if placement is not None:
         if quantize_ops is not None or exclude is not None:
             raise RecipeError("give a named placement or quantize_ops/exclude, not both", hint="a placement already sets both")
@@ -492,6 +670,9 @@ def build_engine(
     onnx = Path(onnx)
     if not onnx.exists():
         raise OnnxModelError(f"no ONNX file at {onnx}", hint="export one with `qdiff export` (and `qdiff quantize` for INT8)")
+    graph_manifest = read_manifest(onnx)
+    if graph_manifest is not None and isinstance(graph_manifest.settings.get("recipe"), dict):
+        Recipe.from_json(graph_manifest.settings["recipe"]).check_deployable("a TensorRT engine")  # W4A4 is simulated only
     facts = graph_facts(onnx)
     default_size = config_sample_size(facts.unet_config)
     profile = derive_profile(graph_inputs(onnx), batch=batch, height=size, tokens=tokens, overrides=shapes, default_size=default_size)
@@ -647,7 +828,7 @@ def run(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     overrides = {**RUN_CALIBRATION, **overrides}  # what is left after the sampling keys
-    load_recipe(recipe, **overrides)  # fail fast on a bad recipe, before loading the model
+    load_recipe(recipe, **overrides).check_deployable("the ONNX Runtime comparison of `run`")  # fail fast, before loading the model
     # Progress for the phases that printed nothing on a rerun (~20 s on 2 cores with every
     # artifact up to date): loading and hashing the model, the per-step errors, the plots.
     log(f"run: loading the model ({model if model is not None else 'built-in'}) and hashing its weights ...")

@@ -70,7 +70,7 @@ def _add_recipe(p: argparse.ArgumentParser, default: str = "w8a8", run: bool = F
 
         title += f" (qdiff run calibrates lighter than the recipe unless told: {c['num_timesteps']} timesteps x {c['samples_per_timestep']} samples x {c['calibration_steps']}-step loop, batch {c['batch_size']})"
     g = p.add_argument_group(title)
-    g.add_argument("--recipe", default=default, help="preset (w8a8, w4a8) or a recipe .json file (default: %(default)s)")
+    g.add_argument("--recipe", default=default, help="preset (w8a8, w4a8; w4a4 is fake-quant only: calibrate works, quantize/run refuse it) or a recipe .json file (default: %(default)s)")
     g.add_argument("--calibrator", dest="activation_calibrator", choices=["max", "percentile", "mse", "entropy"], help=f"activation calibrator (default: the recipe's; the presets': {r.activation_calibrator})")
     g.add_argument("--percentile", type=float, help=f"percentile for the percentile calibrator (default: the recipe's, {r.percentile})")
     g.add_argument("--timesteps", dest="num_timesteps", type=int, help="calibration timesteps, spread uniformly over the trajectory " + size("num_timesteps"))
@@ -125,6 +125,33 @@ def _reconstruction_settings(args: argparse.Namespace):
         beta_start=args.beta[0], beta_end=args.beta[1], warmup=args.warmup, layer_loss_weight=args.layer_loss_weight, qdrop_p=args.qdrop_p,
         learn_activation_steps=args.learn_activation_steps, activation_lr=args.activation_lr,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), seed=args.seed,
+    )
+
+
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    from qdiff.calib.quest.settings import STAGES, FinetuneSettings
+
+    d = FinetuneSettings()
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--stages", nargs="+", choices=STAGES, default=list(d.stages), help="stages in order (default: %(default)s)")
+    g.add_argument("--iterations", nargs="+", type=int, default=[d.iterations], help="iterations per stage: one number for all, or one per stage (default: %(default)s)")
+    g.add_argument("--batch", dest="batch_size", type=int, default=d.batch_size, help="calibration samples per iteration (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="Adam lr of the selected layers' float weights (default: %(default)s, QuEST's)")
+    g.add_argument("--learn-act-steps", dest="learn_activation_steps", action=argparse.BooleanOptionalAction, default=d.learn_activation_steps, help="also train the selected layers' activation steps (default: off)")
+    g.add_argument("--act-lr", dest="activation_lr", type=float, default=d.activation_lr, help="Adam lr of the activation steps (default: %(default)s)")
+    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the minibatches (default: %(default)s)")
+
+
+def _finetune_settings(args: argparse.Namespace):
+    import torch
+
+    from qdiff.calib.quest.settings import FinetuneSettings
+
+    iterations = args.iterations[0] if len(args.iterations) == 1 else tuple(args.iterations)
+    return FinetuneSettings(
+        stages=tuple(args.stages), iterations=iterations, batch_size=args.batch_size, lr=args.lr, learn_activation_steps=args.learn_activation_steps,
+        activation_lr=args.activation_lr, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), seed=args.seed,
     )
 
 
@@ -202,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=Path, required=True, help="calibration table from `qdiff calibrate`")
     p.add_argument("--force", action="store_true", help="reconstruct again even if the result is up to date")
     _add_reconstruction(p)
+    _add_conditioning(p)
+
+    p = sub.add_parser("finetune", help="QuEST's selective fine-tuning (time embedding, then attention) of a calibrated or reconstructed model; writes finetune.safetensors + a table")
+    p.add_argument("model", type=Path, help="the local diffusers folder the table was calibrated on")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (or .safetensors file)")
+    p.add_argument("--calib", type=Path, required=True, help="calibration table (with --reconstruction: the reconstruction.calibration.json beside it)")
+    p.add_argument("--reconstruction", type=Path, help="start from these integers (reconstruction.safetensors from `qdiff reconstruct`) (default: none, round-to-nearest)")
+    p.add_argument("--force", action="store_true", help="fine-tune again even if the result is up to date")
+    _add_finetune(p)
     _add_conditioning(p)
 
     p = sub.add_parser("quantize", help="insert Q/DQ nodes into an exported graph (or INT4 weight-only MatMul/Gemm weights)")
@@ -283,6 +319,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(result.table_path)
     elif args.command == "reconstruct":
         result = api.reconstruct(args.model, args.out, args.calib, _reconstruction_settings(args), force=args.force, **_conditioning(args))
+        print(result.weights_path)
+    elif args.command == "finetune":
+        result = api.finetune(args.model, args.out, args.calib, _finetune_settings(args), reconstruction=args.reconstruction, force=args.force, **_conditioning(args))
         print(result.weights_path)
     elif args.command == "quantize" and args.int4_weight_only:
         result = api.quantize_int4_weight_only(args.onnx, args.out, block_size=args.block_size or 128, exclude=tuple(args.exclude or ()), force=args.force, dtype=args.dtype)

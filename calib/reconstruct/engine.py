@@ -94,7 +94,7 @@ def build_recon_model(model: nn.Module, table: CalibrationTable, recipe: Recipe)
             parts = [PartSpec("", 0, None, float(scale_from_amax(ranges.input, aq)), torch.from_numpy(scale_from_amax(ranges.weight, wq)))]
         parent_name, _, child = target.name.rpartition(".")
         parent = quantized.get_submodule(parent_name) if parent_name else quantized
-        setattr(parent, child, ReconLayer(target.module, parts, target.weight_axis, wq))
+        setattr(parent, child, ReconLayer(target.module, parts, target.weight_axis, wq, aq))
     return quantized
 
 

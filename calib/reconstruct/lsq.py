@@ -19,6 +19,11 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(x) - x).detach() + x
 
 
+def floor_ste(x: torch.Tensor) -> torch.Tensor:
+    """Floor in the forward pass, identity gradient (QuEST's `floor_ste` for trained weights)."""
+    return (torch.floor(x) - x).detach() + x
+
+
 def fake_quantize_ste(x: torch.Tensor, step: torch.Tensor, qmax: int = INT8_MAX) -> torch.Tensor:
     """Per-tensor symmetric fake quantization with gradients for both `x` and `step`."""
     return torch.clamp(round_ste(x / step), -qmax - 1, qmax) * step

@@ -2,8 +2,10 @@
 
 It computes what the fake-quant reference (`calib.fake_quant`) computes, per-tensor input
 quantization and per-output-channel weights on the recipe's grid, but its weights can be
-rounded four ways: float (off), nearest (the reference's round-to-nearest), soft (AdaRound's
-h(V), while training) and fixed (integers decided by reconstruction). A split-shortcut layer
+rounded five ways: float (off), nearest (the reference's round-to-nearest), soft (AdaRound's
+h(V), while training), fixed (integers decided by reconstruction) and trained (QuEST's selective
+fine-tuning: the float weight trained through floor with the fixed rounding offset kept, see
+`start_weight_training`). A split-shortcut layer
 has two parts, one per concat branch, each with its own input step, weight scale and rounding
 variables: both halves are reconstructed, the rounding term covers both.
 """
@@ -17,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdiff.calib.reconstruct.adaround import hard_rounding, init_rounding_variable, rectified_sigmoid
-from qdiff.calib.reconstruct.lsq import LearnedStep
+from qdiff.calib.quant_math import INT8_MAX
+from qdiff.calib.reconstruct.lsq import LearnedStep, floor_ste
 
-WEIGHT_MODES = ("float", "nearest", "soft", "fixed")
+WEIGHT_MODES = ("float", "nearest", "soft", "fixed", "trained")
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class PartSpec:
 
 
 class QuantPart(nn.Module):
-    def __init__(self, weight: torch.Tensor, spec: PartSpec, weight_axis: int, weight_qmax: int) -> None:
+    def __init__(self, weight: torch.Tensor, spec: PartSpec, weight_axis: int, weight_qmax: int, input_qmax: int = INT8_MAX) -> None:
         super().__init__()
         shape = [1] * weight.ndim
         shape[weight_axis] = -1
@@ -46,7 +49,7 @@ class QuantPart(nn.Module):
         self.register_buffer("floor", torch.floor(w_over_s))
         self.register_buffer("fixed", torch.clamp(torch.round(w_over_s), -weight_qmax - 1, weight_qmax))
         self.v = nn.Parameter(init_rounding_variable(w_over_s), requires_grad=False)
-        self.input = LearnedStep(spec.input_step)
+        self.input = LearnedStep(spec.input_step, input_qmax)
 
     def _clamp(self, q: torch.Tensor) -> torch.Tensor:
         return torch.clamp(q, -self.qmax - 1, self.qmax)
@@ -56,10 +59,30 @@ class QuantPart(nn.Module):
             return self._clamp(self.floor + rectified_sigmoid(self.v))
         if mode == "nearest":
             return self._clamp(torch.round(self.weight / self.scale))
+        if mode == "trained":
+            return self._clamp(floor_ste(self.weight / self.scale) + self.offset)
         return self.fixed
 
     def quantized_weight(self, mode: str) -> torch.Tensor:
         return self.weight if mode == "float" else self.integer_weight(mode) * self.scale
+
+    @torch.no_grad()
+    def start_weight_training(self) -> None:
+        """Make the float weight trainable with today's integers as the starting point.
+
+        QuEST's quantizer after AdaRound computes floor_ste(w / s) + 1[alpha >= 0]: the rounding
+        decision stays, the float weight gets a straight-through gradient, and an integer moves
+        only when w / s crosses a grid line. Here the decision is the offset fixed - floor(w / s)
+        (0 or 1 after AdaRound or round-to-nearest), so "trained" mode starts at exactly the
+        integers in `fixed`, whatever made them."""
+        self.register_buffer("offset", self.fixed - torch.floor(self.weight / self.scale))
+        self.weight.requires_grad_(True)
+
+    @torch.no_grad()
+    def fix_trained_weight(self) -> None:
+        """Re-round: the integers the trained float weight gives, back in `fixed`."""
+        self.fixed.copy_(self.integer_weight("trained"))
+        self.weight.requires_grad_(False)
 
     @torch.no_grad()
     def fix_rounding(self) -> None:
@@ -70,13 +93,13 @@ class QuantPart(nn.Module):
 class ReconLayer(nn.Module):
     """Conv2d / ConvTranspose2d / Linear with quantized input(s) and weight(s)."""
 
-    def __init__(self, layer: nn.Module, parts: list[PartSpec], weight_axis: int, weight_qmax: int) -> None:
+    def __init__(self, layer: nn.Module, parts: list[PartSpec], weight_axis: int, weight_qmax: int, input_qmax: int = INT8_MAX) -> None:
         super().__init__()
         self.layer = layer
         for p in layer.parameters():
             p.requires_grad_(False)
         self.weight_axis = weight_axis
-        self.parts = nn.ModuleList(QuantPart(layer.weight[:, p.start : p.stop] if p.role else layer.weight, p, weight_axis, weight_qmax) for p in parts)
+        self.parts = nn.ModuleList(QuantPart(layer.weight[:, p.start : p.stop] if p.role else layer.weight, p, weight_axis, weight_qmax, input_qmax) for p in parts)
         self.weight_mode = "nearest"
         self.act_quant = True
         if len(parts) > 1 and not (isinstance(layer, nn.Conv2d) and layer.groups == 1):
