@@ -201,7 +201,9 @@ def _chunks(n: int, step_images: int, batch_size: int) -> list[tuple[int, int]]:
     steps can be recorded from the main FP32 pass without slicing rows."""
     bounds = []
     for lo, hi in ((0, step_images), (step_images, n)):
-        bounds += [(s, min(s + batch_size, hi)) for s in range(lo, hi, batch_size)]
+        parts = -(-(hi - lo) // batch_size)  # as few batches as batch_size allows, of equal size
+        edges = [lo + (hi - lo) * k // parts for k in range(parts + 1)] if parts else []
+        bounds += list(zip(edges[:-1], edges[1:]))
     return bounds
 
 

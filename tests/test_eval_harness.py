@@ -57,6 +57,12 @@ def test_seed_sets_are_disjoint_and_deterministic():
     assert sets[0][0] == 7 and sets[2][-1] == 7 + 14
     with pytest.raises(EvaluationError, match="step_images"):
         HarnessSettings(images=4, step_images=5).check()
+    from qdiff.eval_harness import _chunks
+
+    for n, step, batch in ((1000, 256, 250), (8, 2, 8), (5, 5, 2)):
+        chunks = _chunks(n, step, batch)
+        assert [c[0] for c in chunks[1:]] == [c[1] for c in chunks[:-1]] and chunks[0][0] == 0 and chunks[-1][1] == n
+        assert step in {c[1] for c in chunks} and max(b - a for a, b in chunks) <= batch  # step images: batches of their own
 
 
 def test_bootstrap_intervals_contain_the_mean_and_shrink_with_n():
@@ -110,30 +116,40 @@ def test_fp32_as_candidate_is_zero_and_a_failing_candidate_keeps_the_earlier_row
     assert "no dataset classifier" in on_disk["fp32"]["shape_fd_note"]
 
 
-def test_cli_runs_the_harness_with_decomposition_rows(tmp_path):
-    """`qdiff eval --calib` end to end on the class-conditional model: rows, class accuracy, plots."""
+def test_cli_runs_the_harness_with_decomposition_rows(class_cond_model_dir, tmp_path):
+    """`qdiff eval --calib` end to end (tiny class-conditional model: CFG rows, fast)."""
     from qdiff.api import calibrate
     from qdiff.cli import main
 
-    table = calibrate(COND, tmp_path / "w8", "w8a8", timestep_stats=False, **TINY_CALIBRATION).table_path
+    table = calibrate(class_cond_model_dir, tmp_path / "w8", "w8a8", timestep_stats=False, **TINY_CALIBRATION).table_path
     out = tmp_path / "eval"
-    rc = main(["--quiet", "eval", "--calib", str(table), "--decomposition", "--device", "cpu", "--images", "2", "--seed-sets", "2", "--step-images", "1",
-               "--steps", "1", "--batch-size", "2", "--bootstrap", "50", "-o", str(out)])  # fmt: skip
+    rc = main(["--quiet", "eval", "--calib", str(table), "--decomposition", "--device", "cpu", "--images", "3", "--seed-sets", "2", "--step-images", "2",
+               "--steps", "2", "--batch-size", "4", "--bootstrap", "50", "-o", str(out)])  # fmt: skip
     assert rc == 0
     result = json.loads((out / "harness.json").read_text())
     assert list(result["rows"]) == ["w8a8", "w8a8/weights-only", "w8a8/activations-only"] and result["complete"]
-    rows = result["rows"]
-    assert {r["meta"]["mode"] for r in rows.values()} == {"full", "weights", "activations"}
-    assert "class_accuracy" in rows["w8a8"]["metrics"] and "class_accuracy" in result["fp32"]
-    # INT8 weights alone disturb the noise prediction far less than INT8 activations and weights.
-    assert rows["w8a8/weights-only"]["metrics"]["step_rel_l2"]["mean"] < 0.5 * rows["w8a8"]["metrics"]["step_rel_l2"]["mean"]
+    assert {r["meta"]["mode"] for r in result["rows"].values()} == {"full", "weights", "activations"}
     assert set(result["comparisons"]) == {"w8a8/weights-only", "w8a8/activations-only"}
-    assert set(result["comparisons"]["w8a8/weights-only"]) == {"step_rel_l2", "psnr", "ssim", "shape_fd", "class_accuracy"}
-    assert result["fp32"]["real_floor_shape_fd"] > 0 and result["fp32"]["shape_fd"]["mean"] > 0
+    assert result["settings"]["guidance_scale"] == 3.0 and result["model"]["unet_class"] == "UNet2DConditionModel"
     for name in ("harness.md", "harness-metrics.png", "harness-steps.png"):
         assert (out / name).stat().st_size > 0
     # the ONNX path of `qdiff eval` is untouched: without --calib it still wants graphs
     assert main(["--quiet", "eval", "-o", str(tmp_path / "x")]) != 0
+
+
+@pytest.mark.slow
+def test_shapes_cond_gets_class_accuracy_shape_fd_and_decomposition(tmp_path):
+    from qdiff.api import calibrate, evaluate_table
+
+    table = calibrate(COND, tmp_path / "w8", "w8a8", timestep_stats=False, **TINY_CALIBRATION).table_path
+    result = evaluate_table(COND, table, tmp_path / "eval", decomposition=True, images=4, seed_sets=2, step_images=2, steps=3, batch_size=4, bootstrap=100, device="cpu")
+    _every_interval_holds_its_mean(result)
+    rows = result.rows
+    assert "class_accuracy" in rows["w8a8"]["metrics"] and "class_accuracy" in result.fp32
+    assert result.fp32["real_floor_shape_fd"] > 0 and result.fp32["shape_fd"]["mean"] > 0
+    assert set(result.comparisons["w8a8/weights-only"]) == {"step_rel_l2", "psnr", "ssim", "shape_fd", "class_accuracy"}
+    # INT8 weights alone disturb the noise prediction far less than INT8 activations and weights.
+    assert rows["w8a8/weights-only"]["metrics"]["step_rel_l2"]["mean"] < 0.5 * rows["w8a8"]["metrics"]["step_rel_l2"]["mean"]
 
 
 @pytest.mark.slow
