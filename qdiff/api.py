@@ -879,6 +879,46 @@ def run(
     return RunResult(out_dir, report, paths["grid"], (paths["json"], paths["markdown"]))
 
 
+# ----------------------------------------------------------------------------- evaluation harness
+
+
+def evaluate_table(
+    model: ModelLike,
+    tables: str | Path | list[str | Path],
+    out_dir: str | Path | None = "qdiff-eval",
+    *,
+    weights: list[str | Path | None] | None = None,
+    labels: list[str | None] | None = None,
+    decomposition: bool = False,
+    baseline: str | None = None,
+    settings: Any = None,
+    **setting_overrides: Any,
+):
+    """The evaluation harness (`qdiff.eval_harness`) on the fake-quant models of calibration
+    tables (optionally with reconstructed weights, `weights[i]` for `tables[i]`): FP32 reference
+    and every candidate from the same noise over several seed sets, means with bootstrap 95%
+    intervals, paired differences to `baseline` (default: the first table's row). Settings: a
+    `HarnessSettings` and/or its fields as keywords (`device="cuda"`, `images=1000`, ...).
+    `model=None`: the folder the first table was calibrated on. Writes harness.json/.md and
+    plots into `out_dir` after every candidate; returns the `HarnessResult`."""
+    import dataclasses
+
+    from qdiff.eval_harness import HarnessSettings, model_of_tables, run_harness, table_candidates
+
+    from qdiff.core.errors import EvaluationError
+
+    tables = [tables] if isinstance(tables, (str, Path)) else list(tables)
+    unknown = sorted(set(setting_overrides) - {f.name for f in dataclasses.fields(HarnessSettings)})
+    if unknown:
+        raise EvaluationError(f"unknown harness setting(s) {', '.join(unknown)}", hint=f"HarnessSettings has {', '.join(f.name for f in dataclasses.fields(HarnessSettings))}")
+    settings = dataclasses.replace(settings or HarnessSettings(), **setting_overrides).check()
+    candidates = table_candidates(tables, weights=weights, labels=labels, decomposition=decomposition)
+    bundle = as_bundle(model if model is not None else model_of_tables(tables))
+    for t in tables:
+        CalibrationTable.load(t).check_model(bundle.model_sha256, str(bundle.path))
+    return run_harness(bundle, candidates, settings, baseline=baseline, out_dir=Path(out_dir) if out_dir is not None else None)
+
+
 # `qdiff eval` lives in its own module (its core is shared with `run`); re-exported here so the
 # public API stays in one place: `qdiff.api.evaluate(model, fp32_onnx, quantized_onnx, out_dir)`.
 # Resolved on first use (PEP 562), so importing the API does not import torch.

@@ -186,6 +186,40 @@ def _add_eval(sub) -> None:
     p.add_argument("--allow-nonfinite", action="store_true", help="continue when a step returns NaN/Inf")
     _sampling_args(p)
     _add_conditioning(p)
+    from qdiff.harness_settings import HarnessSettings
+
+    d = HarnessSettings()
+    g = p.add_argument_group("evaluation harness (with --calib: PyTorch fake-quant models of calibration tables vs FP32, on --device, n images x seed sets, bootstrap intervals; docs/evaluation.md)")
+    g.add_argument("--calib", action="append", type=Path, metavar="TABLE", help="calibration table to evaluate (repeatable: one candidate each) (default: none, the ONNX graph comparison above)")
+    g.add_argument("--reconstruction", action="append", type=Path, metavar="WEIGHTS", help="reconstruction.safetensors for the --calib of the same position (repeatable) (default: round-to-nearest)")
+    g.add_argument("--label", action="append", dest="labels", metavar="NAME", help="row label for the --calib of the same position (default: its recipe name, -<method> with a reconstruction)")
+    g.add_argument("--baseline", metavar="LABEL", help="candidate the others are compared with (default: the first)")
+    g.add_argument("--decomposition", action="store_true", help="also evaluate weights-only and activations-only quantization of every table")
+    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--images", type=int, default=d.images, help="images per seed set (default: %(default)s)")
+    g.add_argument("--seed-sets", type=int, default=d.seed_sets, help="disjoint seed sets; set k uses seeds --seed + k*images ... (default: %(default)s)")
+    g.add_argument("--step-images", type=int, default=d.step_images, help="images per seed set whose FP32 trajectory gives the per-step error (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per UNet call (default: %(default)s)")
+    g.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap replicates (default: %(default)s)")
+
+
+def _harness(args: argparse.Namespace):
+    """`qdiff eval --calib ...`: the evaluation harness."""
+    import torch
+
+    from qdiff import api
+    from qdiff.core.errors import EvaluationError
+
+    if args.run_dir or args.fp32 or args.quantized:
+        raise EvaluationError("--calib evaluates fake-quant models of tables; it takes no --run-dir, --fp32 or --quantized", hint="drop those, or drop --calib for the ONNX graph comparison")
+    if any(getattr(args, k) for k in ("prompts", "class_labels", "embeddings", "random_conditioning")):
+        raise EvaluationError("the harness conditions class-conditional models on every class in turn; it takes no --prompt, --class, --embeddings or --random-conditioning")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return api.evaluate_table(
+        args.model, args.calib, args.out, weights=args.reconstruction, labels=args.labels, decomposition=args.decomposition, baseline=args.baseline,
+        images=args.images, seed_sets=args.seed_sets, step_images=args.step_images, batch_size=args.batch_size, bootstrap=args.bootstrap,
+        steps=args.steps, seed_offset=args.seed, guidance_scale=args.guidance_scale, scheduler=args.sampler, device=device, shape_fd=args.shape_fd,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,6 +364,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else None
         result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force, placement=args.placement, quantize_ops=ops, exclude=tuple(args.exclude) if args.exclude else None, dtype=args.dtype, reconstruction=args.reconstruction)
         print(result.onnx_path)
+    elif args.command == "eval" and args.calib:
+        _harness(args)
+        print(Path(args.out) / "harness.md")
     elif args.command == "eval":
         from qdiff.evaluate import evaluate
 

@@ -40,6 +40,7 @@ import torch
 from qdiff.core import stats
 from qdiff.core.errors import EvaluationError, QdiffError
 from qdiff.core.progress import log, progress
+from qdiff.harness_settings import HarnessSettings, seed_sets  # noqa: F401 - public here too
 
 if TYPE_CHECKING:
     from qdiff.calib.reconstruct.artifact import ReconstructedWeights
@@ -53,45 +54,6 @@ METRICS = ("step_rel_l2", "psnr", "ssim", "shape_fd", "class_accuracy")
 HIGHER_IS_BETTER = {"step_rel_l2": False, "psnr": True, "ssim": True, "shape_fd": False, "class_accuracy": True}
 METRIC_TITLES = {"step_rel_l2": "step rel-L2 (eps)", "psnr": "PSNR vs FP32 (dB)", "ssim": "SSIM vs FP32", "shape_fd": "shape-FD", "class_accuracy": "class accuracy"}
 MODES = ("full", "weights", "activations")
-
-
-@dataclass(frozen=True)
-class HarnessSettings:
-    images: int = 1000  # per seed set
-    seed_sets: int = 3  # disjoint noise seed ranges: set k uses seeds seed_offset + k*images .. + images - 1
-    steps: int = 50  # DDIM steps
-    step_images: int = 256  # images (the first of each seed set) whose FP32 trajectory gives step_rel_l2
-    guidance_scale: float = 3.0  # class-conditional models (CFG); ignored for unconditional ones
-    device: str = "cuda"
-    batch_size: int = 250  # images per UNet call
-    bootstrap: int = 1000  # bootstrap replicates
-    shape_fd: bool = True
-    scheduler: str = "ddim"
-    seed_offset: int = 0
-    # cuDNN/cuBLAS TF32 would add ~1e-3 relative error to FP32 and fake-quant alike; off by default.
-    allow_tf32: bool = False
-
-    def check(self) -> HarnessSettings:
-        problems = []
-        if self.images < 2:
-            problems.append(f"images={self.images} (need >= 2 per seed set)")
-        if self.seed_sets < 1:
-            problems.append(f"seed_sets={self.seed_sets} (need >= 1)")
-        if not 1 <= self.step_images <= self.images:
-            problems.append(f"step_images={self.step_images} (need 1..images={self.images})")
-        if self.steps < 1 or self.batch_size < 1:
-            problems.append(f"steps={self.steps}, batch_size={self.batch_size} (need >= 1)")
-        if self.bootstrap < 10:
-            problems.append(f"bootstrap={self.bootstrap} (need >= 10 replicates)")
-        if problems:
-            raise EvaluationError("harness settings out of range: " + "; ".join(problems))
-        return self
-
-
-def seed_sets(settings: HarnessSettings) -> list[list[int]]:
-    """The disjoint, deterministic seed ranges of the seed sets."""
-    n, start = settings.images, settings.seed_offset
-    return [list(range(start + k * n, start + (k + 1) * n)) for k in range(settings.seed_sets)]
 
 
 @dataclass
@@ -239,7 +201,9 @@ def _chunks(n: int, step_images: int, batch_size: int) -> list[tuple[int, int]]:
     steps can be recorded from the main FP32 pass without slicing rows."""
     bounds = []
     for lo, hi in ((0, step_images), (step_images, n)):
-        bounds += [(s, min(s + batch_size, hi)) for s in range(lo, hi, batch_size)]
+        parts = -(-(hi - lo) // batch_size)  # as few batches as batch_size allows, of equal size
+        edges = [lo + (hi - lo) * k // parts for k in range(parts + 1)] if parts else []
+        bounds += list(zip(edges[:-1], edges[1:]))
     return bounds
 
 
@@ -531,3 +495,42 @@ def run_harness(
     result.complete = True
     publish()
     return result
+
+
+def table_candidates(
+    tables: Sequence[str | Path],
+    *,
+    weights: Sequence[str | Path | None] | None = None,
+    labels: Sequence[str | None] | None = None,
+    decomposition: bool = False,
+) -> list[Candidate]:
+    """Candidates from calibration tables (`qdiff eval --calib`): one per table, named by its
+    label or its recipe (`w8a8`, `w4a8-fbr` with reconstructed weights), and with
+    `decomposition` its weights-only and activations-only rows too. `weights[i]` (or None)
+    belongs to `tables[i]`."""
+    from qdiff.calib.reconstruct.artifact import ReconstructedWeights
+    from qdiff.calib.table import CalibrationTable
+
+    weights = list(weights or [])
+    labels = list(labels or [])
+    if len(weights) > len(tables) or len(labels) > len(tables):
+        raise EvaluationError(f"{len(tables)} table(s) but {len(weights)} reconstruction(s) and {len(labels)} label(s)", hint="give at most one reconstruction and one label per --calib, in the same order")
+    out: list[Candidate] = []
+    for i, path in enumerate(tables):
+        table = CalibrationTable.load(path)
+        w = ReconstructedWeights.load(weights[i]) if i < len(weights) and weights[i] is not None else None
+        label = labels[i] if i < len(labels) and labels[i] else str(table.recipe.get("name") or Path(path).stem) + (f"-{w.method}" if w is not None and w.method else "")
+        base, k = label, 2
+        while any(c.label == label for c in out):
+            label, k = f"{base}#{k}", k + 1
+        meta = {"table": str(path)} | ({"weights": str(weights[i])} if w is not None else {})
+        out += decomposition_candidates(label, table, weights=w, meta=meta) if decomposition else [fake_quant_candidate(label, table, weights=w, meta=meta)]
+    return out
+
+
+def model_of_tables(tables: Sequence[str | Path]) -> str | None:
+    """The model folder the first table's provenance names (what `qdiff calibrate` ran on)."""
+    from qdiff.calib.table import CalibrationTable
+
+    recorded = CalibrationTable.load(tables[0]).provenance.get("model_path") if tables else None
+    return recorded if isinstance(recorded, str) and Path(recorded).is_dir() else None

@@ -82,5 +82,5 @@ def harness_markdown(result: HarnessResult) -> str:
         ]
         for label, comp in result.comparisons.items():
             lines.append(f"| {label} | " + " | ".join(_diff_cell(comp.get(m), m) for m in metrics) + " |")
-    lines += ["", f"![metrics](harness-metrics.png)", "", f"![step error](harness-steps.png)", ""]
+    lines += ["", "![metrics](harness-metrics.png)", "", "![step error](harness-steps.png)", ""]
     return "\n".join(lines)

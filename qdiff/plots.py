@@ -222,7 +222,7 @@ def plot_metric_intervals(result: Any, path: str | Path) -> Path:
 
     labels = list(result.rows)
     metrics = [m for m in METRICS if any(m in r["metrics"] for r in result.rows.values())]
-    fig = _figure(2.6 * len(metrics), 0.9 + 0.32 * len(labels))
+    fig = _figure(2.6 * len(metrics), 1.4 + 0.32 * len(labels))
     y = np.arange(len(labels))[::-1]
     for k, metric in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), k + 1)
@@ -242,5 +242,5 @@ def plot_metric_intervals(result: Any, path: str | Path) -> Path:
         ax.tick_params(axis="x", labelsize=7)
         ax.set_title(METRIC_TITLES[metric], fontsize=8.5)
         ax.grid(True, axis="x", alpha=0.3)
-    fig.suptitle(f"mean and 95% interval per candidate (baseline {result.baseline} in red)", fontsize=9)
+    fig.suptitle(f"mean and 95% interval per candidate (baseline {result.baseline} in red)", fontsize=9, y=1.06)
     return save_figure(fig, path)

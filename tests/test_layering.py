@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("export", ("qdiff.export",)),
     ("engines", ("qdiff.engines",)),
     ("runtime", ("qdiff.runtime",)),
-    ("evaluate/peers", ("qdiff.evaluate", "qdiff.eval_harness", "qdiff.quest", "qdiff.harness_report", "qdiff.peers", "qdiff.report", "qdiff.plots", "qdiff.models", "qdiff.datasets")),
+    ("evaluate/peers", ("qdiff.evaluate", "qdiff.eval_harness", "qdiff.harness_settings", "qdiff.quest", "qdiff.harness_report", "qdiff.peers", "qdiff.report", "qdiff.plots", "qdiff.models", "qdiff.datasets")),
     ("api", ("qdiff.api",)),
     ("cli", ("qdiff.cli",)),
     ("front door", ()),  # qdiff/__init__.py: re-exports the API lazily

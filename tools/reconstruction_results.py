@@ -7,9 +7,10 @@ activation calibrator and split shortcut on (the presets), calibration as `qdiff
 - rtn: the table's round-to-nearest weights;
 - adaround-brecq and fbr, each with learned activation steps off and on.
 
-Each configuration is measured with the PyTorch fake-quant reference (the function the Q/DQ
-graph computes, see tests/test_reconstruction.py) against the FP32 UNet, both on the GPU when
-there is one: n images (DDIM, 50 steps, seeds 0..n-1, guidance 3.0 for the class model) give
+Each configuration is measured by the evaluation harness (`qdiff.eval_harness`) with the
+PyTorch fake-quant reference (the function the Q/DQ graph computes, see
+tests/test_reconstruction.py) against the FP32 UNet, both on the GPU when there is one: n images
+per seed set (DDIM, 50 steps, seeds 0..n-1, ..., guidance 3.0 for the class model) give
 mean PSNR/SSIM vs FP32 with bootstrap 95% intervals, shape-FD to 1000 real test images (with
 a bootstrap interval over the generated images), and the per-step noise-prediction relative L2
 on the FP32 trajectory of the first `--step-images` images. Reconstruction wall time is per
@@ -84,92 +85,50 @@ def reconstruct_one(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _OnDevice:
-    """A TorchDenoiser whose inputs (and conditioning) are moved to the model's device."""
-
-    def __init__(self, unet: torch.nn.Module, device: str) -> None:
-        from qdiff.runtime.backends import TorchDenoiser
-
-        self.device = torch.device(device)
-        self.inner = TorchDenoiser(unet.to(self.device).eval())
-
-    def __call__(self, sample, timestep, encoder_hidden_states=None, **added):
-        move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return self.inner(move(sample), move(timestep), move(encoder_hidden_states), **{k: move(v) for k, v in added.items()})
-
-
-def _bootstrap(values: np.ndarray, rng: np.random.Generator, reps: int = 1000) -> list[float]:
-    means = values[rng.integers(0, len(values), (reps, len(values)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
-def _fd_with_interval(images: list[np.ndarray], rng: np.random.Generator, reps: int) -> dict[str, Any]:
-    from qdiff.datasets import shape_classifier as sc
-    from qdiff.datasets.shape_fd import _real_features, load_classifier
-
-    feats = sc.features(load_classifier(), np.stack(images))
-    real = _real_features("test", 1000)
-    fd = sc.frechet_distance(feats, real)
-    boots = [sc.frechet_distance(feats[rng.integers(0, len(feats), len(feats))], real) for _ in range(reps)]
-    return {"shape_fd": float(fd), "shape_fd_ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
+def _row_from_harness(row: dict[str, Any], got: dict[str, Any], step_images: int) -> dict[str, Any]:
+    """A harness row in this report's flat fields (PSNR/SSIM/step/FD with their intervals)."""
+    m = got["metrics"]
+    out = {
+        **{k: v for k, v in row.items() if k not in ("out", "threads")},
+        "psnr": m["psnr"]["mean"], "psnr_ci95": m["psnr"]["ci95"],
+        "ssim": m["ssim"]["mean"], "ssim_ci95": m["ssim"]["ci95"],
+        "step_rel_l2_mean": m["step_rel_l2"]["mean"], "step_rel_l2_ci95": m["step_rel_l2"]["ci95"],
+        "step_rel_l2_max": max(r["rel_l2"] for r in got["step_curve"]), "step_images": step_images,
+        "eval_seconds": got["seconds"],
+    }
+    if "shape_fd" in m:
+        out.update({"shape_fd": m["shape_fd"]["mean"], "shape_fd_ci95": m["shape_fd"]["ci95"]})
+    return out
 
 
 def evaluate_model(model: str, rows: list[dict[str, Any]], args: argparse.Namespace, on_row=None) -> list[dict[str, Any]]:
-    """Sample FP32 and every configuration of one model on `args.device`; fill in the metrics.
+    """Every configuration of one model through the evaluation harness (`qdiff.eval_harness`) on
+    `args.device`: FP32 sampled once per seed set, each configuration from the same noise.
 
     `on_row(rows_so_far)` is called after each configuration, so a run cut off by a time limit
-    still leaves every configuration it finished on disk."""
-    from qdiff.api import generate, step_errors
-    from qdiff.calib.fake_quant import build_fake_quant_model
-    from qdiff.calib.reconstruct.artifact import ReconstructedWeights
-    from qdiff.calib.table import CalibrationTable
-    from qdiff.datasets.shape_fd import real_reference
-    from qdiff.evaluate import sampling_plan
-    from qdiff.core.metrics import psnr, ssim
-    from qdiff.models import load_model
+    still leaves every configuration it finished on disk (the harness's own harness.json/.md for
+    the model go to <out>/harness-<model>/)."""
+    from qdiff.eval_harness import HarnessSettings, fake_quant_candidate, run_harness
 
-    bundle = load_model(model_dir(model))
-    plan = sampling_plan(bundle, steps=args.steps, num_images=args.images, guidance_scale=3.0)
-    kw = {"scheduler": plan.scheduler, "steps": plan.steps, "conditioning": plan.conditioning, "guidance_scale": plan.guidance_scale}
-    seeds = list(plan.seeds)
-    step_plan = sampling_plan(bundle, steps=args.steps, num_images=args.step_images, guidance_scale=3.0)
-    step_kw = {**kw, "conditioning": step_plan.conditioning}
-    fp = _OnDevice(bundle.unet, args.device)
-    started = time.perf_counter()
-    reference = generate(bundle, fp, seeds=seeds, desc=f"{model} fp32", **kw)
-    ref_steps = generate(bundle, fp, seeds=seeds[: args.step_images], record_steps=True, desc=f"{model} fp32 steps", **step_kw).steps
-    rng = np.random.default_rng(0)
-    fp_fd = _fd_with_interval(reference.images, rng, args.fd_bootstrap)
-    header = {"model": model, "fp32": {**fp_fd, "seconds": round(time.perf_counter() - started, 1)}, "real_floor_shape_fd": float(real_reference(len(seeds)))}
-    bundle.unet.to("cpu")
-    out = []
-    for row in rows:
-        started = time.perf_counter()
-        table = CalibrationTable.load(row.get("recon_table", row["table"]))
-        weights = ReconstructedWeights.load(row["weights"]) if "weights" in row else None
-        quant = _OnDevice(build_fake_quant_model(bundle.unet, table, weights=weights), args.device)
-        got = generate(bundle, quant, seeds=seeds, desc=f"{model} {row['preset']} {row['label']}", **kw)
-        per_step = step_errors(ref_steps, quant)
-        p = np.array([psnr(a, b) for a, b in zip(reference.images, got.images)])
-        s = np.array([ssim(a, b) for a, b in zip(reference.images, got.images)])
-        p_finite = np.where(np.isfinite(p), p, 100.0)  # identical images: PSNR inf, counted as 100 dB
-        rel = np.array([r["rel_l2"] for r in per_step])
-        out.append({
-            **{k: v for k, v in row.items() if k not in ("out", "threads")},
-            "n": len(seeds),
-            "psnr": float(p_finite.mean()), "psnr_ci95": _bootstrap(p_finite, rng),
-            "ssim": float(s.mean()), "ssim_ci95": _bootstrap(s, rng),
-            "step_rel_l2_mean": float(rel.mean()), "step_rel_l2_max": float(rel.max()), "step_images": args.step_images,
-            **_fd_with_interval(got.images, rng, args.fd_bootstrap),
-            "eval_seconds": round(time.perf_counter() - started, 1),
-        })
-        print(f"evaluated {model} {row['preset']} {row['label']}: step rel-L2 {out[-1]['step_rel_l2_mean']:.4f}, PSNR {out[-1]['psnr']:.2f} dB", flush=True)
-        if on_row is not None:
-            on_row([header] + out)
-        del quant
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    return [header] + out
+    settings = HarnessSettings(images=args.images, seed_sets=args.seed_sets, steps=args.steps, step_images=args.step_images, device=args.device,
+                               batch_size=args.eval_batch, bootstrap=args.fd_bootstrap)  # fmt: skip
+    labels = [f"{r['preset']} {r['label']}" for r in rows]
+    candidates = [fake_quant_candidate(lab, r.get("recon_table", r["table"]), weights=r.get("weights"), meta={"preset": r["preset"], "method": r["label"]}) for lab, r in zip(labels, rows)]
+
+    def convert(result) -> list[dict[str, Any]]:
+        fp = result.fp32
+        header = {"model": model, "n": args.images * args.seed_sets, "fp32": {"seconds": fp.get("seconds")}}
+        if "shape_fd" in fp:
+            header["fp32"].update({"shape_fd": fp["shape_fd"]["mean"], "shape_fd_ci95": fp["shape_fd"]["ci95"]})
+            header["real_floor_shape_fd"] = fp["real_floor_shape_fd"]
+        return [header] + [_row_from_harness(r, result.rows[lab], args.step_images) for lab, r in zip(labels, rows) if lab in result.rows]
+
+    def progress(result) -> None:
+        if on_row is not None and result.rows:
+            on_row(convert(result))
+
+    result = run_harness(model_dir(model), candidates, settings, out_dir=args.out / f"harness-{model}", on_result=progress)
+    return convert(result)
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -186,8 +145,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- Calibration: mse activation calibrator, split shortcut on, {meta['calibration']}.",
         f"- Reconstruction: {meta['iterations']} iterations per unit for both methods (papers: AdaRound-BRECQ {PAPER_ITERATIONS['adaround-brecq']}, FBR {PAPER_ITERATIONS['fbr']}), batch {meta['batch']}; "
         f"{meta['workers']} reconstructions at once on one device, so each time below is a share of the device, not a solo time.",
-        f"- Evaluation: PyTorch fake-quant reference (equal to the Q/DQ graph under ONNX Runtime) vs FP32 on the same seeds, DDIM {meta['steps']} steps, n = {meta['images']} images; "
-        f"step rel-L2 on the FP32 trajectories of the first {meta['step_images']} images; shape-FD to 1000 real test images. [a, b] = bootstrap 95% interval.",
+        f"- Evaluation (`qdiff.eval_harness`, docs/evaluation.md): PyTorch fake-quant reference (equal to the Q/DQ graph under ONNX Runtime) vs FP32 from the same noise, DDIM {meta['steps']} steps, "
+        f"{meta.get('seed_sets', 1)} seed set(s) x {meta['images']} images; step rel-L2 on the FP32 trajectories of the first {meta['step_images']} images of each set; shape-FD to 1000 real test images. "
+        "[a, b] = bootstrap 95% interval; paired differences per model in harness-<model>/harness.md.",
         "",
         "Regenerate:",
         "",
@@ -205,7 +165,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             secs = f"{r['reconstruct_seconds']}" if "reconstruct_seconds" in r else "-"
             lines.append(
                 f"| {r['preset']} | {r['label']} | {r['psnr']:.2f} [{r['psnr_ci95'][0]:.2f}, {r['psnr_ci95'][1]:.2f}] | {r['ssim']:.3f} [{r['ssim_ci95'][0]:.3f}, {r['ssim_ci95'][1]:.3f}] | "
-                f"{r['step_rel_l2_mean']:.4f} / {r['step_rel_l2_max']:.3f} | {r['shape_fd']:.2f} [{r['shape_fd_ci95'][0]:.2f}, {r['shape_fd_ci95'][1]:.2f}] | {units} | {ratio} | {secs} |"
+                f"{r['step_rel_l2_mean']:.4f} [{r['step_rel_l2_ci95'][0]:.4f}, {r['step_rel_l2_ci95'][1]:.4f}] / {r['step_rel_l2_max']:.3f} | {r['shape_fd']:.2f} [{r['shape_fd_ci95'][0]:.2f}, {r['shape_fd_ci95'][1]:.2f}] | {units} | {ratio} | {secs} |"
             )
     lines += ["", "Targets (issue 13) on shapes-ddpm W4A8: step rel-L2 <= 0.035, PSNR >= 24 dB, shape-FD within 1.25x of FP32's; W8A8 no worse than round-to-nearest.", ""]
     return "\n".join(lines)
@@ -221,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--step-images", type=int, default=64)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--fd-bootstrap", type=int, default=200)
+    p.add_argument("--fd-bootstrap", type=int, default=1000, help="bootstrap replicates of every interval (default: %(default)s)")
+    p.add_argument("--seed-sets", type=int, default=1, help="disjoint seed sets of --images each (default: %(default)s)")
+    p.add_argument("--eval-batch", type=int, default=250, help="images per UNet call in the evaluation (default: %(default)s)")
     p.add_argument("--workers", type=int, default=16)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--work", type=Path, default=Path("/tmp/qdiff-recon-work"))
@@ -229,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     calibration = RUN_CALIBRATION
     if args.smoke:
-        args.iterations, args.batch, args.images, args.step_images, args.steps, args.fd_bootstrap, args.workers = 5, 4, 8, 2, 4, 5, 2
+        args.iterations, args.batch, args.images, args.step_images, args.steps, args.fd_bootstrap, args.workers, args.eval_batch = 5, 4, 8, 2, 4, 20, 2, 8
         calibration = SMOKE_CALIBRATION
     started = time.perf_counter()
     threads = max(1, (os.cpu_count() or 2) // max(1, args.workers))
@@ -258,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "none", "torch": torch.__version__,
             "calibration": calibration, "iterations": args.iterations, "paper_iterations": PAPER_ITERATIONS, "batch": args.batch, "workers": args.workers,
-            "images": args.images, "step_images": args.step_images, "steps": args.steps, "wall_seconds": round(time.perf_counter() - started, 1), "command": command.strip(), "smoke": args.smoke,
+            "images": args.images, "seed_sets": args.seed_sets, "step_images": args.step_images, "steps": args.steps, "wall_seconds": round(time.perf_counter() - started, 1), "command": command.strip(), "smoke": args.smoke,
             "complete": partial is None,
         }
         result = {"meta": meta, "models": models + ([partial] if partial else [])}
