@@ -137,21 +137,25 @@ class FeatureSpace:
 def _feature_space(bundle: ModelBundle, device: str) -> FeatureSpace | None:
     """The dataset classifier for `bundle`'s samples, or None (shape-FD means nothing for it).
 
-    The one place that knows which dataset a model was trained on; today only the shipped
-    shapes models (recognized by UNet hash) have one."""
+    The one place that knows which dataset a model was trained on: a model folder that declares
+    one (`dataset.json`, qdiff.datasets.registry) uses that dataset's classifier and real images;
+    an undeclared folder counts only if it is one of the shipped shapes models (by UNet hash), since
+    shape-FD of an arbitrary model against the shapes classifier would be a number without meaning."""
     from qdiff.datasets import CLASS_NAMES
     from qdiff.datasets import shape_classifier as sc
     from qdiff.datasets import shape_fd as sfd
+    from qdiff.datasets.registry import dataset_file, dataset_for
 
-    if sfd.shipped_shapes_model(bundle.model_sha256) is None:
+    if dataset_file(bundle.path) is None and sfd.shipped_shapes_model(bundle.model_sha256) is None:
         return None
-    classifier = copy.deepcopy(sfd.load_classifier()).to(device)
+    spec = dataset_for(bundle)
+    classifier = copy.deepcopy(spec.classifier()).to(device)
     return FeatureSpace(
-        name="shapes",
+        name=spec.name,
         features=lambda images: sc.features(classifier, images),
         predict=lambda images: sc.predict(classifier, images),
-        real=sfd._real_features("test", sfd.DEFAULT_REAL_IMAGES),
-        floor=sfd.real_reference,
+        real=spec.real_features("test", sfd.DEFAULT_REAL_IMAGES),
+        floor=lambda count: sfd.real_reference(count, dataset=spec.name),
         class_names=tuple(CLASS_NAMES),
     )
 

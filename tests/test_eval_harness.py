@@ -163,3 +163,24 @@ def test_w4a8_is_significantly_worse_than_w8a8(ddpm_tables, tmp_path):
     assert worse["psnr"]["significant"] and worse["psnr"]["diff"] < 0
     assert result.comparisons["fp32"]["step_rel_l2"]["significant"] and result.rows["fp32"]["metrics"]["step_rel_l2"]["mean"] == 0.0
     assert "**" in (tmp_path / "harness.md").read_text()  # the table marks the significant differences
+
+
+def test_feature_space_follows_the_model_folders_dataset(uncond_model_dir, tmp_path):
+    """An undeclared random model gets no shape-FD; the same weights declared as a scenes model get
+    the scenes classifier and its real images, the shipped shapes model the shapes ones."""
+    import shutil
+
+    from qdiff.datasets.registry import get_dataset, write_dataset_file
+    from qdiff.eval_harness import _feature_space
+    from qdiff.models import load_model
+
+    assert _feature_space(load_model(uncond_model_dir, components=False), "cpu") is None
+    declared = tmp_path / "declared"
+    shutil.copytree(uncond_model_dir, declared)
+    write_dataset_file(declared, "scenes")
+    space = _feature_space(load_model(declared, components=False), "cpu")
+    assert space is not None and space.name == "scenes"
+    scenes_real = get_dataset("scenes").real_features("test", len(space.real))
+    assert np.array_equal(space.real, scenes_real)
+    shapes = _feature_space(load_model(DDPM, components=False), "cpu")
+    assert shapes is not None and shapes.name == "shapes" and not np.array_equal(shapes.real, space.real)
