@@ -85,7 +85,8 @@ def reconstruct_job(job: Job) -> Job:
 
 def describe(job: Job) -> str:
     """A finished job in a progress line: its model, preset and the keys that tell it apart."""
-    parts = [Path(str(job["model"])).name, str(job["preset"])] + [str(job[k]) for k in ("sampling", "label", "method", "k") if job.get(k) is not None]
+    name = Path(str(job["model"])).name
+    parts = [name, str(job["preset"])] + [str(job[k]) for k in ("sampling", "label", "method", "k") if job.get(k) is not None and job[k] != name]
     secs = next((job[k] for k in ("seconds", "reconstruct_seconds", "calibrate_seconds") if k in job), None)
     return " ".join(parts) + (f" done in {secs} s" if secs is not None else " done")
 
