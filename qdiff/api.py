@@ -344,6 +344,7 @@ def finetune(
     from qdiff.calib.quest.time_aware import copy_table
     from qdiff.calib.quest.settings import FinetuneSettings
     from qdiff.calib.reconstruct.artifact import ReconstructedWeights, weights_from_model
+    from qdiff.calib.trajectories import TimestepPlan
     from qdiff.core.conditioning import conditioning_key, resolve_conditioning
     from qdiff.runtime.backends import TorchDenoiser
     from qdiff.runtime.calibration_loop import model_calibration_inputs, unet_calls
@@ -378,7 +379,8 @@ def finetune(
         return FinetuneResult(target, table_target, have.details.get("stages", []), reused=True)
     started = time.perf_counter()
     log(f"finetune: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
-    calls = unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress))
+    plan = TimestepPlan.of_table(table.provenance, recipe)  # TDAC's counts as calibration drew them, not a new probe
+    calls = unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress, plan=plan))
     key = hashlib.sha256(json.dumps({"inputs": wanted.inputs, "settings": wanted.settings}, sort_keys=True).encode()).hexdigest()[:16]
     cache = target.parent / FINETUNE_CACHE / key
     cache.mkdir(parents=True, exist_ok=True)

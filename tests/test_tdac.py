@@ -164,3 +164,9 @@ def test_tdac_calibration_of_the_shipped_ddpm(tmp_path):
     figures = calibration_figures(result.stats_path, tmp_path, provenance=prov)
     assert (tmp_path / "calib-tdac-samples.png").stat().st_size > 1000
     assert figures[0]["path"] == "calib-tdac-samples.png"
+    # QuEST's time-aware tables replay the table's own TDAC counts (no plan-less uniform loop)
+    from qdiff.api import calibrate_time_aware
+    from qdiff.calib.quest.time_aware import load_time_aware
+
+    tables, buckets = load_time_aware(calibrate_time_aware(SHAPES_DDPM, tmp_path / "ta", result.table_path, 2).index_path)
+    assert len(tables) == 2 and sorted(s for b in buckets.step_indices for s in b) == sorted(plan["step_indices"])

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -47,40 +46,21 @@ from typing import Any
 
 import torch
 
+from results_jobs import RUN_CALIBRATION, calibrate_job, describe, fmt_difference, fmt_interval, model_dir, pool_map, reconstruct_job, worker_setup, worker_threads
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("shapes-ddpm", "shapes-cond")
 PRESETS = ("w8a8", "w4a8", "w4a4")
 BUCKETS = (1, 2, 4, 10)
-RUN_CALIBRATION = {"num_timesteps": 10, "samples_per_timestep": 32, "calibration_steps": 50, "batch_size": 32}
 SMOKE_CALIBRATION = {"num_timesteps": 2, "samples_per_timestep": 2, "calibration_steps": 3, "batch_size": 2}
-
-
-def model_dir(name: str) -> Path:
-    """A shipped model's name (shapes-ddpm) or any model folder."""
-    shipped = ROOT / "qdiff" / "models" / name
-    return shipped if shipped.is_dir() else Path(name).resolve()
 
 
 def model_key(name: str) -> str:
     return Path(name).name
 
 
-def _worker(job: dict[str, Any]) -> None:
-    os.environ.setdefault("QDIFF_QUIET", "1")
-    torch.set_num_threads(job["threads"])
-
-
-def calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
-    _worker(job)
-    from qdiff.api import calibrate
-
-    started = time.perf_counter()
-    res = calibrate(model_dir(job["model"]), job["out"], job["preset"], timestep_stats=False, **job["calibration"])
-    return {**job, "table": str(res.table_path), "calibrate_seconds": round(time.perf_counter() - started, 1)}
-
-
 def time_aware_job(job: dict[str, Any]) -> dict[str, Any]:
-    _worker(job)
+    worker_setup(job["threads"])
     from qdiff.api import calibrate_time_aware
 
     started = time.perf_counter()
@@ -88,19 +68,8 @@ def time_aware_job(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "index": str(res.index_path), "seconds": round(time.perf_counter() - started, 1)}
 
 
-def reconstruct_job(job: dict[str, Any]) -> dict[str, Any]:
-    _worker(job)
-    from qdiff.api import reconstruct
-    from qdiff.calib.reconstruct.settings import ReconstructionSettings
-
-    settings = ReconstructionSettings(method="adaround-brecq", iterations=job["iterations"], batch_size=job["batch"], device=job["device"])
-    started = time.perf_counter()
-    res = reconstruct(model_dir(job["model"]), job["out"], job["table"], settings)
-    return {**job, "weights": str(res.weights_path), "recon_table": str(res.table_path), "seconds": round(time.perf_counter() - started, 1), "units": len(res.units)}
-
-
 def finetune_job(job: dict[str, Any]) -> dict[str, Any]:
-    _worker(job)
+    worker_setup(job["threads"])
     from qdiff.api import finetune
     from qdiff.calib.quest.settings import FinetuneSettings
 
@@ -109,19 +78,6 @@ def finetune_job(job: dict[str, Any]) -> dict[str, Any]:
     res = finetune(model_dir(job["model"]), job["out"], job["table"], settings, reconstruction=job["weights"])
     stages = [{k: s[k] for k in ("name", "layers", "iterations", "error_before", "error_after", "integers_changed", "seconds")} for s in res.stages]
     return {**job, "ft_weights": str(res.weights_path), "ft_table": str(res.table_path), "seconds": round(time.perf_counter() - started, 1), "stages": stages}
-
-
-def _pool(jobs: list[dict[str, Any]], fn, workers: int, what: str) -> list[dict[str, Any]]:
-    if not jobs:
-        return []
-    out = []
-    started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-        for done in pool.map(fn, jobs):
-            out.append(done)
-            print(f"{what}: {done['model']} {done['preset']} {done.get('k', '')} done in {done.get('seconds', done.get('calibrate_seconds'))} s", flush=True)
-    print(f"{what}: {len(out)} jobs in {time.perf_counter() - started:.0f} s", flush=True)
-    return out
 
 
 def candidates_for(prep: dict[str, Any], buckets: tuple[int, ...]) -> list:
@@ -144,20 +100,6 @@ def candidates_for(prep: dict[str, Any], buckets: tuple[int, ...]) -> list:
         if "weights" in prep:
             cands.append(time_aware_candidate(f"adaround-brecq+ta-K{k}", index, weights=prep["weights"], meta={**base, "row": "time-aware", "weights_from": "adaround-brecq"}))
     return cands
-
-
-def _fmt(metric: dict[str, Any] | None, digits: int) -> str:
-    if not metric:
-        return "-"
-    lo, hi = metric["ci95"]
-    return f"{metric['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
-
-
-def _diff(comp: dict[str, Any] | None, digits: int) -> str:
-    if not comp:
-        return "-"
-    lo, hi = comp["ci95"]
-    return f"{comp['diff']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{' *' if comp.get('significant') else ''}"
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -186,12 +128,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         title = f"{block['model']} {block['preset']}" + (" (simulated: TensorRT has no INT4 activations)" if block.get("simulated") else "")
         lines += ["", f"## {title}", ""]
         if "shape_fd" in fp:
-            lines += [f"FP32 shape-FD {_fmt(fp['shape_fd'], 2) if isinstance(fp['shape_fd'], dict) else fp['shape_fd']}; real-vs-real floor at the same n {fp.get('real_floor_shape_fd', '-')}.", ""]
+            lines += [f"FP32 shape-FD {fmt_interval(fp['shape_fd'], '.2f') if isinstance(fp['shape_fd'], dict) else fp['shape_fd']}; real-vs-real floor at the same n {fp.get('real_floor_shape_fd', '-')}.", ""]
         lines += ["| row | step rel-L2 | diff vs rtn | PSNR dB | SSIM | shape-FD | s |", "|---|---|---|---|---|---|---|"]
         for label, row in block["rows"].items():
             m = row["metrics"]
             comp = block.get("comparisons", {}).get(label, {})
-            lines.append(f"| {label} | {_fmt(m.get('step_rel_l2'), 4)} | {_diff(comp.get('step_rel_l2'), 4)} | {_fmt(m.get('psnr'), 2)} | {_fmt(m.get('ssim'), 3)} | {_fmt(m.get('shape_fd'), 2)} | {row.get('seconds', '-')} |")
+            lines.append(f"| {label} | {fmt_interval(m.get('step_rel_l2'), '.4f')} | {fmt_difference(comp.get('step_rel_l2'), '.4f')} | {fmt_interval(m.get('psnr'), '.2f')} | {fmt_interval(m.get('ssim'), '.3f')} | {fmt_interval(m.get('shape_fd'), '.2f')} | {row.get('seconds', '-')} |")
         for label, error in block.get("failed", {}).items():
             lines.append(f"| {label} | failed: {error} | | | | | |")
         ft = block.get("finetune_stages")
@@ -245,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     from qdiff.eval_harness import HarnessSettings, run_harness
 
     started = time.perf_counter()
-    threads = max(1, (os.cpu_count() or 2) // max(1, args.workers))
+    threads = worker_threads(args.workers)
     work = args.work
     jobs = [{"model": m, "preset": pr, "out": str(work / model_key(m) / pr), "calibration": calibration, "threads": threads} for m in args.models for pr in args.presets]
-    calibrated = {(c["model"], c["preset"]): c for c in _pool(jobs, calibrate_job, args.workers, "calibrate")}
+    calibrated = {(c["model"], c["preset"]): c for c in pool_map(calibrate_job, jobs, args.workers, "calibrate")}
     prep = {key: {"model": key[0], "preset": key[1], "table": c["table"], "simulated": RECIPES[key[1]].simulated_only, "ta": {}} for key, c in calibrated.items()}
     ta_jobs = [{**c, "k": k, "out": str(Path(c["out"]))} for c in calibrated.values() for k in args.buckets]
     rec_jobs = [{**c, "iterations": args.iterations, "batch": args.batch, "device": args.device, "out": str(Path(c["out"]) / "adaround-brecq")} for c in calibrated.values()]
@@ -261,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             if what == "time-aware":
                 entry["ta"][done["k"]] = done["index"]
             else:
-                entry.update({"weights": done["weights"], "recon_table": done["recon_table"], "recon_seconds": done["seconds"]})
-            print(f"{what}: {done['model']} {done['preset']} {done.get('k', '')} done in {done['seconds']} s", flush=True)
+                entry.update({"weights": done["weights"], "recon_table": done["recon_table"], "recon_seconds": done["reconstruct_seconds"]})
+            print(f"{what}: {describe(done)}", flush=True)
     ft_jobs = [{"model": e["model"], "preset": e["preset"], "table": e["recon_table"], "weights": e["weights"], "iterations": args.ft_iterations, "batch": args.ft_batch, "lr": args.ft_lr, "device": args.device, "threads": threads, "out": str(Path(e["recon_table"]).parent / "ft")} for e in prep.values()]
-    for done in _pool(ft_jobs, finetune_job, args.workers, "finetune"):
+    for done in pool_map(finetune_job, ft_jobs, args.workers, "finetune"):
         prep[(done["model"], done["preset"])].update({"ft_weights": done["ft_weights"], "ft_table": done["ft_table"], "ft_seconds": done["seconds"], "stages": done["stages"]})
     print(f"prepared {len(prep)} (model, preset) pairs at {time.perf_counter() - started:.0f} s", flush=True)
 

@@ -28,16 +28,14 @@ CPU check at tiny settings (minutes on 2 cores; numbers not meaningful):
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from results_jobs import RUN_CALIBRATION, calibrate_job, model_dir, pool_map, reconstruct_job, worker_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("shapes-ddpm", "shapes-cond")
@@ -45,44 +43,7 @@ PRESETS = ("w4a8", "w8a8")
 # (label, method, learned activation steps)
 CONFIGS = (("rtn", None, False), ("adaround-brecq", "adaround-brecq", False), ("adaround-brecq+lsq", "adaround-brecq", True), ("fbr-no-lsq", "fbr", False), ("fbr", "fbr", True))
 PAPER_ITERATIONS = {"adaround-brecq": 20000, "fbr": 5000}
-RUN_CALIBRATION = {"num_timesteps": 10, "samples_per_timestep": 32, "calibration_steps": 50, "batch_size": 32}
 SMOKE_CALIBRATION = {"num_timesteps": 2, "samples_per_timestep": 4, "calibration_steps": 4, "batch_size": 4}
-
-
-def model_dir(name: str) -> Path:
-    return ROOT / "qdiff" / "models" / name
-
-
-def calibrate_one(job: dict[str, Any]) -> dict[str, Any]:
-    os.environ.setdefault("QDIFF_QUIET", "1")
-    torch.set_num_threads(job["threads"])
-    from qdiff.api import calibrate
-
-    started = time.perf_counter()
-    res = calibrate(model_dir(job["model"]), job["out"], job["preset"], activation_calibrator="mse", timestep_stats=False, **job["calibration"])
-    return {**job, "table": str(res.table_path), "calibrate_seconds": round(time.perf_counter() - started, 1)}
-
-
-def reconstruct_one(job: dict[str, Any]) -> dict[str, Any]:
-    os.environ.setdefault("QDIFF_QUIET", "1")
-    torch.set_num_threads(job["threads"])
-    from qdiff.api import reconstruct
-    from qdiff.calib.reconstruct.settings import ReconstructionSettings
-
-    settings = ReconstructionSettings(method=job["method"], iterations=job["iterations"], batch_size=job["batch"], learn_activation_steps=job["lsq"], device=job["device"])
-    started = time.perf_counter()
-    res = reconstruct(model_dir(job["model"]), job["out"], job["table"], settings)
-    units = res.units
-    return {
-        **job,
-        "weights": str(res.weights_path),
-        "recon_table": str(res.table_path),
-        "reconstruct_seconds": round(time.perf_counter() - started, 1),
-        "units": len(units),
-        "units_better_than_rtn": sum(u["error"] < u["rtn_error"] for u in units),
-        "unit_error_ratio_mean": float(np.mean([u["error"] / max(u["rtn_error"], 1e-30) for u in units])),
-        "settings": settings.resolved().to_json(),
-    }
 
 
 def _row_from_harness(row: dict[str, Any], got: dict[str, Any], step_images: int) -> dict[str, Any]:
@@ -194,11 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         args.iterations, args.batch, args.images, args.step_images, args.steps, args.fd_bootstrap, args.workers, args.eval_batch = 5, 4, 8, 2, 4, 20, 2, 8
         calibration = SMOKE_CALIBRATION
     started = time.perf_counter()
-    threads = max(1, (os.cpu_count() or 2) // max(1, args.workers))
-    cal_jobs = [{"model": m, "preset": pr, "out": str(args.work / m / pr), "calibration": calibration, "threads": threads} for m in args.models for pr in args.presets]
-    with ProcessPoolExecutor(max_workers=min(args.workers, len(cal_jobs)), mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-        calibrated = list(pool.map(calibrate_one, cal_jobs))
-    print(f"calibrated {len(calibrated)} tables in {time.perf_counter() - started:.0f} s", flush=True)
+    threads = worker_threads(args.workers)
+    cal_jobs = [{"model": m, "preset": pr, "out": str(args.work / m / pr), "calibration": calibration, "options": {"activation_calibrator": "mse"}, "threads": threads}
+                for m in args.models for pr in args.presets]
+    calibrated = pool_map(calibrate_job, cal_jobs, args.workers, "calibrate")
     rec_jobs = []
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in args.models}
     for c in calibrated:
@@ -208,10 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows[c["model"]].append(row)
             else:
                 rec_jobs.append({**row, "method": method, "lsq": lsq, "iterations": args.iterations, "batch": args.batch, "device": args.device, "out": str(Path(c["out"]) / label)})
-    with ProcessPoolExecutor(max_workers=args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-        for done in pool.map(reconstruct_one, rec_jobs):
-            rows[done["model"]].append(done)
-            print(f"reconstructed {done['model']} {done['preset']} {done['label']} in {done['reconstruct_seconds']} s ({done['units_better_than_rtn']}/{done['units']} units below RTN)", flush=True)
+    for done in pool_map(reconstruct_job, rec_jobs, args.workers, "reconstruct"):
+        rows[done["model"]].append(done)
+        print(f"reconstructed {done['model']} {done['preset']} {done['label']}: {done['units_better_than_rtn']}/{done['units']} units below RTN", flush=True)
     order = {label: i for i, (label, _, _) in enumerate(CONFIGS)}
     command = "python3 tools/reconstruction_results.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
     models: list[dict[str, Any]] = []
@@ -224,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             "complete": partial is None,
         }
         result = {"meta": meta, "models": models + ([partial] if partial else [])}
+        from qdiff.core.artifacts import write_json_atomic, write_text_atomic
+
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "reconstruction.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "reconstruction.md").write_text(to_markdown(result))
+        write_json_atomic(args.out / "reconstruction.json", result)
+        write_text_atomic(args.out / "reconstruction.md", to_markdown(result))
         return meta
 
     for m in args.models:

@@ -13,7 +13,7 @@ per-layer-group sensitivity table of tools/sensitivity_results.py for each model
 Calibrations run on the CPU in `--workers` processes; reconstructions on `--device` in
 `--workers` processes at once; the harness runs one candidate pair after the other. Results
 are written as they finish: <out>/tdac.json (rows), tdac.md, harness folders per pair, and
-TDAC's samples-per-step plot per model and preset.
+TDAC's samples-per-step plot per model and preset (harness folders: <out>/harness/<model>-<preset>-<method>/).
 
 GPU (H200), the issue's measurement (estimate: ~20-25 min; see the report's timing lines):
 
@@ -27,69 +27,22 @@ CPU check of the whole path (< 2 min on an idle 2-core machine; numbers not mean
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from results_jobs import RUN_CALIBRATION, calibrate_job, fmt_difference, fmt_interval, pool_map, reconstruct_job, worker_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = (ROOT / "qdiff" / "models" / "shapes-ddpm", ROOT / "qdiff" / "models" / "shapes-cond")
 PRESETS = ("w8a8", "w4a8")
 SAMPLINGS = ("uniform", "tdac")
 METHODS = ("rtn", "adaround-brecq")
-RUN_CALIBRATION = {"num_timesteps": 10, "samples_per_timestep": 32, "calibration_steps": 50, "batch_size": 32}
 SMOKE_CALIBRATION = {"num_timesteps": 2, "samples_per_timestep": 2, "calibration_steps": 4, "batch_size": 2}
-
-
-def _quiet(threads: int) -> None:
-    os.environ.setdefault("QDIFF_QUIET", "1")
-    torch.set_num_threads(threads)
-
-
-def calibrate_job(job: dict[str, Any]) -> dict[str, Any]:
-    _quiet(job["threads"])
-    from qdiff.api import calibrate
-
-    started = time.perf_counter()
-    res = calibrate(job["model"], job["out"], job["preset"], timestep_sampling=job["sampling"], timestep_stats=False, **job["calibration"])
-    tdac = res.table.provenance.get("tdac")
-    return {**job, "table": str(res.table_path), "tdac": tdac, "calibrate_seconds": round(time.perf_counter() - started, 1)}
-
-
-def reconstruct_job(job: dict[str, Any]) -> dict[str, Any]:
-    _quiet(job["threads"])
-    from qdiff.api import reconstruct
-    from qdiff.calib.reconstruct.settings import ReconstructionSettings
-
-    started = time.perf_counter()
-    settings = ReconstructionSettings(method=job["method"], iterations=job["iterations"], batch_size=job["recon_batch"], device=job["device"])
-    res = reconstruct(job["model"], job["out"], job["table"], settings)
-    return {**job, "weights": str(res.weights_path), "recon_table": str(res.table_path), "reconstruct_seconds": round(time.perf_counter() - started, 1)}
-
-
-def _pool_map(fn, jobs: list[dict[str, Any]], workers: int, what: str) -> list[dict[str, Any]]:
-    """`fn` over `jobs`, in `workers` spawned processes (inline with one), printing each as it ends."""
-    done = []
-    if workers <= 1:
-        for job in jobs:
-            done.append(fn(job))
-            print(f"{what}: {_key(done[-1])} done", flush=True)
-        return done
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for result in pool.map(fn, jobs):
-            done.append(result)
-            print(f"{what}: {_key(result)} done", flush=True)
-    return done
-
-
-def _key(job: dict[str, Any]) -> str:
-    return "/".join(str(job[k]) for k in ("label", "preset", "sampling", "method") if k in job)
 
 
 def counts_summary(tdac: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -105,17 +58,11 @@ def write_report(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any]
 
     write_json_atomic(out / "tdac.json", {"settings": settings, "rows": rows})
 
-    def metric(m: dict[str, Any] | None) -> str:
-        return "-" if not m else f"{m['mean']:.4g} [{m['ci95'][0]:.4g}, {m['ci95'][1]:.4g}]"
-
-    def diff(c: dict[str, Any] | None) -> str:
-        return "-" if not c else f"{c['diff']:+.4g} [{c['ci95'][0]:+.4g}, {c['ci95'][1]:+.4g}]" + (" *" if c.get("significant") else "")
-
     table = []
     for r in rows:
         for name in ("step_rel_l2", "psnr", "shape_fd", "class_accuracy"):
             if name in r["uniform"]:
-                table.append([r["model"], r["preset"], r["method"], name, metric(r["uniform"].get(name)), metric(r["tdac"].get(name)), diff(r["comparison"].get(name))])
+                table.append([r["model"], r["preset"], r["method"], name, fmt_interval(r["uniform"].get(name), ".4g"), fmt_interval(r["tdac"].get(name), ".4g"), fmt_difference(r["comparison"].get(name), ".4g")])
     md = [
         "# TDAC vs uniform timestep sampling",
         "",
@@ -184,18 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     timing: list[str] = []
     settings = {"argv": " ".join(argv if argv is not None else sys.argv[1:]), "device": args.device, "calibration": calibration, "iterations": args.iterations,
                 "harness": f"{args.seed_sets} seed set(s) x {args.images} images, {args.steps} DDIM steps, step error on {args.step_images}", "timing": timing}
-    cpu = os.cpu_count() or 2
-    threads = max(1, cpu // max(1, args.workers))
-    jobs = [{"model": str(m), "label": m.name, "preset": p, "sampling": s, "calibration": calibration, "threads": threads if args.workers > 1 else cpu,
+    threads = worker_threads(args.workers)
+    jobs = [{"model": str(m), "label": m.name, "preset": p, "sampling": s, "calibration": calibration, "options": {"timestep_sampling": s}, "threads": threads,
              "out": str(args.work / m.name / f"{p}-{s}")} for m in args.models for p in args.presets for s in SAMPLINGS]
-    tables = {(j["label"], j["preset"], j["sampling"]): j for j in _pool_map(calibrate_job, jobs, args.workers, "calibrate")}
+    tables = {(j["label"], j["preset"], j["sampling"]): j for j in pool_map(calibrate_job, jobs, args.workers, "calibrate")}
     timing.append(f"calibration: {len(jobs)} tables in {time.perf_counter() - started:.0f} s (CPU, {args.workers} processes)")
     print(timing[-1], flush=True)
     weights: dict[tuple, dict[str, Any]] = {}
     if "adaround-brecq" in args.methods:
         t0 = time.perf_counter()
-        rjobs = [{**j, "method": "adaround-brecq", "iterations": args.iterations, "recon_batch": args.recon_batch, "device": args.device, "threads": max(1, cpu // max(1, args.workers))} for j in tables.values()]
-        weights = {(j["label"], j["preset"], j["sampling"]): j for j in _pool_map(reconstruct_job, rjobs, args.workers, "reconstruct")}
+        rjobs = [{**j, "method": "adaround-brecq", "iterations": args.iterations, "batch": args.recon_batch, "device": args.device} for j in tables.values()]
+        weights = {(j["label"], j["preset"], j["sampling"]): j for j in pool_map(reconstruct_job, rjobs, args.workers, "reconstruct")}
         timing.append(f"reconstruction: {len(rjobs)} x {args.iterations} iterations in {time.perf_counter() - t0:.0f} s ({args.device}, {args.workers} at once)")
         print(timing[-1], flush=True)
     rows: list[dict[str, Any]] = []
@@ -211,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     rec = weights.get((model.name, preset, sampling)) if method != "rtn" else None
                     candidates.append(fake_quant_candidate(f"{preset}/{method}/{sampling}", rec["recon_table"] if rec else job["table"], weights=rec["weights"] if rec else None,
                                                            meta={"sampling": sampling, "method": method, "preset": preset}))
-                result = run_harness(model, candidates, harness, baseline=candidates[0].label, out_dir=args.work / "harness" / model.name / f"{preset}-{method}")
+                result = run_harness(model, candidates, harness, baseline=candidates[0].label, out_dir=args.out / "harness" / f"{model.name}-{preset}-{method}")
                 uniform, tdac_row = (result.rows[c.label]["metrics"] for c in candidates)
                 rows.append({"model": model.name, "model_path": str(model), "preset": preset, "method": method, "iterations": args.iterations if method != "rtn" else None,
                              "uniform": uniform, "tdac": tdac_row, "comparison": result.comparisons.get(candidates[1].label, {}), "fp32": result.fp32,

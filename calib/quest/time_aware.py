@@ -37,7 +37,7 @@ from qdiff.calib.observers import ActivationRecorder
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.calib.targets import select_targets
-from qdiff.calib.trajectories import TrajectorySampler, calibration_trajectories
+from qdiff.calib.trajectories import TimestepPlan, TrajectorySampler, calibration_trajectories
 from qdiff.core.artifacts import write_json_atomic
 from qdiff.core.errors import CalibrationError
 
@@ -127,7 +127,8 @@ def collect_bucket_tables(unet: nn.Module, sampler: TrajectorySampler, table: Ca
             for k, recorder in enumerate(recorders):
                 recorder.enabled = b == k
 
-        for _batch in calibration_trajectories(sampler, recipe, on_step=on_step, progress=progress):
+        plan = TimestepPlan.of_table(table.provenance, recipe)  # a TDAC table's own counts (uniform: the recipe's)
+        for _batch in calibration_trajectories(sampler, recipe, on_step=on_step, progress=progress, plan=plan):
             pass
     finally:
         for recorder in recorders:

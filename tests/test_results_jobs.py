@@ -1,0 +1,38 @@
+"""tools/results_jobs.py: the job helpers tdac_results, quest_results and reconstruction_results share."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import results_jobs as rj  # noqa: E402
+
+
+def _double(job: dict) -> dict:
+    return {**job, "value": job["x"] * 2, "seconds": 0.5}
+
+
+def test_pool_map_inline_keeps_order_and_logs_each_job():
+    lines: list[str] = []
+    jobs = [{"model": "/m/shapes-ddpm", "preset": "w8a8", "sampling": s, "x": i} for i, s in enumerate(("uniform", "tdac"))]
+    done = rj.pool_map(_double, jobs, workers=1, what="calibrate", log=lines.append)
+    assert [d["value"] for d in done] == [0, 2]
+    assert lines[:2] == ["calibrate: shapes-ddpm w8a8 uniform done in 0.5 s", "calibrate: shapes-ddpm w8a8 tdac done in 0.5 s"]
+    assert lines[-1].startswith("calibrate: 2 jobs in ")
+    assert rj.pool_map(_double, [], workers=4, what="none", log=lines.append) == []
+
+
+def test_interval_formatting_marks_significant_differences():
+    assert rj.fmt_interval(None) == "-"
+    assert rj.fmt_interval({"mean": 0.12345, "ci95": [0.1, 0.15]}, ".2f") == "0.12 [0.10, 0.15]"
+    assert rj.fmt_difference({"diff": -0.5, "ci95": [-0.75, -0.25], "significant": True}, ".2f") == "-0.50 [-0.75, -0.25] *"
+    assert rj.fmt_difference({"diff": 0.1, "ci95": [-0.1, 0.3], "significant": False}, ".1g") == "+0.1 [-0.1, +0.3]"
+
+
+def test_model_dir_resolves_shipped_names_and_folders(tmp_path):
+    assert rj.model_dir("shapes-ddpm") == ROOT / "qdiff" / "models" / "shapes-ddpm"
+    assert rj.model_dir(tmp_path) == tmp_path.resolve()
+    assert rj.worker_threads(10**6) == 1
