@@ -41,6 +41,7 @@ from qdiff.core import stats
 from qdiff.core.errors import EvaluationError, QdiffError
 from qdiff.core.progress import log, progress
 from qdiff.harness_settings import HarnessSettings, seed_sets  # noqa: F401 - public here too
+from qdiff.runtime.backends import DeviceDenoiser
 
 if TYPE_CHECKING:
     from qdiff.calib.reconstruct.artifact import ReconstructedWeights
@@ -297,21 +298,6 @@ def _ticking(iterable, bar):
         bar.update(1)
 
 
-class _OnDevice:
-    """A UNet on the harness device called as the ONNX graph is (`TorchDenoiser`), its inputs
-    moved to that device."""
-
-    def __init__(self, unet: torch.nn.Module, device: torch.device) -> None:
-        from qdiff.runtime.backends import TorchDenoiser
-
-        self.device = device
-        self.inner = TorchDenoiser(unet.to(device).eval())
-
-    def __call__(self, sample, timestep, encoder_hidden_states=None, **added):
-        move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-        return self.inner(move(sample), move(timestep), move(encoder_hidden_states), **{k: move(v) for k, v in added.items()})
-
-
 # ----------------------------------------------------------------------------- the harness
 
 
@@ -335,7 +321,7 @@ class _Harness:
 
     def reference(self) -> dict[str, Any]:
         """Sample FP32 once per seed set (recording the step batches); its FD and accuracy."""
-        fp32 = _OnDevice(copy.deepcopy(self.bundle.unet), self.sampler.device)
+        fp32 = DeviceDenoiser(copy.deepcopy(self.bundle.unet), self.sampler.device)
         calls = len(self.sampler.sets) * len(self.sampler.chunks) * self.settings.steps
         bar = progress(total=calls, desc="fp32 reference", unit="unet call")
         with bar:
@@ -374,7 +360,7 @@ class _Harness:
     def candidate(self, cand: Candidate) -> tuple[dict[str, Any], _Values]:
         started = time.perf_counter()
         unet = cand.make_unet(copy.deepcopy(self.bundle.unet))
-        denoiser = _OnDevice(unet, self.sampler.device)
+        denoiser = DeviceDenoiser(unet, self.sampler.device)
         bar = progress(total=self.sampler.unet_calls(), desc=cand.label, unit="unet call")
         with bar:
             images, step = [], []

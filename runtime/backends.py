@@ -147,6 +147,24 @@ class TorchDenoiser:
         return self.unet(sample, t, **kwargs, return_dict=False)[0]
 
 
+class DeviceDenoiser(TorchDenoiser):
+    """A `TorchDenoiser` whose UNet lives on `device` while the sampling loop may not.
+
+    Inputs (and conditioning) are moved to the UNet's device and the noise prediction comes back
+    on the device of `sample`, so one wrapper serves a CPU-side scheduler driving a GPU model
+    (calibration peers, sensitivity) and a loop that already runs on the GPU (the harness),
+    where both moves are no-ops."""
+
+    def __init__(self, unet: torch.nn.Module, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        super().__init__(unet.to(self.device).eval())
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, **added_cond):
+        move = lambda v: v.to(self.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        out = super().__call__(move(sample), move(timestep), move(encoder_hidden_states), **{k: move(v) for k, v in added_cond.items()})
+        return out.to(sample.device)
+
+
 class OnnxRuntimeDenoiser:
     """An exported denoiser graph (FP32 or Q/DQ) run by ONNX Runtime.
 

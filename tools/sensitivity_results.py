@@ -41,19 +41,6 @@ COMBINATIONS = {"modelopt float set (time_embedding+time_emb_proj+conv_shortcut)
 HELD_OUT_SEED = 100_000  # trajectory seeds far from calibration's and the harness's first sets
 
 
-class OnDevice:
-    """The UNet called as the sampler calls a backend, with the device the loop should run on."""
-
-    def __init__(self, unet: torch.nn.Module, device: str) -> None:
-        from qdiff.runtime.backends import TorchDenoiser
-
-        self.device = torch.device(device)
-        self.inner = TorchDenoiser(unet.to(self.device).eval())
-
-    def __call__(self, sample, timestep, **kwargs):
-        return self.inner(sample.to(self.device), timestep, **{k: v.to(self.device) for k, v in kwargs.items()})
-
-
 def model_sensitivity(model: Path, preset: str, *, device: str, images: int, steps: int, calibration: dict[str, Any], calibrator: str | None, work: Path, log=print) -> dict[str, Any]:
     """The sensitivity table of one model and preset (JSON-ready)."""
     from qdiff.api import calibrate
@@ -64,6 +51,7 @@ def model_sensitivity(model: Path, preset: str, *, device: str, images: int, ste
     from qdiff.evaluate import sampling_plan
     from qdiff.models import load_model
     from qdiff.runtime.sampler import generate, step_errors
+    from qdiff.runtime.backends import DeviceDenoiser
 
     started = time.perf_counter()
     bundle = load_model(model)
@@ -75,12 +63,12 @@ def model_sensitivity(model: Path, preset: str, *, device: str, images: int, ste
     sample_shape = (bundle.in_channels, bundle.sample_size, bundle.sample_size)
     concat_conv1 = find_split_layers(bundle.unet, example_call(bundle.unet, sample_shape, plan.conditioning), conv1=True)[1]
     groups = layer_groups(bundle.unet, concat_conv1)
-    fp32 = OnDevice(bundle.unet, device)
+    fp32 = DeviceDenoiser(bundle.unet, device)
     records = generate(bundle, fp32, scheduler=plan.scheduler, steps=plan.steps, seeds=list(plan.seeds), conditioning=plan.conditioning, guidance_scale=plan.guidance_scale, record_steps=True, desc="fp32 trajectory").steps
     bundle.unet.cpu()
 
     def measure(quantized: torch.nn.Module) -> list[float]:
-        errors = [row["rel_l2"] for row in step_errors(records, OnDevice(quantized, device))]
+        errors = [row["rel_l2"] for row in step_errors(records, DeviceDenoiser(quantized, device))]
         quantized.cpu()
         return errors
 

@@ -380,21 +380,6 @@ class _Named:  # graph_index.module_name reads `.name`
 # ----------------------------------------------------------------------------- calibration
 
 
-class _OnDevice:
-    """Runs a PyTorch denoiser on `device` for a sampler whose tensors live on the CPU."""
-
-    def __init__(self, unet: torch.nn.Module, device: torch.device) -> None:
-        from qdiff.runtime.backends import TorchDenoiser
-
-        self.inner = TorchDenoiser(unet)
-        self.device = device
-
-    def __call__(self, sample, timestep, **kwargs):
-        moved = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-        out = self.inner(sample.to(self.device), torch.as_tensor(timestep).to(self.device), **moved)
-        return out.to(sample.device)
-
-
 @contextlib.contextmanager
 def _exact_float(device: torch.device) -> Iterator[None]:
     """TF32 off on CUDA, so calibration computes in FP32 as qdiff's calibration does."""
@@ -525,10 +510,11 @@ def calibration_calls(bundle, recipe: Recipe, conditioning, device: str | torch.
 
     A driver that quantizes several ModelOpt variants of one model lists these once and passes
     them as `calibration_inputs`."""
+    from qdiff.runtime.backends import DeviceDenoiser
     from qdiff.runtime.calibration_loop import model_calibration_inputs
 
     dev = torch.device(device)
-    return model_calibration_inputs(bundle, recipe, _OnDevice(bundle.unet.to(dev).eval(), dev), conditioning=conditioning, progress=progress)
+    return model_calibration_inputs(bundle, recipe, DeviceDenoiser(bundle.unet, dev), conditioning=conditioning, progress=progress)
 
 
 # ----------------------------------------------------------------------------- the peer
@@ -641,7 +627,9 @@ def quantize_with_modelopt(
     def forward_loop(model: torch.nn.Module) -> None:
         if fed:
             raise QuantizationError("ModelOpt ran the calibration loop twice; the step calibrator counts calls and needs exactly one pass")
-        denoiser = _OnDevice(model, dev)
+        from qdiff.runtime.backends import DeviceDenoiser
+
+        denoiser = DeviceDenoiser(model, dev)
         for call in calls_source():
             batch = call.sample.shape[0]
             t = torch.as_tensor(call.timestep_input, dtype=torch.float32).reshape(-1)
