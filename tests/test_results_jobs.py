@@ -36,3 +36,18 @@ def test_model_dir_resolves_shipped_names_and_folders(tmp_path):
     assert rj.model_dir("shapes-ddpm") == ROOT / "qdiff" / "models" / "shapes-ddpm"
     assert rj.model_dir(tmp_path) == tmp_path.resolve()
     assert rj.worker_threads(10**6) == 1
+
+
+def test_tdac_difference_over_calibration_seeds_is_paired_by_seed():
+    """tools/tdac_results.seed_paired: a constant offset across seeds is significant, an offset that
+    flips sign between seeds is not, and uniform's own spread across seeds is reported."""
+    import tdac_results
+
+    def rows(values):
+        return [{"step_rel_l2": {"mean": v}} for v in values]
+
+    steady = tdac_results.seed_paired(rows([0.020, 0.024, 0.022]), rows([0.019, 0.023, 0.021]))["step_rel_l2"]
+    assert steady["seeds"] == 3 and steady["significant"] and abs(steady["diff"] + 0.001) < 1e-12
+    assert steady["uniform_spread"] == [0.020, 0.024]
+    flipping = tdac_results.seed_paired(rows([0.020, 0.024]), rows([0.021, 0.023]))["step_rel_l2"]
+    assert not flipping["significant"] and flipping["ci95"][0] < 0 < flipping["ci95"][1]

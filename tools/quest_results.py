@@ -17,7 +17,8 @@ calibration as `qdiff run` does it (10 timesteps x 32 trajectories of a 50-step 
 Each (model, preset) is one `run_harness` call (baseline `rtn`: every other row gets a paired
 bootstrap difference with it), FP32 sampled once per call. Preparation (calibration, time-aware
 tables: CPU; reconstruction, fine-tuning: `--device`) runs in `--workers` processes; every
-artifact is cached under `--work`, so a rerun after a cut-off skips what is done. Rows are
+reconstructions and fine-tunings are cached under `--work` (a rerun after a cut-off skips them;
+calibration and the time-aware tables are redone, ~20 s each on the H200 host). Rows are
 written as they finish: `<out>/quest.json` + `quest.md`, and per (model, preset) the harness's
 own `harness.json/.md` and plots under `<out>/quest/<model>-<preset>/`.
 

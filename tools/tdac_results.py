@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from results_jobs import RUN_CALIBRATION, calibrate_job, fmt_difference, fmt_interval, pool_map, reconstruct_job, worker_threads
@@ -50,6 +51,27 @@ def counts_summary(tdac: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     counts = tdac["counts"]
     return {"steps": len(counts), "min": min(counts), "max": max(counts), "zero_steps": sum(c == 0 for c in counts), "r": tdac["r"], "r_rule": tdac["r_rule"], "lam": tdac["lam"]}
+
+
+# Two-sided 95% Student t quantiles by degrees of freedom (calibration seeds - 1); few seeds are
+# the expensive case, so the table covers them and larger counts use the normal quantile.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def seed_paired(uniform: list[dict[str, Any]], tdac: list[dict[str, Any]]) -> dict[str, Any]:
+    """tdac - uniform per metric, paired by calibration seed: mean, t interval over the seeds, and
+    the spread of uniform's own means across seeds (calibration noise, which the per-image
+    bootstrap of one calibration does not see)."""
+    out = {}
+    for name in uniform[0]:
+        if name not in tdac[0]:
+            continue
+        u = np.array([m[name]["mean"] for m in uniform])
+        d = np.array([t[name]["mean"] for t in tdac]) - u
+        half = _T95.get(len(d) - 1, 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+        out[name] = {"seeds": len(d), "diff": float(d.mean()), "ci95": [float(d.mean() - half), float(d.mean() + half)],
+                     "significant": bool(abs(d.mean()) > half), "uniform_spread": [float(u.min()), float(u.max())]}
+    return out
 
 
 def write_report(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any]) -> None:
@@ -74,6 +96,16 @@ def write_report(rows: list[dict[str, Any]], out: Path, settings: dict[str, Any]
         "",
         markdown_table(["model", "preset", "weights", "metric", "uniform", "tdac", "tdac - uniform"], table),
         "",
+    ]
+    seeded = [r for r in rows if r.get("over_calibration_seeds")]
+    if seeded:
+        md += ["## Over calibration seeds", "",
+               "Each configuration calibrated with trajectory seeds 0..N-1; tdac - uniform paired by seed, mean [t 95% interval over the seeds] (* = excludes 0); "
+               "'uniform across seeds' is the range of uniform's means, the calibration noise one calibration's intervals do not show.", "",
+               markdown_table(["model", "preset", "weights", "metric", "seeds", "tdac - uniform", "uniform across seeds"],
+                              [[r["model"], r["preset"], r["method"], name, str(c["seeds"]), f"{c['diff']:+.4g} [{c['ci95'][0]:+.4g}, {c['ci95'][1]:+.4g}]" + (" *" if c["significant"] else ""),
+                                f"{c['uniform_spread'][0]:.4g} .. {c['uniform_spread'][1]:.4g}"] for r in seeded for name, c in r["over_calibration_seeds"].items()]), ""]
+    md += [
         "## TDAC's samples per step",
         "",
     ]
@@ -101,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=1000, help="harness images per seed set")
     parser.add_argument("--seed-sets", type=int, default=1)
+    parser.add_argument("--calibration-seeds", type=int, default=1,
+                        help="calibrate each configuration with this many trajectory seeds (0..N-1): the harness intervals cover image sampling only, "
+                             "so with N >= 2 the report adds tdac - uniform paired by calibration seed with a t interval over the seeds (default: %(default)s)")
     parser.add_argument("--step-images", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=250, help="harness images per UNet call")
@@ -132,35 +167,41 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"argv": " ".join(argv if argv is not None else sys.argv[1:]), "device": args.device, "calibration": calibration, "iterations": args.iterations,
                 "harness": f"{args.seed_sets} seed set(s) x {args.images} images, {args.steps} DDIM steps, step error on {args.step_images}", "timing": timing}
     threads = worker_threads(args.workers)
-    jobs = [{"model": str(m), "label": m.name, "preset": p, "sampling": s, "calibration": calibration, "options": {"timestep_sampling": s}, "threads": threads,
-             "out": str(args.work / m.name / f"{p}-{s}")} for m in args.models for p in args.presets for s in SAMPLINGS]
-    tables = {(j["label"], j["preset"], j["sampling"]): j for j in pool_map(calibrate_job, jobs, args.workers, "calibrate")}
+    seeds = list(range(max(1, args.calibration_seeds)))
+    settings["calibration_seeds"] = len(seeds)
+    jobs = [{"model": str(m), "label": m.name, "preset": p, "sampling": s, "seed": k, "calibration": {**calibration, **({"seed": k} if k else {})},
+             "options": {"timestep_sampling": s}, "threads": threads, "out": str(args.work / m.name / (f"{p}-{s}" + (f"-seed{k}" if k else "")))}
+            for m in args.models for p in args.presets for s in SAMPLINGS for k in seeds]
+    tables = {(j["label"], j["preset"], j["sampling"], j["seed"]): j for j in pool_map(calibrate_job, jobs, args.workers, "calibrate")}
     timing.append(f"calibration: {len(jobs)} tables in {time.perf_counter() - started:.0f} s (CPU, {args.workers} processes)")
     print(timing[-1], flush=True)
     weights: dict[tuple, dict[str, Any]] = {}
     if "adaround-brecq" in args.methods:
         t0 = time.perf_counter()
         rjobs = [{**j, "method": "adaround-brecq", "iterations": args.iterations, "batch": args.recon_batch, "device": args.device} for j in tables.values()]
-        weights = {(j["label"], j["preset"], j["sampling"]): j for j in pool_map(reconstruct_job, rjobs, args.workers, "reconstruct")}
+        weights = {(j["label"], j["preset"], j["sampling"], j["seed"]): j for j in pool_map(reconstruct_job, rjobs, args.workers, "reconstruct")}
         timing.append(f"reconstruction: {len(rjobs)} x {args.iterations} iterations in {time.perf_counter() - t0:.0f} s ({args.device}, {args.workers} at once)")
         print(timing[-1], flush=True)
     rows: list[dict[str, Any]] = []
     for model in args.models:
         for preset in args.presets:
-            tdac = tables[(model.name, preset, "tdac")]["tdac"]
+            tdac = tables[(model.name, preset, "tdac", 0)]["tdac"]
             plot = plot_tdac(tdac, args.out / f"tdac-samples-{model.name}-{preset}.png")
             for method in args.methods:
                 t0 = time.perf_counter()
                 candidates = []
-                for sampling in SAMPLINGS:
-                    job = tables[(model.name, preset, sampling)]
-                    rec = weights.get((model.name, preset, sampling)) if method != "rtn" else None
-                    candidates.append(fake_quant_candidate(f"{preset}/{method}/{sampling}", rec["recon_table"] if rec else job["table"], weights=rec["weights"] if rec else None,
-                                                           meta={"sampling": sampling, "method": method, "preset": preset}))
+                for k in seeds:
+                    for sampling in SAMPLINGS:
+                        job = tables[(model.name, preset, sampling, k)]
+                        rec = weights.get((model.name, preset, sampling, k)) if method != "rtn" else None
+                        candidates.append(fake_quant_candidate(f"{preset}/{method}/{sampling}" + (f"/seed{k}" if k else ""), rec["recon_table"] if rec else job["table"],
+                                                               weights=rec["weights"] if rec else None, meta={"sampling": sampling, "method": method, "preset": preset, "calibration_seed": k}))
                 result = run_harness(model, candidates, harness, baseline=candidates[0].label, out_dir=args.out / "harness" / f"{model.name}-{preset}-{method}")
-                uniform, tdac_row = (result.rows[c.label]["metrics"] for c in candidates)
+                uniform, tdac_row = (result.rows[c.label]["metrics"] for c in candidates[:2])
+                per_seed = {s: [result.rows[c.label]["metrics"] for c in candidates if c.meta["sampling"] == s] for s in SAMPLINGS}
                 rows.append({"model": model.name, "model_path": str(model), "preset": preset, "method": method, "iterations": args.iterations if method != "rtn" else None,
                              "uniform": uniform, "tdac": tdac_row, "comparison": result.comparisons.get(candidates[1].label, {}), "fp32": result.fp32,
+                             "over_calibration_seeds": seed_paired(per_seed["uniform"], per_seed["tdac"]) if len(seeds) > 1 else None,
                              "tdac_counts": counts_summary(tdac), "tdac_plot": plot.name, "seconds": round(time.perf_counter() - t0, 1)})
                 timing.append(f"harness {model.name} {preset} {method}: {rows[-1]['seconds']} s")
                 write_report(rows, args.out, settings)
