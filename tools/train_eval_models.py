@@ -37,6 +37,7 @@ Usage::
     python tools/train_eval_models.py --device cuda --out $OUT/train --pack $OUT --budget-s 360 --parallel
     python tools/train_eval_models.py --device cuda --out out/probe --probe 60 --parallel --budget-s 360
     python tools/train_eval_models.py --device cuda --out out/det --check-determinism 50 --parallel
+    python tools/train_eval_models.py --device cuda --out out/modes --probe-modes 60 --parallel   # steps/s per --determinism mode
     python tools/train_eval_models.py --smoke --device cpu --out /tmp/eval-smoke --parallel
 """
 
@@ -116,19 +117,30 @@ def build(kind: str, width: int, seed: int) -> tuple[torch.nn.Module, tdm.ClassT
 # --------------------------------------------------------------------------- #
 # Determinism
 # --------------------------------------------------------------------------- #
-def make_deterministic(strict: bool = True) -> None:
+DETERMINISM_MODES = ("strict", "warn", "off")
+
+
+def make_deterministic(strict: bool = True, mode: str | None = None) -> None:
     """Deterministic kernels for the UNets' training (``strict``). It must be strict: with
     ``warn_only`` PyTorch keeps the flash / memory-efficient attention backward kernels, which
     add with atomics, and only warns. The classifier runs with ``strict=False``: its
     AdaptiveAvgPool2d backward has no deterministic CUDA kernel, and its weights are committed
-    rather than reproduced."""
+    rather than reproduced.
+
+    ``mode`` overrides ``strict``: "strict", "warn" (deterministic where a kernel exists) or
+    "off" (cuDNN benchmarking, any kernel: not bit-for-bit). "off" exists to measure what
+    determinism costs (`--probe-modes`): the strict run of 2026-12-02 trained at 9.0 / 6.7
+    steps/s where the shipped models, nondeterministic, reached 32.5 / 24.9."""
+    mode = mode or ("strict" if strict else "warn")
+    if mode not in DETERMINISM_MODES:
+        raise ValueError(f"determinism mode {mode!r}: choose one of {', '.join(DETERMINISM_MODES)}")
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
-    torch.use_deterministic_algorithms(True, warn_only=not strict)
+    torch.use_deterministic_algorithms(mode != "off", warn_only=mode == "warn")
     # Filling every new tensor with NaN (the mode's default) costs time and changes no result
     # of code that never reads memory before writing it.
     torch.utils.deterministic.fill_uninitialized_memory = False
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = mode != "off"
+    torch.backends.cudnn.benchmark = mode == "off"
     # FP32 means FP32 (the evaluation samples in it); training runs under bf16 autocast anyway.
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -140,7 +152,7 @@ def make_deterministic(strict: bool = True) -> None:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train (or probe) one model as ``job`` says; writes ``<name>.result.json`` to the job's folder."""
     device = torch.device(job["device"])
-    make_deterministic(strict=job.get("strict", True))
+    make_deterministic(mode=job.get("determinism") or ("strict" if job.get("strict", True) else "warn"))
     kind, name = job["kind"], MODEL_NAMES[job["kind"]]
     work = Path(job["work_dir"])
     images = torch.as_tensor(np.load(work / "train_x.npy")).permute(0, 3, 1, 2).contiguous().to(device)
@@ -265,6 +277,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-determinism", type=int, default=0, metavar="N", help="train N steps twice, compare the weight hashes, exit")
     p.add_argument("--nondeterministic-ok", action="store_true",
                    help="fallback if strict determinism stops on an op without a deterministic kernel: warn instead (weights then not bit-for-bit)")
+    p.add_argument("--determinism", choices=DETERMINISM_MODES, default=None,
+                   help="strict (default; bit-for-bit), warn (= --nondeterministic-ok), off (cuDNN benchmarking, any kernel; not bit-for-bit)")
+    p.add_argument("--probe-modes", type=int, default=0, metavar="N",
+                   help="only probe: N steps of each model under every --determinism mode, print the steps/s table, exit")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup-steps", type=int, default=300)
@@ -344,7 +360,7 @@ def job_for(args: argparse.Namespace, kind: str, work: Path, steps: int, *, prob
         "width": args.width, "seed": args.seed, "steps": steps, "batch_size": args.batch_size, "lr": args.lr,
         "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay, "label_dropout": args.label_dropout,
         "grad_clip": args.grad_clip, "log_every": max(1, min(args.log_every, steps // 2)) if probe else args.log_every,
-        "probe": probe, "strict": not args.nondeterministic_ok, "max_weight_bytes": args.max_weight_bytes, "classifier_dir": str(args.out / "scene-classifier"),
+        "probe": probe, "strict": not args.nondeterministic_ok, "determinism": args.determinism, "max_weight_bytes": args.max_weight_bytes, "classifier_dir": str(args.out / "scene-classifier"),
         "eval_n": args.eval_n if evaluate and not probe else 0, "ddim_steps": args.ddim_steps, "guidance_scale": args.guidance_scale,
     }  # fmt: skip
 
@@ -393,6 +409,21 @@ def probe(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]:
     for kind in MODEL_NAMES:
         print(f"probe: {kind} {rates[kind]:.2f} steps/s ({'parallel' if args.parallel else 'alone'}) -> {fit[kind]} steps in {args.budget_s:.0f} s", flush=True)
     return {"steps": steps, "it_s": rates, "steps_for_budget": fit, "budget_s": args.budget_s, "parallel": args.parallel}
+
+
+def probe_modes(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]:
+    """`probe` under each determinism mode, one after another: what bit-for-bit costs in steps/s."""
+    chosen = args.determinism
+    table = {}
+    try:
+        for mode in DETERMINISM_MODES:
+            args.determinism = mode
+            table[mode] = probe(args, work, steps)["it_s"]
+    finally:
+        args.determinism = chosen
+    for mode, rates in table.items():
+        print(f"probe-modes: {mode:6s} " + "  ".join(f"{kind} {rate:.2f} steps/s" for kind, rate in rates.items()), flush=True)
+    return {"steps": steps, "parallel": args.parallel, "it_s": table}
 
 
 def fitting_steps(rate: float, budget_s: float) -> int:
@@ -466,6 +497,9 @@ def _run(args: argparse.Namespace, work: Path, log: RunLog) -> int:
     if args.probe:
         log.update(probe=probe(args, work, args.probe), status="done")
         return 0
+    if args.probe_modes:
+        log.update(probe_modes=probe_modes(args, work, args.probe_modes), status="done")
+        return 0
 
     if args.eval_n:
         train_classifier(args, work, log)
@@ -475,7 +509,8 @@ def _run(args: argparse.Namespace, work: Path, log: RunLog) -> int:
         steps = found["steps_for_budget"]
         log.update(probe=found)
     print(f"steps: {steps_text(steps)} (reproduce with --steps {steps_text(steps)})", flush=True)
-    log.update(steps=steps, reproduce=f"--steps {steps_text(steps)} --seed {args.seed} --width {args.width} --train-size {args.train_size} --batch-size {args.batch_size}")
+    log.update(steps=steps, reproduce=f"--steps {steps_text(steps)} --seed {args.seed} --width {args.width} --train-size {args.train_size} --batch-size {args.batch_size}"
+               + ("" if args.determinism in (None, "strict") else f" --determinism {args.determinism} (not bit-for-bit)"))
 
     results = run_jobs(args, [job_for(args, kind, work, steps[kind]) for kind in MODEL_NAMES], "train")
     for kind, result in results.items():
