@@ -142,7 +142,6 @@ def _feature_space(bundle: ModelBundle, device: str) -> FeatureSpace | None:
     one (`dataset.json`, qdiff.datasets.registry) uses that dataset's classifier and real images;
     an undeclared folder counts only if it is one of the shipped shapes models (by UNet hash), since
     shape-FD of an arbitrary model against the shapes classifier would be a number without meaning."""
-    from qdiff.datasets import CLASS_NAMES
     from qdiff.datasets import shape_classifier as sc
     from qdiff.datasets import shape_fd as sfd
     from qdiff.datasets.registry import dataset_file, dataset_for
@@ -157,7 +156,7 @@ def _feature_space(bundle: ModelBundle, device: str) -> FeatureSpace | None:
         predict=lambda images: sc.predict(classifier, images),
         real=spec.real_features("test", sfd.DEFAULT_REAL_IMAGES),
         floor=lambda count: sfd.real_reference(count, dataset=spec.name),
-        class_names=tuple(CLASS_NAMES),
+        class_names=spec.class_names,
     )
 
 

@@ -184,3 +184,4 @@ def test_feature_space_follows_the_model_folders_dataset(uncond_model_dir, tmp_p
     assert np.array_equal(space.real, scenes_real)
     shapes = _feature_space(load_model(DDPM, components=False), "cpu")
     assert shapes is not None and shapes.name == "shapes" and not np.array_equal(shapes.real, space.real)
+    assert space.class_names == get_dataset("scenes").class_names and len(space.class_names) == 8

@@ -45,6 +45,13 @@ class DatasetSpec:
 
         return importlib.import_module(self.module).generate
 
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The labels' names, from the generator's module (class accuracy maps model classes to them)."""
+        import importlib
+
+        return tuple(importlib.import_module(self.module).CLASS_NAMES)
+
     def generate(self, n: int, seed: int = 0, split: str = "train", start: int = 0, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Images ``start .. start+n-1`` of a split: (uint8 [n, 32, 32, 3], int64 [n])."""
         return self.generator(n, seed=seed, split=split, start=start, workers=workers)

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from qdiff.datasets import shapes
-from qdiff.datasets.shapes import BACKGROUND_FIELDS, IMAGE_SIZE, NUM_CLASSES, PIXEL_X, PIXEL_Y, SPLITS, draw_shape, shape_colour
+from qdiff.datasets.shapes import BACKGROUND_FIELDS, CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, PIXEL_X, PIXEL_Y, SPLITS, draw_shape, shape_colour  # noqa: F401 - CLASS_NAMES: the registry reads every dataset module's label names
 
 _STREAM_TAG = 0x51_44_53_43  # "QDSC"
 MIN_SHAPES, MAX_SHAPES = 2, 4
