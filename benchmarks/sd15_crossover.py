@@ -124,6 +124,18 @@ def run_jobs(run: Run, jobs: list[Job], deadline: float) -> dict[str, Job]:
         time.sleep(2.0)
 
 
+def _needed(jobs: list[Job], targets: list[str]) -> list[Job]:
+    """The jobs the targets need, transitively, in their original order (a rerun for some
+    engines does not redo the others' exports)."""
+    by_name, keep, todo = {j.name: j for j in jobs}, set(), list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo.extend(by_name[name].after)
+    return [j for j in jobs if j.name in keep]
+
+
 def _tail(run: Run, job: Job, lines: int = 4) -> str:
     text = (run.out / "logs" / f"{job.name}.log").read_text(errors="replace").strip().splitlines()
     keep = [ln for ln in text if "error" in ln.lower() or "hint" in ln.lower()] or text
@@ -230,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--engines", default=",".join(CROSSOVER_ENGINES))
+    p.add_argument("--reconstruct-iters", type=int, default=20, help="AdaRound-BRECQ iterations per unit for the w4a8 engine (speed only: the weights are random)")
     args = p.parse_args(argv)
     run = Run(args.out, args)
     deadline = run.t0 + args.budget_s - args.bench_reserve_s
@@ -244,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         Job("quantize-fp32", ["quantize", *w, *quant], ("export-fp32",)),
         Job("quantize-fp16", ["quantize", *w, *quant, "--reuse-table", "--dtype", "fp16"], ("export-fp16", "quantize-fp32")),
     ]
-    needs = {"fp16": ("export-fp32",), "fp16-g16": ("export-fp16",), "int8": ("quantize-fp32",), "int8-g16": ("quantize-fp16",)}
+    if "w4a8" in wanted:  # issue 13: a W4A8 table, a short reconstruction on the GPU, its Q/DQ graph
+        jobs.append(Job("quantize-w4a8", ["quantize", *w, *quant, "--recipe", "w4a8", "--reconstruct-iters", str(args.reconstruct_iters)], ("export-fp32",)))
+    needs = {"fp16": ("export-fp32",), "fp16-g16": ("export-fp16",), "int8": ("quantize-fp32",), "int8-g16": ("quantize-fp16",), "w4a8": ("quantize-w4a8",)}
     jobs += [build(which, needs[which]) for which in wanted]
+    jobs = _needed(jobs, [f"build-{which}" for which in wanted])
     done = run_jobs(run, jobs, deadline)
     built = [which for which in wanted if done[f"build-{which}"].state == "ok"]
     run.log(f"built: {', '.join(built) or 'nothing'}; timing")

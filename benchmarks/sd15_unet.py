@@ -79,14 +79,25 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     folder = _model_dir(args.work)
     onnx = args.work / "onnx" / api.ONNX_NAME
-    table_path = args.work / "calib" / api.TABLE_NAME
+    calib_dir = args.work / ("calib" if args.recipe == "w8a8" else f"calib-{args.recipe}")  # one table per recipe
+    table_path = calib_dir / api.TABLE_NAME
     t0 = time.perf_counter()
     if not (args.reuse_table and table_path.exists()):
         table_path = api.calibrate(
-            folder, args.work / "calib", args.recipe, random_conditioning=True,
+            folder, calib_dir, args.recipe, random_conditioning=True,
             num_timesteps=args.timesteps, samples_per_timestep=args.samples, calibration_steps=args.calib_steps, batch_size=args.samples,
         ).table_path
         print(f"calibrate: {time.perf_counter() - t0:.0f} s")
+    if args.reconstruct_iters:  # issue 13: a short reconstruction shows the artifact deploys (random weights: speed only)
+        t1 = time.perf_counter()
+        recon = api.reconstruct(
+            folder, calib_dir / "reconstruction", table_path, random_conditioning=True,
+            iterations=args.reconstruct_iters, batch_size=args.samples, device="cuda" if torch.cuda.is_available() else "cpu",
+        )
+        q = api.quantize_onnx(onnx, recon.table_path, reconstruction=recon.weights_path, placement="all")
+        _record_graph(args.work, args.recipe, Path(q.onnx_path))
+        print(f"reconstruct + quantize: {q.onnx_path} ({time.perf_counter() - t1:.0f} s)")
+        return
     for placement in args.placements.split(","):
         if args.dtype == "fp16":
             q = api.quantize_onnx(args.work / "onnx-fp16" / api.ONNX_NAME, table_path, placement=placement, dtype="fp16")
@@ -130,6 +141,8 @@ ENGINES = {
     # Issue 12: the FP16 graphs (`qdiff export --dtype fp16`, `qdiff quantize --dtype fp16`), in <work>/onnx-fp16.
     "fp16-g16": ("../onnx-fp16/denoiser.onnx", "fp16", None, "TensorRT FP16 from the FP16 graph"),
     "int8-g16": ("../onnx-fp16/denoiser.w8a8.onnx", "int8", None, "qdiff W8A8 from the FP16 Q/DQ graph (opset 19)"),
+    # Issue 13: W4A8 (INT4-valued weights in INT8 storage, INT8 kernels) from a reconstructed table.
+    "w4a8": ("denoiser.w4a8-adaround-brecq.onnx", "int8", None, "qdiff W4A8 (AdaRound-BRECQ weights, all Conv/Linear)"),
 }
 
 # `crossover`: the shapes where INT8 may cross FP16 on TensorRT 8.6 (batch, latent side), all
@@ -411,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--calib-steps", type=int, default=16)
             s.add_argument("--reuse-table", action="store_true", help="use <work>/calib/calibration.json if it exists (same seeded model)")
             s.add_argument("--placements", default="all,conv,conv-ff", help="comma-separated qdiff.export.placement names, one Q/DQ graph each")
+            s.add_argument("--reconstruct-iters", type=int, default=0, help="> 0: AdaRound-BRECQ with this many iterations per unit on the GPU, then the Q/DQ graph from it (recorded as the recipe's engine, e.g. w4a8)")
         if name == "build":
             s.add_argument("--which", choices=list(ENGINES), required=True)
             s.add_argument("--opt-level", type=int)

@@ -52,3 +52,40 @@ def test_merge_refuses_runs_from_another_gpu(result, tmp_path):
     main(["merge", str(a), str(a), "--out", str(tmp_path / "m")])
     merged = json.loads((tmp_path / "m.json").read_text())
     assert len(merged["rows"]) == 2 * len(result["rows"]) and all("gpu_slot" in r for r in merged["rows"])
+
+
+def test_w4a8_stage_reconstructs_and_records_a_deployable_graph(tmp_path):
+    """`sd15_unet.py quantize --recipe w4a8 --reconstruct-iters N` (issue 13's W4A8 engine) on a
+    tiny SD-style UNet on the CPU: its own table, a reconstruction artifact, and a Q/DQ graph
+    whose weights are INT4-valued in INT8 storage, recorded as the `w4a8` engine's graph."""
+    import sys
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import tiny_cond_unet
+
+    from benchmarks.sd15_unet import _graph
+
+    tiny_cond_unet("sd").save_pretrained(tmp_path / "sd15-unet", safe_serialization=True)
+    main(["export", "--work", str(tmp_path)])
+    main(["quantize", "--work", str(tmp_path), "--recipe", "w4a8", "--timesteps", "2", "--samples", "1", "--calib-steps", "2", "--reconstruct-iters", "2"])
+    graph = _graph(tmp_path, "w4a8")
+    assert graph.name == ENGINES["w4a8"][0] and graph.exists()
+    assert (tmp_path / "calib-w4a8" / "reconstruction" / "reconstruction.safetensors").exists()
+    assert not (tmp_path / "calib").exists()  # the W8A8 table's folder is not touched
+    model = onnx.load(str(graph))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weight_qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits]
+    assert len(weight_qs) > 10
+    for node in weight_qs:  # the FP32 weight TensorRT folds through its Q: exactly on the 4-bit grid
+        w, scale = inits[node.input[0]], inits[node.input[1]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        if scale.ndim:
+            shape[axis] = -1
+        levels = w / scale.reshape(shape)
+        assert np.abs(levels - np.rint(levels)).max() < 1e-3, node.name
+        assert levels.min() >= -8.001 and levels.max() <= 7.001, node.name
