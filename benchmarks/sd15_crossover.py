@@ -255,11 +255,11 @@ def main(argv: list[str] | None = None) -> int:
         Job("export-fp32", ["export", *w]),
         Job("export-fp16", ["export", *w, "--dtype", "fp16"]),
         Job("quantize-fp32", ["quantize", *w, *quant], ("export-fp32",)),
-        Job("quantize-fp16", ["quantize", *w, *quant, "--reuse-table", "--dtype", "fp16"], ("export-fp16", "quantize-fp32")),
+        Job("quantize-fp16", ["quantize", *w, *quant, "--reuse-table", "--dtype", "fp16"], ("quantize-fp32",)),
     ]
     if "w4a8" in wanted:  # issue 13: a W4A8 table, a short reconstruction on the GPU, its Q/DQ graph
         jobs.append(Job("quantize-w4a8", ["quantize", *w, *quant, "--recipe", "w4a8", "--reconstruct-iters", str(args.reconstruct_iters)], ("export-fp32",)))
-    needs = {"fp16": ("export-fp32",), "fp16-g16": ("export-fp16",), "int8": ("quantize-fp32",), "int8-g16": ("quantize-fp16",), "w4a8": ("quantize-w4a8",)}
+    needs = {"fp16": ("export-fp32",), "fp16-g16": ("export-fp16",), "int8": ("quantize-fp32",), "int8-g16": ("quantize-fp16",), "int8-g16c": ("quantize-fp16",), "w4a8": ("quantize-w4a8",)}
     jobs += [build(which, needs[which]) for which in wanted]
     jobs = _needed(jobs, [f"build-{which}" for which in wanted])
     done = run_jobs(run, jobs, deadline)

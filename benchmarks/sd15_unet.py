@@ -99,12 +99,16 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         print(f"reconstruct + quantize: {q.onnx_path} ({time.perf_counter() - t1:.0f} s)")
         return
     for placement in args.placements.split(","):
-        if args.dtype == "fp16":
-            q = api.quantize_onnx(args.work / "onnx-fp16" / api.ONNX_NAME, table_path, placement=placement, dtype="fp16")
+        if args.dtype == "fp16":  # both FP16 Q/DQ graphs come from the FP32 export (its overflow probe runs that graph)
+            q = api.quantize_onnx(onnx, table_path, placement=placement, dtype="fp16")
+            if placement == "all":  # and the opset-17 one TensorRT 8.6 can parse: FP32 Q/DQ islands in the FP16 graph
+                _record_graph(args.work, "int8-g16", Path(q.onnx_path))
+                q = api.quantize_onnx(onnx, table_path, placement=placement, dtype="fp16", opset=17)
+                _record_graph(args.work, "int8-g16c", Path(q.onnx_path))
         else:
             q = api.quantize_onnx(onnx, table_path, placement=placement)
-        if placement == "all":
-            _record_graph(args.work, "int8-g16" if args.dtype == "fp16" else "int8", Path(q.onnx_path))
+            if placement == "all":
+                _record_graph(args.work, "int8", Path(q.onnx_path))
         print(f"quantize: {q.onnx_path} ({time.perf_counter() - t0:.0f} s)")
 
 
@@ -139,8 +143,9 @@ ENGINES = {
     "int8-conv-ff-pin": ("denoiser.w8a8-conv-ff.onnx", "int8", "fp16", "qdiff W8A8 (convolutions + feed-forward) + float layers pinned FP16"),
     "modelopt": ("denoiser.modelopt-int8.onnx", "int8", None, "ModelOpt INT8 (its diffusion UNet recipe), same builder"),
     # Issue 12: the FP16 graphs (`qdiff export --dtype fp16`, `qdiff quantize --dtype fp16`), in <work>/onnx-fp16.
-    "fp16-g16": ("../onnx-fp16/denoiser.onnx", "fp16", None, "TensorRT FP16 from the FP16 graph"),
-    "int8-g16": ("../onnx-fp16/denoiser.w8a8.onnx", "int8", None, "qdiff W8A8 from the FP16 Q/DQ graph (opset 19)"),
+    "fp16-g16": ("../onnx-fp16/denoiser.fp16.onnx", "fp16", None, "TensorRT FP16 from the FP16 graph"),
+    "int8-g16": ("denoiser.w8a8.fp16.onnx", "int8", None, "qdiff W8A8 from the FP16 Q/DQ graph (opset 19)"),
+    "int8-g16c": ("denoiser.w8a8.fp16-op17.onnx", "int8", None, "qdiff W8A8 from the FP16 graph with FP32 Q/DQ islands (opset 17)"),
     # Issue 13: W4A8 (INT4-valued weights in INT8 storage, INT8 kernels) from a reconstructed table.
     "w4a8": ("denoiser.w4a8-adaround-brecq.onnx", "int8", None, "qdiff W4A8 (AdaRound-BRECQ weights, all Conv/Linear)"),
 }
@@ -148,7 +153,7 @@ ENGINES = {
 # `crossover`: the shapes where INT8 may cross FP16 on TensorRT 8.6 (batch, latent side), all
 # covered by ONE dynamic profile per engine so each precision is built once.
 CROSSOVER_SHAPES = ((1, 64), (2, 64), (8, 64), (1, 128), (2, 128))
-CROSSOVER_ENGINES = ("fp16", "fp16-g16", "int8", "int8-g16")
+CROSSOVER_ENGINES = ("fp16", "fp16-g16", "int8", "int8-g16", "int8-g16c")
 
 
 def cmd_build(args: argparse.Namespace) -> None:

@@ -226,3 +226,34 @@ def test_conv_only_placement_builds_an_engine_with_float_attention(cond_artifact
     s = api.inspect_engine(out).summary()
     print("conv-only placement:", json.dumps({k: s[k] for k in ("convolutions", "matmuls", "int8_mac_share")}))
     assert s["convolutions"]["int8"] > 0 and s["matmuls"].get("int8", 0) == 0
+
+
+def _tensorrt_major() -> int:
+    return int(trt.__version__.split(".")[0])
+
+
+def test_fp16_graph_builds_on_the_installed_tensorrt_and_matches_onnxruntime(uncond_model_dir, tmp_path):
+    """`qdiff export --dtype fp16`: the graph TensorRT >= 10 builds strongly typed; 8.6 takes it
+    on its weakly typed path (FP16 flag). Either way the engine is an FP16 engine, as close to
+    FP32 as the FP16 engine from the FP32 graph, and the manifest says which path built it."""
+    exported = api.export_model(uncond_model_dir, tmp_path / "onnx16", dtype="fp16")
+    built = api.build_engine(exported.onnx_path, tmp_path / "e16", precision="fp16", batch=(1, 2, 4), size=(8, 16, 32))
+    assert built.manifest.details["typing"] == ("strong" if _tensorrt_major() >= 10 else "weak")
+    x, t = _inputs()
+    ref = OnnxRuntimeDenoiser(api.export_model(uncond_model_dir, tmp_path / "onnx32").onnx_path)(x, t)
+    err = relative_l2(TensorRTDenoiser(built.engine_path.parent)(x.cuda(), t).cpu(), ref)
+    print(f"fp16-graph engine ({built.manifest.details['typing']}ly typed) vs ORT fp32: rel-L2 {err:.2e}")
+    assert err < 1e-2
+
+
+def test_fp16_qdq_graph_at_opset_19_on_tensorrt_8_is_refused_with_the_way_out(uncond_artifacts, tmp_path):
+    """TensorRT 8.6's parser stops at opset 17 and FP16 Q/DQ scales need 19: the build fails
+    with an error that names the opset and the graph to build instead, and leaves nothing."""
+    if _tensorrt_major() >= 10:
+        pytest.skip("TensorRT >= 10 parses opset 19")
+    q16 = api.quantize_onnx(uncond_artifacts["fp32"], uncond_artifacts["qdq"].parent / api.TABLE_NAME, dtype="fp16")
+    with pytest.raises(EngineBuildError) as err:
+        api.build_engine(q16.onnx_path, tmp_path / "e", precision="int8", batch=(1, 2, 4), size=(8, 16, 32))
+    print("8.6 on the opset-19 FP16 Q/DQ graph:", err.value.message[:300], "|", err.value.hint)
+    assert "opset" in f"{err.value.message} {err.value.hint}"
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
