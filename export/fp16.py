@@ -63,6 +63,11 @@ DEFAULT_FP16_LIMIT = 16384.0
 DTYPES = ("fp32", "fp16")
 # The opset FP16 Q/DQ needs: QuantizeLinear/DequantizeLinear take FP16 inputs and scales from 19.
 QDQ_FP16_OPSET = 19
+# TensorRT 8.6's ONNX parser stops at opset 17, where Q/DQ are FP32 only: an FP16 Q/DQ graph at
+# this opset wraps each pair in Casts, an FP32 island (`qdiff.export.qdq`). For measuring whether
+# 8.6 keeps the FP16 regions of an INT8 engine in FP16 (docs/fp16-graphs.md).
+QDQ_FP32_ISLANDS_OPSET = 17
+QDQ_FP16_OPSETS = (QDQ_FP32_ISLANDS_OPSET, QDQ_FP16_OPSET)
 # onnxconverter-common's default block list, minus float ops TensorRT runs in FP16 (Resize and
 # Upsample are the UNet's nearest-neighbour upsampling; Min/Max are elementwise).
 OP_BLOCK_LIST = tuple(
@@ -80,6 +85,34 @@ def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise OnnxModelError(f"unknown graph dtype {dtype!r}; use one of {', '.join(DTYPES)}", hint="--dtype fp32 (TensorRT 8.6) or --dtype fp16 (TensorRT >= 10)")
     return dtype
+
+
+def check_fp16_qdq_opset(opset: int | None) -> int:
+    """The opset of an FP16 Q/DQ graph: 19 (default; FP16 Q/DQ, TensorRT >= 10) or 17 (FP32 Q/DQ
+    islands, which TensorRT 8.6 parses). Others are refused: below 17 qdiff exports nothing, and
+    18 has neither FP16 Q/DQ nor 8.6's parser."""
+    if opset is None:
+        return QDQ_FP16_OPSET
+    if opset not in QDQ_FP16_OPSETS:
+        raise QuantizationError(
+            f"an FP16 Q/DQ graph is written at opset {QDQ_FP16_OPSET} (FP16 Q/DQ) or {QDQ_FP32_ISLANDS_OPSET} (FP32 Q/DQ islands); not opset {opset}",
+            hint=f"--opset {QDQ_FP16_OPSET} for TensorRT >= 10, --opset {QDQ_FP32_ISLANDS_OPSET} for TensorRT 8.6",
+        )
+    return opset
+
+
+def check_qdq_opset(dtype: str, opset: int | None) -> int | None:
+    """`opset` of a Q/DQ graph of `dtype`: chosen for FP16 only (`check_fp16_qdq_opset`); the
+    FP32 graph keeps the export's opset, so an explicit one is refused rather than ignored."""
+    check_dtype(dtype)
+    if dtype == "fp16":
+        return check_fp16_qdq_opset(opset)
+    if opset is not None:
+        raise QuantizationError(
+            f"the FP32 Q/DQ graph keeps the opset of the graph it quantizes; --opset {opset} applies to --dtype fp16 only",
+            hint="drop --opset, or add --dtype fp16 (opset 19, or 17 for TensorRT 8.6)",
+        )
+    return None
 
 
 @dataclass(frozen=True)

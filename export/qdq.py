@@ -17,6 +17,14 @@ Degenerate ranges (zero: a tensor or weight channel that is always 0) get scale 
 rule in `calib.quant_math.scale_from_amax`, never a zero scale that QuantizeLinear would divide
 by; the report lists each of them as `module:input` or `module:weight[channel]`. NaN and
 infinite ranges never get here: the calibration table refuses them.
+
+**FP32 islands at opset 17** (`cast_wrapped=True`, the FP16 graph TensorRT 8.6 can parse): an
+opset-17 QuantizeLinear/DequantizeLinear takes and gives FP32 only, so each pair of an FP16
+graph becomes an FP32 island. An activation: FP16 tensor -> Cast(to FLOAT) -> QuantizeLinear
+-> DequantizeLinear (FP32 scale) -> Cast(to FLOAT16) -> the layer. A weight: INT8 initializer
+(the integers the pair would have produced) -> DequantizeLinear (FP32 scale, per channel) ->
+Cast(to FLOAT16) -> the layer. Layers of an FP32 overflow island are FP32 already and get the
+same form without the Casts.
 """
 
 from __future__ import annotations
@@ -59,6 +67,11 @@ class QdqReport(CoverageReport):
     # overflow there, each with its tensor, max |x| and reason (`qdiff.export.fp16`).
     dtype: str = "fp32"
     fp32_islands: list[dict] = field(default_factory=list)
+    # The written graph's default-domain opset (None: the source graph's, unchanged) and the
+    # type its Q/DQ pairs compute in: "fp32", "fp16" (opset 19) or "fp32-islands" (an FP16 graph
+    # at opset 17: Cast-wrapped FP32 Q/DQ, module docstring).
+    opset: int | None = None
+    qdq_dtype: str = "fp32"
 
     @property
     def mac_share(self) -> float:
@@ -72,6 +85,8 @@ class QdqReport(CoverageReport):
         for d in self.skipped:
             lines.append(f"  float: {d.module} ({d.op}, {d.macs / 1e6:.2f} MMAC): {d.reason}")
         lines += self.fp16_lines()
+        if self.qdq_dtype == "fp32-islands":
+            lines.append(f"  opset {self.opset}: Q/DQ are FP32 islands (Cast to FLOAT -> Q/DQ with FP32 scales -> Cast to FLOAT16; INT8 weight initializers)")
         if self.degenerate_ranges:
             lines.append(f"  {len(self.degenerate_ranges)} zero range(s) got scale 1/qmax: {shown(self.degenerate_ranges)}")
         return "\n".join(lines)
@@ -87,6 +102,8 @@ class QdqReport(CoverageReport):
             "degenerate_ranges": self.degenerate_ranges,
             "dtype": self.dtype,
             "fp32_islands": self.fp32_islands,
+            "opset": self.opset,
+            "qdq_dtype": self.qdq_dtype,
         }
 
 
@@ -94,18 +111,26 @@ class _QdqBuilder:
     """Makes Q/DQ pairs, sharing one pair per (tensor, scale) so fan-out tensors (the shared
     input of to_q/to_k/to_v) are quantized once, as TensorRT prefers."""
 
-    def __init__(self, graph: gs.Graph) -> None:
+    def __init__(self, graph: gs.Graph, cast_wrapped: bool = False) -> None:
         self.graph = graph
+        self.cast_wrapped = cast_wrapped  # FP32 Q/DQ islands in an FP16 graph (opset 17)
         self.cache: dict[tuple[str, bytes], gs.Variable] = {}
         self.pairs = 0
 
-    def quantize(self, tensor: gs.Tensor, scale: np.ndarray, axis: int | None, name: str) -> gs.Variable:
+    def quantize(self, tensor: gs.Tensor, scale: np.ndarray, axis: int | None, name: str, layer_dtype: type | None = None) -> gs.Variable:
+        """The DequantizeLinear output (or its Cast) that replaces `tensor` at its layer;
+        `layer_dtype` is the layer's float type where it differs from the tensor's (an FP32
+        source weight of an FP16 layer, opset-17 islands only)."""
         if not np.all(np.isfinite(scale) & (scale > 0)):
             # Unreachable through a parsed table (see the module docstring); a guard for callers
             # that build scales themselves, since a zero or NaN scale silently ruins the graph.
             raise QuantizationError(f"{name}: scale for tensor {tensor.name} is not finite and positive: {scale.ravel()[:8]}")
         key = (tensor.name, scale.tobytes() + str(axis).encode())
         if key in self.cache:
+            return self.cache[key]
+        if self.cast_wrapped:
+            self.cache[key] = self._island(tensor, np.asarray(scale, dtype=np.float32), axis, name, layer_dtype or tensor_dtype(tensor))
+            self.pairs += 1
             return self.cache[key]
         # The scale and the DequantizeLinear output take the tensor's own float type: FP16 in an
         # FP16 graph (opset >= 19), so no Cast sits between a DequantizeLinear and its layer.
@@ -124,6 +149,35 @@ class _QdqBuilder:
         self.cache[key] = dequantized
         self.pairs += 1
         return dequantized
+
+    def _island(self, tensor: gs.Tensor, scale: np.ndarray, axis: int | None, name: str, dtype: type) -> gs.Variable:
+        """The opset-17 form (module docstring): FP32 scale and DequantizeLinear output, Casts to
+        and from FP16 where the layer (`dtype`) is FP16; a weight (`axis` set, a Constant)
+        becomes INT8 integers: round-half-even(w / scale) clipped to INT8, what a QuantizeLinear
+        computes. `insert_qdq` hands it the FP32 weight, so the integers are the FP32 Q/DQ
+        graph's (`fp32_weights`)."""
+        scale_c = gs.Constant(f"{name}/scale", scale)
+        zero_c = gs.Constant(f"{name}/zero_point", np.zeros(scale.shape, dtype=np.int8))
+        attrs = {"axis": axis} if axis is not None else {}
+        dequantized = gs.Variable(f"{name}/dequantized", dtype=np.float32)
+        if axis is not None and isinstance(tensor, gs.Constant):
+            shape = [1] * tensor.values.ndim
+            shape[axis] = -1
+            integers = np.clip(np.rint(tensor.values.astype(np.float32) / scale.reshape(shape)), -128, 127).astype(np.int8)
+            quantized: gs.Tensor = gs.Constant(f"{name}/int8_weight", integers)
+        else:
+            source = tensor
+            if tensor_dtype(tensor) == np.float16:
+                source = gs.Variable(f"{name}/input_fp32", dtype=np.float32)
+                self.graph.nodes.append(gs.Node("Cast", f"{name}/CastToFloat", {"to": onnx.TensorProto.FLOAT}, [tensor], [source]))
+            quantized = gs.Variable(f"{name}/quantized", dtype=np.int8)
+            self.graph.nodes.append(gs.Node("QuantizeLinear", f"{name}/QuantizeLinear", attrs, [source, scale_c, zero_c], [quantized]))
+        self.graph.nodes.append(gs.Node("DequantizeLinear", f"{name}/DequantizeLinear", attrs, [quantized, scale_c, zero_c], [dequantized]))
+        if dtype != np.float16:
+            return dequantized
+        out = gs.Variable(f"{name}/dequantized_fp16", dtype=np.float16)
+        self.graph.nodes.append(gs.Node("Cast", f"{name}/CastToFloat16", {"to": onnx.TensorProto.FLOAT16}, [dequantized], [out]))
+        return out
 
 
 def tensor_dtype(tensor: gs.Tensor) -> type:
@@ -174,7 +228,7 @@ def _reconstructed_values(wn: WeightedNode, weights, role: str, current: np.ndar
     return np.ascontiguousarray(values.astype(current.dtype))
 
 
-def _quantize_split(graph: gs.Graph, builder: _QdqBuilder, wn: WeightedNode, ranges, recipe: Recipe, counts: dict[str, int], report: QdqReport, weights=None) -> None:
+def _quantize_split(graph: gs.Graph, builder: _QdqBuilder, wn: WeightedNode, ranges, recipe: Recipe, counts: dict[str, int], report: QdqReport, weights=None, layer_dtype: type | None = None) -> None:
     """Split-shortcut layer: two Convs on the concat branches, each with its own Q/DQ, then Add.
     A split conv1 (`split_kind` "conv1") takes its branches from Slices of its input."""
     if wn.op != "Conv":
@@ -197,15 +251,23 @@ def _quantize_split(graph: gs.Graph, builder: _QdqBuilder, wn: WeightedNode, ran
             weight.values = _reconstructed_values(wn, weights, f"_{branch}", weight.values, w_scale)
         weight.values = _clip_weight(weight.values, w_scale, 0, recipe.weight_qmax)
         conv.inputs[0] = builder.quantize(conv.inputs[0], act_scale, None, f"{wn.module}/input_quantizer_{branch}")
-        conv.inputs[1] = builder.quantize(weight, w_scale, 0, f"{wn.module}/weight_quantizer_{branch}")
+        conv.inputs[1] = builder.quantize(weight, w_scale, 0, f"{wn.module}/weight_quantizer_{branch}", layer_dtype)
 
 
-def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe | None = None, weights=None) -> tuple[onnx.ModelProto, QdqReport]:
+def insert_qdq(
+    model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe | None = None, weights=None, *, cast_wrapped: bool = False, fp32_weights: dict[str, np.ndarray] | None = None
+) -> tuple[onnx.ModelProto, QdqReport]:
     """Return a Q/DQ copy of `model` and a report of what was quantized.
 
     `weights` (a `calib.reconstruct.artifact.ReconstructedWeights`) gives every quantized layer
     its reconstructed integers (their stored scales must equal the table's) instead of rounding the float weight to nearest; the
-    graph keeps the same form (float initializer on the grid, per-channel Q/DQ)."""
+    graph keeps the same form (float initializer on the grid, per-channel Q/DQ).
+
+    `cast_wrapped=True` (an FP16 `model` at opset 17) writes every pair as an FP32 island with
+    INT8 weight initializers (module docstring). `fp32_weights` (weighted node name -> its
+    weight in the FP32 graph the FP16 one was converted from) gives those integers from the FP32
+    weights, as the FP32 Q/DQ graph rounds them: rounding the FP16 copy instead moves the few
+    weights that FP16 storage pushes across a rounding boundary one step."""
     recipe = recipe or Recipe.from_json(table.recipe)
     recipe.check_deployable("a Q/DQ graph")
     if weights is not None:
@@ -219,8 +281,8 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
     splits = {name: r.split_channels for name, r in table.split_layers(recipe.split_shortcut, recipe.split_conv1).items()}
     counts = channel_counts(model) if splits else {}
     graph = gs.import_onnx(model)
-    builder = _QdqBuilder(graph)
-    report = QdqReport()
+    builder = _QdqBuilder(graph, cast_wrapped=cast_wrapped)
+    report = QdqReport(qdq_dtype="fp32-islands" if cast_wrapped else "fp32")
     missing: list[str] = []
     seen_modules: set[str] = set()
     macs_of = {name: entry.macs for name, entry in table.layers.items()} | {s["module"]: s.get("macs", 0) for s in table.provenance.get("float_layers", [])}
@@ -240,8 +302,13 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
             missing.append(f"{wn.module} (node {wn.node.name})")
             continue
         _check_weight(wn, ranges.weight)
+        layer_dtype = tensor_dtype(wn.activation)
+        if fp32_weights is not None:
+            if wn.node.name not in fp32_weights:
+                raise QuantizationError(f"layer {wn.module!r}: node {wn.node.name} has no weight in the FP32 graph the FP16 graph came from")
+            wn.weight.values = fp32_weights[wn.node.name]
         if wn.module in splits:
-            _quantize_split(graph, builder, wn, ranges, recipe, counts, report, weights)
+            _quantize_split(graph, builder, wn, ranges, recipe, counts, report, weights, layer_dtype)
             decision.quantized = True
             continue
         if ranges.input <= MIN_AMAX:
@@ -253,7 +320,7 @@ def insert_qdq(model: onnx.ModelProto, table: CalibrationTable, recipe: Recipe |
             wn.weight.values = _reconstructed_values(wn, weights, "", wn.weight.values, w_scale)
         wn.weight.values = _clip_weight(wn.weight.values, w_scale, wn.weight_axis, recipe.weight_qmax)
         wn.node.inputs[0] = builder.quantize(wn.activation, act_scale, None, f"{wn.module}/input_quantizer")
-        wn.node.inputs[1] = builder.quantize(wn.weight, w_scale, wn.weight_axis, f"{wn.module}/weight_quantizer")
+        wn.node.inputs[1] = builder.quantize(wn.weight, w_scale, wn.weight_axis, f"{wn.module}/weight_quantizer", layer_dtype)
         decision.quantized = True
     if missing:
         raise QuantizationError(
@@ -285,11 +352,17 @@ def table_overflow_islands(model: onnx.ModelProto, table: CalibrationTable, limi
     return islands
 
 
-def fp16_qdq(model: onnx.ModelProto, onnx_path: Path, table: CalibrationTable, recipe: Recipe | None, *, probe_size: int, tokens: int = 77, limit: float | None = None, weights=None) -> tuple[onnx.ModelProto, QdqReport]:
-    """The FP16 Q/DQ graph: overflow guard on the FP32 graph, opset 19, FP16 conversion, then
-    the same Q/DQ pass, whose scales and DequantizeLinear outputs follow the FP16 tensors."""
-    from qdiff.export.fp16 import DEFAULT_FP16_LIMIT, QDQ_FP16_OPSET, convert_to_fp16, is_fp16_graph, overflow_islands, probe_feeds, tensor_maxima
+def fp16_qdq(
+    model: onnx.ModelProto, onnx_path: Path, table: CalibrationTable, recipe: Recipe | None, *, probe_size: int, tokens: int = 77, limit: float | None = None, weights=None, opset: int | None = None
+) -> tuple[onnx.ModelProto, QdqReport]:
+    """The FP16 Q/DQ graph: overflow guard on the FP32 graph, the opset, FP16 conversion, then
+    the same Q/DQ pass. At opset 19 (default) its scales and DequantizeLinear outputs follow the
+    FP16 tensors; at opset 17 (`QDQ_FP32_ISLANDS_OPSET`, what TensorRT 8.6 parses) the pairs
+    are Cast-wrapped FP32 islands (`insert_qdq(cast_wrapped=True)`)."""
+    from qdiff.export.fp16 import DEFAULT_FP16_LIMIT, QDQ_FP32_ISLANDS_OPSET, check_fp16_qdq_opset, convert_to_fp16, is_fp16_graph, overflow_islands, probe_feeds, tensor_maxima
     from qdiff.export.int4_weight_only import upgrade_opset
+
+    opset = check_fp16_qdq_opset(opset)
 
     limit = DEFAULT_FP16_LIMIT if limit is None else limit
     if is_fp16_graph(model):
@@ -301,27 +374,45 @@ def fp16_qdq(model: onnx.ModelProto, onnx_path: Path, table: CalibrationTable, r
     islands = {i.node: i for i in overflow_islands(model, maxima, limit)}
     for island in table_overflow_islands(model, table, limit):
         islands.setdefault(island.node, island)
-    upgraded, _ = upgrade_opset(model, QDQ_FP16_OPSET)
+    upgraded, _ = upgrade_opset(model, opset)  # refuses a source above `opset`
+    cast_wrapped = opset == QDQ_FP32_ISLANDS_OPSET
+    # FP32 islands quantize the FP32 weights (the FP32 Q/DQ graph's integers), by node name.
+    fp32_weights = {wn.node.name: wn.weight.values for wn in weighted_nodes(gs.import_onnx(upgraded))} if cast_wrapped else None
     converted = convert_to_fp16(upgraded, set(islands))
-    quantized, report = insert_qdq(converted, table, recipe, weights)
+    quantized, report = insert_qdq(converted, table, recipe, weights, cast_wrapped=cast_wrapped, fp32_weights=fp32_weights)
     report.dtype = "fp16"
+    report.opset = opset
+    report.qdq_dtype = "fp32-islands" if cast_wrapped else "fp16"
     report.fp32_islands = [i.to_json() for i in islands.values()]
     return quantized, report
 
 
 def insert_qdq_file(
-    onnx_path: str | Path, table: CalibrationTable, out_path: str | Path, recipe: Recipe | None = None, weights=None, *, dtype: str = "fp32", probe_size: int = 64, fp16_limit: float | None = None
+    onnx_path: str | Path,
+    table: CalibrationTable,
+    out_path: str | Path,
+    recipe: Recipe | None = None,
+    weights=None,
+    *,
+    dtype: str = "fp32",
+    probe_size: int = 64,
+    fp16_limit: float | None = None,
+    opset: int | None = None,
 ) -> QdqReport:
-    """The pass from file to file. `dtype="fp16"` writes the FP16 Q/DQ graph (`fp16_qdq`);
-    `probe_size` is the latent size of the overflow probe's inputs; `weights` are reconstructed
-    integer weights (`insert_qdq`)."""
+    """The pass from file to file. `dtype="fp16"` writes the FP16 Q/DQ graph (`fp16_qdq`) at
+    `opset` 19 (default) or 17 (FP32 Q/DQ islands); the FP32 pass keeps the source's opset and
+    takes no `opset`. `probe_size` is the latent size of the overflow probe's inputs; `weights`
+    are reconstructed integer weights (`insert_qdq`)."""
+    from qdiff.export.fp16 import check_qdq_opset
     from qdiff.export.onnx_io import load_onnx, save_onnx
+
+    opset = check_qdq_opset(dtype, opset)
 
     onnx_path = Path(onnx_path)
     model = load_onnx(onnx_path)  # the full checks: this graph may come from anywhere
     external = bool(Path(str(onnx_path) + ".data").exists())
     if dtype == "fp16":
-        quantized, report = fp16_qdq(model, onnx_path, table, recipe, probe_size=probe_size, limit=fp16_limit, weights=weights)
+        quantized, report = fp16_qdq(model, onnx_path, table, recipe, probe_size=probe_size, limit=fp16_limit, weights=weights, opset=opset)
     else:
         from qdiff.export.fp16 import is_fp16_graph
 
@@ -331,12 +422,17 @@ def insert_qdq_file(
                 hint="give the graph from `qdiff export` without --dtype fp16, and add --dtype fp16 to `qdiff quantize` for an FP16 Q/DQ graph",
             )
         quantized, report = insert_qdq(model, table, recipe, weights)
+        report.opset = _default_opset(quantized)
     save_onnx(quantized, out_path, external_data=external or None)
     try:
         onnx.checker.check_model(str(out_path), full_check=True)
     except Exception as exc:
         raise QuantizationError(f"the Q/DQ graph {out_path} fails the ONNX checker: {exc}") from exc
     return report
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def quantize_file(*args, **kwargs):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from qdiff.core.artifacts import CachedStage, Manifest, config_sample_size, read_manifest, sha256_file, write_manifest
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
-from qdiff.core.errors import ArtifactMismatchError, OnnxModelError, RecipeError, SamplingError
+from qdiff.core.errors import ArtifactMismatchError, OnnxModelError, QuantizationError, RecipeError, SamplingError
 from qdiff.models import ModelBundle, as_bundle, unet_config_of
 from qdiff.core.progress import log, progress
 from qdiff.runtime.sampling_spec import SamplingSpec  # public as qdiff.api.SamplingSpec too
@@ -507,6 +507,7 @@ def quantize_onnx(
     exclude: tuple[str, ...] | None = None,
     dtype: str = "fp32",
     reconstruction: str | Path | None = None,
+    opset: int | None = None,
 ) -> QuantizeResult:
     """Insert Q/DQ nodes into an exported graph from a calibration table.
 
@@ -521,13 +522,18 @@ def quantize_onnx(
     strongly typed: opset 19, FP16 weights/activations/scales, FP16 DequantizeLinear outputs
     feeding their layers directly, FP32 graph I/O, FP32 islands where FP16 would overflow
     (listed in the report); named `<stem>.<recipe>.fp16.onnx`. The default FP32 graph is the
-    one TensorRT 8.6 parses (its parser stops at opset 17)."""
+    one TensorRT 8.6 parses (its parser stops at opset 17).
+
+    `dtype="fp16", opset=17` writes the FP16 graph TensorRT 8.6 can parse: every Q/DQ pair an
+    FP32 island (FP16 -> Cast to FLOAT -> Q/DQ with FP32 scales -> Cast to FLOAT16 -> the layer;
+    weights INT8 initializers -> DequantizeLinear -> Cast), named `<stem>.<recipe>.fp16-op17.onnx`.
+    `opset` is for `dtype="fp16"` only (default 19); 17 and 19 are the choices."""
     from qdiff.export.placement import get_placement
-    from qdiff.export.fp16 import check_dtype
+    from qdiff.export.fp16 import QDQ_FP32_ISLANDS_OPSET, check_qdq_opset
     from qdiff.export.onnx_io import publish_onnx
     from qdiff.export.qdq import insert_qdq_file
 
-    check_dtype(dtype)
+    opset = check_qdq_opset(dtype, opset)  # None for fp32 (the export's opset)
     onnx_path, table_path = Path(onnx_path), Path(table_path)
     table = CalibrationTable.load(table_path)
     recipe = Recipe.from_json(table.recipe)
@@ -562,14 +568,18 @@ def quantize_onnx(
         weights = ReconstructedWeights.load(reconstruction)
         weights.check_model(table.model_sha256, f"the model of {table_path.name}")
         tag = f"{recipe.name}-{weights.method}"
-    name = f"{onnx_path.stem}.{tag}.onnx" if dtype == "fp32" else f"{onnx_path.stem}.{tag}.fp16.onnx"
+    suffix = "" if dtype == "fp32" else ".fp16-op17" if opset == QDQ_FP32_ISLANDS_OPSET else ".fp16"
+    name = f"{onnx_path.stem}.{tag}{suffix}.onnx"
     target = Path(out) if out is not None else onnx_path.with_name(name)
     if target.suffix != ".onnx":
         target = target / name
+    settings = {"recipe": recipe.to_json(), "dtype": dtype}
+    if opset is not None:  # FP16 only; an FP32 graph's manifest keeps its old settings (and cache)
+        settings |= {"opset": opset, "qdq_dtype": "fp32-islands" if opset == QDQ_FP32_ISLANDS_OPSET else "fp16"}
     wanted = Manifest(
         kind="qdq-onnx",
         inputs={"onnx_sha256": sha256_file(onnx_path), "table_sha256": sha256_file(table_path), "model_sha256": table.model_sha256},
-        settings={"recipe": recipe.to_json(), "dtype": dtype},
+        settings=settings,
     )
     if reconstruction is not None:
         wanted.inputs["reconstruction_sha256"] = sha256_file(reconstruction)
@@ -578,9 +588,10 @@ def quantize_onnx(
         return QuantizeResult(target, have.coverage, reused=True)
     with cached.staging() as stage:
         staged = stage / target.name
-        report = insert_qdq_file(onnx_path, table, staged, recipe, weights, dtype=dtype, probe_size=_probe_size(export_manifest))
+        report = insert_qdq_file(onnx_path, table, staged, recipe, weights, dtype=dtype, probe_size=_probe_size(export_manifest), opset=opset)
         publish_onnx(staged, target)
     details = {"coverage": report.to_json(), "weight_bits": recipe.weight_bits, "activation_bits": recipe.activation_bits}
+    details |= {"dtype": report.dtype, "opset": report.opset, "qdq_dtype": report.qdq_dtype}
     if export_manifest is not None and "unet_config" in export_manifest.details:
         details["unet_config"] = export_manifest.unet_config
     cached.record(details)
@@ -596,18 +607,31 @@ def _probe_size(export_manifest: Manifest | None) -> int:
 
 
 def quantize_int4_weight_only(
-    onnx_path: str | Path, out: str | Path | None = None, *, block_size: int = 128, exclude: tuple[str, ...] = (), force: bool = False, dtype: str = "fp32"
+    onnx_path: str | Path,
+    out: str | Path | None = None,
+    *,
+    block_size: int = 128,
+    exclude: tuple[str, ...] = (),
+    force: bool = False,
+    dtype: str = "fp32",
+    opset: int | None = None,
 ) -> QuantizeResult:
     """INT4 block-quantized MatMul/Gemm weights (weight-only, opset 21) for TensorRT >= 10.
 
     Needs no calibration: scales come from the weights. Writes `<stem>.int4wo.onnx`
     (`<stem>.int4wo.fp16.onnx` with `dtype="fp16"`: FP16 graph, FP16 block scales); see
-    `qdiff.export.int4_weight_only` for the format."""
+    `qdiff.export.int4_weight_only` for the format. `opset` may only be 21 (or None): INT4
+    tensors and block scales do not exist below it, so there is no opset-17 form."""
     from qdiff.export.fp16 import check_dtype
-    from qdiff.export.int4_weight_only import Int4WeightOnlyConfig, int4_weight_only_file
+    from qdiff.export.int4_weight_only import TARGET_OPSET, Int4WeightOnlyConfig, int4_weight_only_file
     from qdiff.export.onnx_io import publish_onnx
 
     check_dtype(dtype)
+    if opset is not None and opset != TARGET_OPSET:
+        raise QuantizationError(
+            f"INT4 weight-only graphs are written at opset {TARGET_OPSET} (INT4 DequantizeLinear with block scales); opset {opset} cannot hold them",
+            hint="drop --opset; for an INT4-weight graph TensorRT 8.6 parses, calibrate a w4a8 table and `qdiff quantize --calib TABLE --dtype fp16 --opset 17`",
+        )
     onnx_path = Path(onnx_path)
     config = Int4WeightOnlyConfig(block_size=block_size, exclude=tuple(exclude or ()))
     name = f"{onnx_path.stem}.int4wo.onnx" if dtype == "fp32" else f"{onnx_path.stem}.int4wo.fp16.onnx"

@@ -279,11 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=Path, help="calibration table from `qdiff calibrate` (required, except with --int4-weight-only)")
     p.add_argument("--int4-weight-only", action="store_true", help="INT4 block-quantized MatMul/Gemm weights, activations untouched (opset 21, TensorRT >= 10); no --calib; writes <stem>.int4wo.onnx (denoiser.int4wo.onnx for denoiser.onnx) beside the graph or into -o DIR")
     p.add_argument("--block-size", type=int, help="with --int4-weight-only: weights per scale along the input channels (default: 128)")
-    p.add_argument("-o", "--out", type=Path, help="output .onnx or folder (default: <stem>.<recipe>[-<method>][.fp16].onnx beside the graph, e.g. denoiser.w8a8.onnx; -<method> with --reconstruction)")
+    p.add_argument("-o", "--out", type=Path, help="output .onnx or folder (default: <stem>.<recipe>[-<method>][.fp16|.fp16-op17].onnx beside the graph, e.g. denoiser.w8a8.onnx; -<method> with --reconstruction)")
     p.add_argument("--placement", choices=["all", "conv", "conv-ff"], help="named Q/DQ placement (docs/int8-engines.md): all calibrated layers, convolutions only, or convolutions + feed-forward Linears (default: none, the table's recipe decides)")
     p.add_argument("--ops", help="quantize only these op types (subset of the table's, e.g. Conv,ConvTranspose) (default: the table's recipe's)")
     p.add_argument("--exclude", action="append", metavar="PATTERN", help="keep matching modules in float (fnmatch; repeatable; replaces the recipe's list) (default: the recipe's; the presets': conv_in, conv_out)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="float type of the written graph, from the FP32 export: fp32 (opset 17, TensorRT 8.6) or fp16 (opset >= 19, FP16 scales and DequantizeLinear outputs, FP32 I/O, FP32 islands where FP16 would overflow; TensorRT >= 10 strongly typed; <stem>.<recipe>.fp16.onnx, e.g. denoiser.w8a8.fp16.onnx) (default: %(default)s)")
+    p.add_argument("--opset", type=int, help="with --dtype fp16: 19 (FP16 Q/DQ, TensorRT >= 10) or 17 (the FP16 graph TensorRT 8.6 parses: each Q/DQ pair an FP32 island, Cast to FLOAT -> Q/DQ with FP32 scales -> Cast to FLOAT16, INT8 weight initializers; <stem>.<recipe>.fp16-op17.onnx) (default: 19 for --dtype fp16; the FP32 graph keeps the export's opset, INT4 weight-only is opset 21)")
     p.add_argument("--reconstruction", type=Path, help="reconstruction.safetensors from `qdiff reconstruct`: use its integer weights (pass its reconstruction.calibration.json as --calib) (default: none, round-to-nearest)")
     p.add_argument("--force", action="store_true", help="quantize again even if the graph is up to date")
 
@@ -358,11 +359,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = api.finetune(args.model, args.out, args.calib, _finetune_settings(args), reconstruction=args.reconstruction, force=args.force, **_conditioning(args))
         print(result.weights_path)
     elif args.command == "quantize" and args.int4_weight_only:
-        result = api.quantize_int4_weight_only(args.onnx, args.out, block_size=args.block_size or 128, exclude=tuple(args.exclude or ()), force=args.force, dtype=args.dtype)
+        result = api.quantize_int4_weight_only(args.onnx, args.out, block_size=args.block_size or 128, exclude=tuple(args.exclude or ()), force=args.force, dtype=args.dtype, opset=args.opset)
         print(result.onnx_path)
     elif args.command == "quantize":
         ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else None
-        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force, placement=args.placement, quantize_ops=ops, exclude=tuple(args.exclude) if args.exclude else None, dtype=args.dtype, reconstruction=args.reconstruction)
+        result = api.quantize_onnx(args.onnx, args.calib, args.out, force=args.force, placement=args.placement, quantize_ops=ops, exclude=tuple(args.exclude) if args.exclude else None, dtype=args.dtype, reconstruction=args.reconstruction, opset=args.opset)
         print(result.onnx_path)
     elif args.command == "eval" and args.calib:
         _harness(args)

@@ -121,7 +121,9 @@ def compare_with_fake_quant(bundle, table, qdq_path, seeds):
     return results
 
 
-def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: int = 3, arithmetic: str = "exact", dtype: torch.dtype = torch.float32, weights=None) -> dict[str, float]:
+def layerwise_fake_quant_errors(
+    bundle, table, qdq_path, *, recipe=None, seed: int = 3, arithmetic: str = "exact", dtype: torch.dtype = torch.float32, weights=None, round_inputs: torch.dtype | None = None
+) -> dict[str, float]:
     """Each quantized layer of the Q/DQ graph, cut out (its input tensor -> its Conv/MatMul/Gemm
     output) and fed the very tensor its fake-quant twin sees: relative L2 per module.
 
@@ -134,6 +136,9 @@ def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: i
     conv1, the tensor its Slices read) to the Add. `arithmetic` is the ONNX Runtime Q/DQ
     arithmetic the cut layers run with (graph optimizations on, as the backend runs them);
     `dtype=torch.float16` checks an FP16 Q/DQ graph against the FP16 reference.
+    `round_inputs=torch.float16` rounds each quantized layer's input to FP16 in the (FP32)
+    reference and feeds the graph that FP16 tensor: the opset-17 FP16 graph, whose FP32 Q/DQ
+    islands quantize an FP16 tensor with FP32 scales and FP32 arithmetic, as that reference does.
     """
     from collections import Counter
 
@@ -150,10 +155,17 @@ def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: i
     model = onnx.shape_inference.infer_shapes(onnx.load(str(qdq_path)))
     graph = gs.import_onnx(model)
     per_module = Counter(module_name(n) for n in graph.nodes if n.op in WEIGHTED_OPS)
+    def made_by(tensor, suffix):
+        """The tensor a Q/DQ pass's own Cast (an opset-17 FP32 island's, named `*suffix`) reads."""
+        producer = tensor.inputs[0] if tensor.inputs else None
+        return producer.inputs[0] if producer is not None and producer.op == "Cast" and producer.name.endswith(suffix) else tensor
+
     def quantized_input(node):
-        """The float tensor a quantized node's activation Q/DQ reads, or None if not quantized."""
-        dq = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-        return dq.inputs[0].inputs[0].inputs[0] if dq is not None and dq.op == "DequantizeLinear" else None
+        """The float tensor a quantized node's activation Q/DQ reads, or None if not quantized
+        (through the Casts of an opset-17 FP32 island: the FP16 tensor before them)."""
+        source = made_by(node.inputs[0], "/CastToFloat16")
+        dq = source.inputs[0] if source.inputs else None
+        return made_by(dq.inputs[0].inputs[0].inputs[0], "/CastToFloat") if dq is not None and dq.op == "DequantizeLinear" else None
 
     cuts = {}
     for node in graph.nodes:
@@ -175,7 +187,10 @@ def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: i
     def hook(module, args, out, name):
         seen.setdefault(name, (args[0].detach(), out.detach(), getattr(module.layer, "bias", None)))
 
-    handles = [reference.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name in cuts]
+    handles = []
+    if round_inputs is not None:
+        handles += [reference.get_submodule(name).register_forward_pre_hook(lambda m, a: (a[0].to(round_inputs).to(a[0].dtype), *a[1:])) for name in cuts]
+    handles += [reference.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name)) for name in cuts]
     inputs = {k: v.to(dtype) if k != "timestep" else v for k, v in example_inputs(bundle.unet, batch=2, seed=seed, tokens=3).items()}
     sample, t = inputs.pop("sample"), inputs.pop("timestep")
     kwargs = {"encoder_hidden_states": inputs.pop("encoder_hidden_states")} if "encoder_hidden_states" in inputs else {}
@@ -189,6 +204,7 @@ def layerwise_fake_quant_errors(bundle, table, qdq_path, *, recipe=None, seed: i
     errors = {}
     for name, (x_names, y_name, op) in cuts.items():
         x, expected, bias = seen[name]
+        x = x if round_inputs is None else x.to(round_inputs)
         expected = expected.double()
         if op == "MatMul" and bias is not None:  # the exporter adds a Linear's bias after the MatMul
             expected = expected - bias.double()
