@@ -257,3 +257,20 @@ def test_fp16_qdq_graph_at_opset_19_on_tensorrt_8_is_refused_with_the_way_out(un
     print("8.6 on the opset-19 FP16 Q/DQ graph:", err.value.message[:300], "|", err.value.hint)
     assert "opset" in f"{err.value.message} {err.value.hint}"
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
+
+
+def test_fp16_graph_with_fp32_qdq_islands_builds_int8_on_tensorrt_8(uncond_artifacts, tmp_path):
+    """`qdiff quantize --dtype fp16 --opset 17`: the FP16 graph 8.6 can parse. Its convolutions
+    must still run INT8 (the Casts around each Q/DQ pair must not cut TensorRT's Q/DQ fusion),
+    and the engine must be as close to FP32 as the same graph under ONNX Runtime."""
+    q17 = api.quantize_onnx(uncond_artifacts["fp32"], uncond_artifacts["qdq"].parent / api.TABLE_NAME, dtype="fp16", opset=17)
+    built = api.build_engine(q17.onnx_path, tmp_path / "e17", precision="int8", batch=(1, 2, 4), size=(8, 16, 32))
+    s = api.inspect_engine(built.engine_path.parent).summary()
+    x, t = _inputs()
+    fp32 = OnnxRuntimeDenoiser(uncond_artifacts["fp32"])(x, t)
+    ort = OnnxRuntimeDenoiser(q17.onnx_path, optimize=False)(x, t)
+    got = TensorRTDenoiser(built.engine_path.parent)(x.cuda(), t).cpu()
+    ort_err, trt_err = relative_l2(ort, fp32), relative_l2(got, fp32)
+    print(f"opset-17 FP16 graph: INT8 convs {s['convolutions']['int8']}/{s['convolutions']['total']}, INT8 MAC share {s['int8_mac_share']:.3f}; rel-L2 vs FP32 ORT {ort_err:.3e}, TRT {trt_err:.3e}")
+    assert s["convolutions"]["int8"] >= s["convolutions"]["total"] // 2
+    assert 0 < trt_err < 1.5 * ort_err + 0.01
