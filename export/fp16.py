@@ -307,7 +307,7 @@ def convert_to_fp16(model: onnx.ModelProto, keep_fp32: Iterable[str] = ()) -> on
     from qdiff.export.shape_inference import weightless
 
     keep_fp32 = set(keep_fp32)
-    model = onnx.ModelProto.FromString(model.SerializeToString()) if model.ByteSize() < 2**31 - 1 else _deep_copy(model)
+    model = _deep_copy(model)  # not a serialize round trip: above 2 GB even ByteSize() raises (SD 1.5's FP32 graph is 3.4 GB)
     skeleton, _ = weightless(model, stub_initializers=True)
     inferred = onnx.shape_inference.infer_shapes(skeleton)
     del model.graph.value_info[:]

@@ -13,7 +13,7 @@ import torch
 from qdiff.api import calibrate, export_model, quantize_int4_weight_only, quantize_onnx
 from qdiff.calib.fake_quant import build_fake_quant_model
 from qdiff.core.errors import QuantizationError
-from qdiff.export.fp16 import boundary_casts
+from qdiff.export.fp16 import boundary_casts, convert_to_fp16
 from qdiff.export.onnx_export import example_inputs
 from qdiff.export.qdq import insert_qdq_file
 from qdiff.export.validate import error_stats
@@ -239,3 +239,18 @@ def test_fp16_qdq_layers_equal_the_fp16_fake_quant_reference(graphs, config):
     worst = max(layers, key=layers.get)
     print(f"{config}: {len(layers)} layers, worst {worst} rel-L2 {layers[worst]:.2e}")
     assert layers[worst] < 2e-3, (worst, layers[worst])
+
+
+@pytest.mark.slow  # ~50 s and ~8 GB of memory on 2 cores
+def test_conversion_of_a_graph_above_2_gib():
+    """SD 1.5's FP32 graph is 3.4 GB: above protobuf's 2 GiB, where even ByteSize() raises. The
+    conversion must copy the model without serializing it (seen on the H200: EncodeError)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = 16384
+    weights = [numpy_helper.from_array(np.full((n, n), 0.01, np.float32), f"w{i}") for i in range(2)]  # 2 x 1 GiB
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("MatMul", ["h", "w1"], ["y"])]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], weights)
+    out = convert_to_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [i.data_type for i in out.graph.initializer] == [TensorProto.FLOAT16] * 2
+    assert float(numpy_helper.to_array(out.graph.initializer[0]).reshape(-1)[0]) == pytest.approx(0.01, rel=1e-3)
