@@ -2,6 +2,11 @@
 
     python benchmarks/sd15_crossover.py --work /tmp/sd15 --out $OUT --budget-s 530 --opt-level 1
 
+or, for a run longer than one device call (10 min): start it detached and wait in each call
+
+    python benchmarks/sd15_crossover.py --work /tmp/sd15 --out /tmp/xo --budget-s 1500 --detach --wait 560
+    python benchmarks/sd15_crossover.py --out /tmp/xo --wait 560        # the next call(s)
+
 Why one command: a device session has 30 minutes and a machine is given back between calls,
 so export, calibration, four engine builds and the timing must fit in one ~9-minute call. So:
 
@@ -93,18 +98,25 @@ class Job:
         self.state = "waiting"  # waiting / running / ok / failed / skipped / timeout
 
 
-def run_jobs(run: Run, jobs: list[Job], deadline: float) -> dict[str, Job]:
-    """Start each job when the jobs it needs succeeded; kill what is still running at the deadline."""
+def run_jobs(run: Run, jobs: list[Job], deadline: float, max_builds: int = 0) -> dict[str, Job]:
+    """Start each job when the jobs it needs succeeded; kill what is still running at the deadline.
+
+    `max_builds` > 0 caps the engine builds running at once: builds time their tactics on the
+    one GPU, so concurrent builds both slow each other and time kernels on a shared GPU."""
     by_name = {j.name: j for j in jobs}
     while True:
         now = time.monotonic()
         for job in jobs:
             if job.state == "waiting":
                 deps = [by_name[d].state for d in job.after]
+                building = sum(j.state == "running" and j.name.startswith("build-") for j in jobs)
                 if any(s in ("failed", "skipped", "timeout") for s in deps):
                     job.state = "skipped"
                     _step(run, job, f"skipped: needs {', '.join(job.after)}", 0.0)
-                elif all(s == "ok" for s in deps):
+                elif now > deadline:
+                    job.state = "timeout"
+                    _step(run, job, "not started: the budget was spent", 0.0)
+                elif all(s == "ok" for s in deps) and not (job.name.startswith("build-") and 0 < max_builds <= building):
                     log = open(run.out / "logs" / f"{job.name}.log", "w")
                     job.proc = subprocess.Popen([sys.executable, SCRIPT, *job.argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
                     job.started, job.state = now, "running"
@@ -230,7 +242,68 @@ def to_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LOG_NAME = "crossover.log"
+PID_NAME = "orchestrator.pid"
+
+
+def detach(argv: list[str], out: Path) -> int:
+    """Start this run in its own process session and return at once: the device tool ends a
+    command's processes when it returns, except those of a new session, which run on while the
+    machine stays warm. So a run longer than one call's 10 minutes spans several calls, each
+    of which only `--wait`s (and copies what is written so far)."""
+    out.mkdir(parents=True, exist_ok=True)
+    argv = [a for a in argv if a != "--detach"]
+    if "--wait" in argv:  # the waiting belongs to this caller, not to the detached run
+        i = argv.index("--wait")
+        del argv[i : i + 2]
+    for stale in ("h200-sd15-crossover.json", ".wait-offset", LOG_NAME):  # an earlier run's "finished" must not end the wait
+        (out / stale).unlink(missing_ok=True)
+    log = open(out / LOG_NAME, "a")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    (out / PID_NAME).write_text(str(proc.pid))
+    print(f"detached run {proc.pid}; log {out / LOG_NAME}")
+    return 0
+
+
+def wait(out: Path, seconds: float) -> int:
+    """Print the detached run's new log lines until it finishes or `seconds` pass: 0 when it
+    finished, 3 while it still runs, 2 when it died without finishing."""
+    import json as _json
+
+    log, offset_file = out / LOG_NAME, out / ".wait-offset"
+    end = time.monotonic() + seconds
+    while True:
+        offset = int(offset_file.read_text()) if offset_file.exists() else 0
+        if log.exists():
+            with open(log) as f:
+                f.seek(offset)
+                chunk = f.read()
+            if chunk:
+                print(chunk, end="", flush=True)
+                offset_file.write_text(str(offset + len(chunk)))
+        doc = out / "h200-sd15-crossover.json"
+        if doc.exists() and _json.loads(doc.read_text()).get("finished"):
+            return 0
+        pid = int((out / PID_NAME).read_text()) if (out / PID_NAME).exists() else None
+        if pid is not None and not _alive(pid):
+            print(f"the detached run {pid} ended without finishing; see {log}")
+            return 2
+        if time.monotonic() >= end:
+            print(f"still running after {seconds:.0f} s of waiting")
+            return 3
+        time.sleep(5.0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return not Path(f"/proc/{pid}/stat").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/sd15"))
     p.add_argument("--out", type=Path, required=True)
@@ -243,7 +316,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--engines", default=",".join(CROSSOVER_ENGINES))
     p.add_argument("--reconstruct-iters", type=int, default=20, help="AdaRound-BRECQ iterations per unit for the w4a8 engine (speed only: the weights are random)")
+    p.add_argument("--max-builds", type=int, default=2, help="engine builds at once (0: no cap); they share the one GPU for tactic timing")
+    p.add_argument("--detach", action="store_true", help="run in a new process session and return (or --wait); for runs longer than one device call")
+    p.add_argument("--wait", type=float, metavar="S", help="print a detached run's progress for up to S seconds; exit 0 finished, 3 still running, 2 died")
     args = p.parse_args(argv)
+    if args.detach:
+        detach(argv, args.out)
+        return wait(args.out, args.wait) if args.wait is not None else 0
+    if args.wait is not None:
+        return wait(args.out, args.wait)
     run = Run(args.out, args)
     deadline = run.t0 + args.budget_s - args.bench_reserve_s
     make_model(args.work)
@@ -262,11 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     needs = {"fp16": ("export-fp32",), "fp16-g16": ("export-fp16",), "int8": ("quantize-fp32",), "int8-g16": ("quantize-fp16",), "int8-g16c": ("quantize-fp16",), "w4a8": ("quantize-w4a8",)}
     jobs += [build(which, needs[which]) for which in wanted]
     jobs = _needed(jobs, [f"build-{which}" for which in wanted])
-    done = run_jobs(run, jobs, deadline)
-    built = [which for which in wanted if done[f"build-{which}"].state == "ok"]
-    run.log(f"built: {', '.join(built) or 'nothing'}; timing")
-    if built:
-        bench(run, args, built)
+    try:
+        done = run_jobs(run, jobs, deadline, args.max_builds)
+        built = [which for which in wanted if done[f"build-{which}"].state == "ok"]
+        run.log(f"built: {', '.join(built) or 'nothing'}; timing")
+        if built:
+            bench(run, args, built)
+    finally:
+        run.doc["finished"] = True
+        run.doc["wall_s"] = round(time.monotonic() - run.t0, 1)
+        run.save()
     run.log("done")
     return 0
 

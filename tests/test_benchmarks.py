@@ -89,3 +89,31 @@ def test_w4a8_stage_reconstructs_and_records_a_deployable_graph(tmp_path):
         levels = w / scale.reshape(shape)
         assert np.abs(levels - np.rint(levels)).max() < 1e-3, node.name
         assert levels.min() >= -8.001 and levels.max() <= 7.001, node.name
+
+
+def test_crossover_detached_run_is_followed_by_wait_until_it_finishes(tmp_path):
+    """The crossover runs longer than one device call, so it detaches and later calls `--wait`:
+    on a tiny SD-style UNet on the CPU (no TensorRT here), the detached run exports, records
+    the build's failure as a row with its reason, marks itself finished, and `--wait` returns 0
+    having printed the run's log."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import tiny_cond_unet
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    tiny_cond_unet("sd").save_pretrained(work / "sd15-unet", safe_serialization=True)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sd15_crossover.py"
+    started = subprocess.run([sys.executable, str(script), "--work", str(work), "--out", str(out), "--engines", "fp16", "--budget-s", "200", "--detach", "--wait", "0"], capture_output=True, text=True, timeout=60)
+    assert started.returncode in (0, 3), started.stderr[-2000:]
+    waited = subprocess.run([sys.executable, str(script), "--out", str(out), "--wait", "240"], capture_output=True, text=True, timeout=300)
+    assert waited.returncode == 0, waited.stdout[-2000:] + waited.stderr[-2000:]
+    doc = json.loads((out / "h200-sd15-crossover.json").read_text())
+    steps = {s["step"]: s["result"] for s in doc["steps"]}
+    assert doc["finished"] and steps["export-fp32"] == "ok" and "export-fp16" not in steps
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "TensorRT is not importable" in steps["build-fp16"]
+    assert "start export-fp32" in started.stdout + waited.stdout
