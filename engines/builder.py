@@ -254,7 +254,7 @@ def parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path, typing: 
             lines.append(f"{where}: {err.desc()}")
         hint = "check the graph with `python -m onnx.checker`"
         if typing == "weak":
-            hint += "; TensorRT 8.6's parser takes opset <= 17, and FP16 Q/DQ scales need opset 19 (build the FP32 Q/DQ graph on 8.6)"
+            hint += "; TensorRT 8.6's parser takes opset <= 17, and FP16 Q/DQ scales need opset 19 (on 8.6 build the FP32 Q/DQ graph, or the FP16 graph with FP32 Q/DQ islands: `qdiff quantize --dtype fp16 --opset 17`)"
         raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: " + "; ".join(lines or ["no detail given"]), hint=hint)
     return ParsedNetwork(network, parser, _network_inputs(network), typing)
 
