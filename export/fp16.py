@@ -151,19 +151,26 @@ def _float_tensors(model: onnx.ModelProto) -> list[str]:
 def tensor_maxima(onnx_path: str | os.PathLike[str], feeds: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
     """max |x| of every FP32 intermediate tensor of the graph at `onnx_path` over `feeds`.
 
-    The graph runs in ONNX Runtime with every float node output made a graph output and graph
-    optimizations off (so every tensor keeps its name). The probe graph is written beside the
-    original (its external data paths are relative) under a temporary name, then removed.
+    Each float node output gets an Abs -> ReduceMax pair whose scalar is a graph output, and
+    the graph runs in ONNX Runtime with graph optimizations off (so every tensor keeps its
+    name). Only scalars leave the session: making the tensors themselves outputs would hold
+    every activation of the UNet at once (SD 1.5 at 64x64 latents went past 24 GB that way).
+    The probe graph is written beside the original (its external data paths are relative)
+    under a temporary name, then removed.
     """
     import onnxruntime as ort
 
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
-    names = _float_tensors(model)
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    probes: dict[str, str] = {}  # probe output -> tensor
+    for i, name in enumerate(_float_tensors(model)):
+        absolute, peak = f"qdiff_probe/{i}/abs", f"qdiff_probe/{i}/absmax"
+        model.graph.node.extend([
+            onnx.helper.make_node("Abs", [name], [absolute], name=f"qdiff_probe/{i}/Abs"),
+            onnx.helper.make_node("ReduceMax", [absolute], [peak], name=f"qdiff_probe/{i}/ReduceMax", keepdims=0),
+        ])  # fmt: skip
+        model.graph.output.append(onnx.helper.make_tensor_value_info(peak, onnx.TensorProto.FLOAT, []))
+        probes[peak] = name
     fd, tmp = tempfile.mkstemp(prefix=f".{onnx_path.stem}.probe-", suffix=".onnx", dir=onnx_path.parent)
     os.close(fd)
     maxima: dict[str, float] = {}
@@ -173,14 +180,13 @@ def tensor_maxima(onnx_path: str | os.PathLike[str], feeds: Iterable[dict[str, n
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
         session = ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
-        outputs = [o.name for o in session.get_outputs()]
+        outputs = list(probes)
         wanted = {i.name for i in session.get_inputs()}
         for feed in feeds:
             results = session.run(outputs, {k: np.asarray(v, dtype=np.float32) for k, v in feed.items() if k in wanted})
-            for name, value in zip(outputs, results):
-                if value.size and np.issubdtype(value.dtype, np.floating):
-                    m = float(np.max(np.abs(value)))
-                    maxima[name] = max(maxima.get(name, 0.0), m)
+            for probe, value in zip(outputs, results):
+                name = probes[probe]
+                maxima[name] = max(maxima.get(name, 0.0), float(value))
     except Exception as exc:
         raise OnnxModelError(f"{onnx_path}: running the FP32 graph to find FP16 overflows failed: {type(exc).__name__}: {exc}") from exc
     finally:

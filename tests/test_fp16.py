@@ -254,3 +254,32 @@ def test_conversion_of_a_graph_above_2_gib():
     out = convert_to_fp16(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert [i.data_type for i in out.graph.initializer] == [TensorProto.FLOAT16] * 2
     assert float(numpy_helper.to_array(out.graph.initializer[0]).reshape(-1)[0]) == pytest.approx(0.01, rel=1e-3)
+
+
+@pytest.mark.parametrize("config", ["unet2d", "sd"])
+def test_tensor_maxima_equal_a_run_with_every_tensor_as_output(graphs, config):
+    """The overflow probe reduces each tensor to its max |x| inside the graph (so SD 1.5 fits
+    in memory); it must give exactly the maxima of a run that returns every tensor."""
+    import onnxruntime as ort
+
+    from qdiff.export.fp16 import _float_tensors, probe_feeds, tensor_maxima
+
+    _, _, fp32_path, _, _ = graphs(config)
+    model = onnx.load(str(fp32_path))
+    feeds = probe_feeds(model, size=16, tokens=7, count=2)
+    got = tensor_maxima(fp32_path, feeds)
+    names = _float_tensors(model)
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in existing)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    expected: dict[str, float] = {}
+    for feed in feeds:
+        for name, value in zip(outputs, session.run(outputs, {k: v for k, v in feed.items() if k in wanted})):
+            if name in names:
+                expected[name] = max(expected.get(name, 0.0), float(np.abs(value).max()))
+    assert set(got) == set(names) and len(names) > 100
+    assert all(got[n] == expected[n] for n in names), [n for n in names if got[n] != expected[n]][:5]
