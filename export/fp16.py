@@ -154,7 +154,7 @@ def tensor_maxima(onnx_path: str | os.PathLike[str], feeds: Iterable[dict[str, n
     Each float node output gets an Abs -> ReduceMax pair whose scalar is a graph output, and
     the graph runs in ONNX Runtime with graph optimizations off (so every tensor keeps its
     name). Only scalars leave the session: making the tensors themselves outputs would hold
-    every activation of the UNet at once (SD 1.5 at 64x64 latents went past 24 GB that way).
+    every activation of the UNet at once (SD 1.5's fp16 export went past 24 GB that way).
     The probe graph is written beside the original (its external data paths are relative)
     under a temporary name, then removed.
     """
@@ -163,14 +163,21 @@ def tensor_maxima(onnx_path: str | os.PathLike[str], feeds: Iterable[dict[str, n
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
     probes: dict[str, str] = {}  # probe output -> tensor
-    for i, name in enumerate(_float_tensors(model)):
-        absolute, peak = f"qdiff_probe/{i}/abs", f"qdiff_probe/{i}/absmax"
-        model.graph.node.extend([
-            onnx.helper.make_node("Abs", [name], [absolute], name=f"qdiff_probe/{i}/Abs"),
-            onnx.helper.make_node("ReduceMax", [absolute], [peak], name=f"qdiff_probe/{i}/ReduceMax", keepdims=0),
-        ])  # fmt: skip
-        model.graph.output.append(onnx.helper.make_tensor_value_info(peak, onnx.TensorProto.FLOAT, []))
-        probes[peak] = name
+    floats = set(_float_tensors(model))
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        # Each probe right after its producer: ONNX Runtime runs nodes in about this order, and
+        # a probe left at the end would keep its tensor alive until then.
+        for name in (o for o in node.output if o in floats):
+            i = len(probes)
+            absolute, peak = f"qdiff_probe/{i}/abs", f"qdiff_probe/{i}/absmax"
+            nodes.append(onnx.helper.make_node("Abs", [name], [absolute], name=f"qdiff_probe/{i}/Abs"))
+            nodes.append(onnx.helper.make_node("ReduceMax", [absolute], [peak], name=f"qdiff_probe/{i}/ReduceMax", keepdims=0))
+            model.graph.output.append(onnx.helper.make_tensor_value_info(peak, onnx.TensorProto.FLOAT, []))
+            probes[peak] = name
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     fd, tmp = tempfile.mkstemp(prefix=f".{onnx_path.stem}.probe-", suffix=".onnx", dir=onnx_path.parent)
     os.close(fd)
     maxima: dict[str, float] = {}
@@ -179,6 +186,10 @@ def tensor_maxima(onnx_path: str | os.PathLike[str], feeds: Iterable[dict[str, n
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
+        # Priority-based order runs each probe as soon as its tensor exists; the default order
+        # kept the tensors alive (SD 1.5, batch 1 at 64x64: 14.4 GB peak vs 4.4 GB for a plain run).
+        if hasattr(ort, "ExecutionOrder"):
+            options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         session = ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
         outputs = list(probes)
         wanted = {i.name for i in session.get_inputs()}
