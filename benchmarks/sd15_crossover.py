@@ -1,18 +1,21 @@
-"""Issue 12 part 5 in ONE GPU command: FP16-graph engines on TensorRT 8.6, and where INT8 crosses FP16.
+"""Issue 12 part 5: FP16-graph engines on TensorRT 8.6, where INT8 crosses FP16, and the W4A8 engine.
 
     python benchmarks/sd15_crossover.py --work /tmp/sd15 --out $OUT --budget-s 530 --opt-level 1
 
-or, for a run longer than one device call (10 min): start it detached and wait in each call
+An SD 1.5 build on 8.6 with the crossover profile takes over 7 minutes (measured 2026-12-02),
+so the whole run does not fit one device call (10 minutes). Start it detached and wait in each
+call; the calls must follow each other while the machine is warm (it is given back 30 s after
+a call, and /tmp with it):
 
     python benchmarks/sd15_crossover.py --work /tmp/sd15 --out /tmp/xo --budget-s 1500 --detach --wait 560
-    python benchmarks/sd15_crossover.py --out /tmp/xo --wait 560        # the next call(s)
+    python benchmarks/sd15_crossover.py --out /tmp/xo --wait 560        # the next call(s): exit 3 = still running
 
-Why one command: a device session has 30 minutes and a machine is given back between calls,
-so export, calibration, four engine builds and the timing must fit in one ~9-minute call. So:
+How:
 
 - the FP32 and the FP16 export run at once (separate processes), calibration follows the FP32
-  export, and each engine build starts as soon as its graph exists, in its own background
-  process (the machine has 16 cores; builds are mostly CPU-bound tactic search);
+  export, and each engine build starts once its graph exists, at most `--max-builds` at a time
+  (default 2: builds time their tactics on the one GPU, so more at once slow each other and
+  time kernels on a shared GPU);
 - each precision is built ONCE, with one dynamic profile covering every shape in
   CROSSOVER_SHAPES (batch 1, 2, 8 at 64x64 latents; 1, 2 at 128x128), and timed per shape: a
   static-shape engine per shape would not fit. A dynamic-profile engine may pick other tactics
@@ -23,11 +26,14 @@ so export, calibration, four engine builds and the timing must fit in one ~9-min
   still returns what it measured; a step that fails (e.g. 8.6's parser on the opset-19 FP16
   Q/DQ graph) is a row with its error, not a crash.
 
-Engines: TensorRT FP16 from the FP32 graph (today's), FP16 from the FP16 graph, W8A8 from the
-FP32 Q/DQ graph (today's), W8A8 from the FP16 Q/DQ graph. Per engine and shape: ms per call
-(median of --iters after --warmup, CUDA events, CUDA-graph replay), relative L2 error vs the
-FP32 PyTorch UNet on the same inputs; per engine: activation memory (device memory of the
-engine at its profile's max), INT8 share of conv/matmul MACs (engine inspector), build seconds.
+Engines (`--engines`, names from benchmarks/sd15_unet.py ENGINES): TensorRT FP16 from the FP32
+graph (fp16) and from the FP16 graph (fp16-g16); W8A8 from the FP32 Q/DQ graph (int8), from the
+FP16 Q/DQ graph at opset 19 (int8-g16) and from the FP16 graph with FP32 Q/DQ islands at opset
+17 (int8-g16c); W4A8 from a short AdaRound-BRECQ reconstruction (w4a8, issue 13). Per engine
+and shape: ms per call (median of --iters after --warmup, CUDA events, CUDA-graph replay),
+relative L2 error vs the FP32 PyTorch UNet on the same inputs; per engine: activation memory
+(device memory of the engine at its profile's max), INT8 share of conv/matmul MACs (engine
+inspector), build seconds.
 """
 
 from __future__ import annotations
@@ -86,8 +92,11 @@ class Run:
         print(f"[{time.monotonic() - self.t0:5.0f} s] {msg}", flush=True)
 
     def save(self) -> None:
-        (self.out / "h200-sd15-crossover.json").write_text(json.dumps(self.doc, indent=1))
-        (self.out / "h200-sd15-crossover.md").write_text(to_markdown(self.doc))
+        """Atomically (write, then rename): a `--wait` in another process reads the JSON."""
+        for name, text in (("h200-sd15-crossover.json", json.dumps(self.doc, indent=1)), ("h200-sd15-crossover.md", to_markdown(self.doc))):
+            tmp = self.out / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.out / name)
 
 
 class Job:
@@ -246,46 +255,71 @@ LOG_NAME = "crossover.log"
 PID_NAME = "orchestrator.pid"
 
 
-def detach(argv: list[str], out: Path) -> int:
+def detach(args: argparse.Namespace) -> int:
     """Start this run in its own process session and return at once: the device tool ends a
-    command's processes when it returns, except those of a new session, which run on while the
-    machine stays warm. So a run longer than one call's 10 minutes spans several calls, each
-    of which only `--wait`s (and copies what is written so far)."""
+    command's processes when it returns, except (where commands run as root, as on the H200
+    machines here) those of a new session, which run on while the machine stays warm. So a
+    run longer than one call's 10 minutes spans several calls, each of which only `--wait`s
+    (and copies what is written so far)."""
+    out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    argv = [a for a in argv if a != "--detach"]
-    if "--wait" in argv:  # the waiting belongs to this caller, not to the detached run
-        i = argv.index("--wait")
-        del argv[i : i + 2]
-    for stale in ("h200-sd15-crossover.json", ".wait-offset", LOG_NAME):  # an earlier run's "finished" must not end the wait
+    pid = _pid(out)
+    if pid is not None and _alive(pid):
+        raise SystemExit(f"a detached run ({pid}) is still writing {out}: `--wait` for it, or give another --out")
+    for stale in ("h200-sd15-crossover.json", ".wait-offset", LOG_NAME, PID_NAME):  # an earlier run's "finished" must not end the wait
         (out / stale).unlink(missing_ok=True)
-    log = open(out / LOG_NAME, "a")
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    child = ["--work", str(args.work.resolve()), "--out", str(out)]  # rebuilt from the parsed options, never --detach/--wait
+    for option in ("budget_s", "bench_reserve_s", "opt_level", "timesteps", "calib_steps", "warmup", "iters", "engines", "reconstruct_iters", "max_builds"):
+        child += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    log = open(out / LOG_NAME, "ab")
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     (out / PID_NAME).write_text(str(proc.pid))
-    print(f"detached run {proc.pid}; log {out / LOG_NAME}")
+    print(f"detached run {proc.pid}; log {out / LOG_NAME}", flush=True)
     return 0
+
+
+def _pid(out: Path) -> int | None:
+    try:
+        return int((out / PID_NAME).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _state(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / "h200-sd15-crossover.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def wait(out: Path, seconds: float) -> int:
     """Print the detached run's new log lines until it finishes or `seconds` pass: 0 when it
-    finished, 3 while it still runs, 2 when it died without finishing."""
-    import json as _json
-
+    finished, 3 while it still runs, 2 when there is no run (or it died without finishing),
+    4 when it finished with an error."""
+    out = out.resolve()
     log, offset_file = out / LOG_NAME, out / ".wait-offset"
+    pid = _pid(out)
+    if pid is None:
+        print(f"no detached run in {out} (no {PID_NAME}): a fresh machine, or another --out?")
+        return 2
     end = time.monotonic() + seconds
     while True:
         offset = int(offset_file.read_text()) if offset_file.exists() else 0
         if log.exists():
-            with open(log) as f:
+            with open(log, "rb") as f:
                 f.seek(offset)
                 chunk = f.read()
             if chunk:
-                print(chunk, end="", flush=True)
+                print(chunk.decode(errors="replace"), end="", flush=True)
                 offset_file.write_text(str(offset + len(chunk)))
-        doc = out / "h200-sd15-crossover.json"
-        if doc.exists() and _json.loads(doc.read_text()).get("finished"):
+        alive = _alive(pid)
+        doc = _state(out)  # read after the liveness check: a run that finished just now is seen finished
+        if doc is not None and doc.get("finished"):
+            if doc.get("error"):
+                print(f"the run finished with an error: {doc['error']}")
+                return 4
             return 0
-        pid = int((out / PID_NAME).read_text()) if (out / PID_NAME).exists() else None
-        if pid is not None and not _alive(pid):
+        if not alive:
             print(f"the detached run {pid} ended without finishing; see {log}")
             return 2
         if time.monotonic() >= end:
@@ -295,15 +329,19 @@ def wait(out: Path, seconds: float) -> int:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie, a child that exited but is not yet reaped, counts as ended)."""
     try:
         os.kill(pid, 0)
     except OSError:
         return False
-    return not Path(f"/proc/{pid}/stat").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return True
+    return state != "Z"
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/sd15"))
     p.add_argument("--out", type=Path, required=True)
@@ -321,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, metavar="S", help="print a detached run's progress for up to S seconds; exit 0 finished, 3 still running, 2 died")
     args = p.parse_args(argv)
     if args.detach:
-        detach(argv, args.out)
+        detach(args)
         return wait(args.out, args.wait) if args.wait is not None else 0
     if args.wait is not None:
         return wait(args.out, args.wait)
@@ -349,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         run.log(f"built: {', '.join(built) or 'nothing'}; timing")
         if built:
             bench(run, args, built)
+    except BaseException as exc:
+        run.doc["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        raise
     finally:
         run.doc["finished"] = True
         run.doc["wall_s"] = round(time.monotonic() - run.t0, 1)

@@ -147,7 +147,7 @@ ENGINES = {
     "int8-g16": ("denoiser.w8a8.fp16.onnx", "int8", None, "qdiff W8A8 from the FP16 Q/DQ graph (opset 19)"),
     "int8-g16c": ("denoiser.w8a8.fp16-op17.onnx", "int8", None, "qdiff W8A8 from the FP16 graph with FP32 Q/DQ islands (opset 17)"),
     # Issue 13: W4A8 (INT4-valued weights in INT8 storage, INT8 kernels) from a reconstructed table.
-    "w4a8": ("denoiser.w4a8-adaround-brecq.onnx", "int8", None, "qdiff W4A8 (AdaRound-BRECQ weights, all Conv/Linear)"),
+    "w4a8": ("denoiser.w4a8-adaround-brecq.onnx", "w4a8", None, "qdiff W4A8 (AdaRound-BRECQ weights, all Conv/Linear)"),
 }
 
 # `crossover`: the shapes where INT8 may cross FP16 on TensorRT 8.6 (batch, latent side), all
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--timesteps", type=int, default=8)
             s.add_argument("--samples", type=int, default=2)
             s.add_argument("--calib-steps", type=int, default=16)
-            s.add_argument("--reuse-table", action="store_true", help="use <work>/calib/calibration.json if it exists (same seeded model)")
+            s.add_argument("--reuse-table", action="store_true", help="use the recipe's table if it exists (<work>/calib for w8a8, <work>/calib-<recipe> otherwise; same seeded model)")
             s.add_argument("--placements", default="all,conv,conv-ff", help="comma-separated qdiff.export.placement names, one Q/DQ graph each")
             s.add_argument("--reconstruct-iters", type=int, default=0, help="> 0: AdaRound-BRECQ with this many iterations per unit on the GPU, then the Q/DQ graph from it (recorded as the recipe's engine, e.g. w4a8)")
         if name == "build":

@@ -74,6 +74,9 @@ def test_w4a8_stage_reconstructs_and_records_a_deployable_graph(tmp_path):
     main(["quantize", "--work", str(tmp_path), "--recipe", "w4a8", "--timesteps", "2", "--samples", "1", "--calib-steps", "2", "--reconstruct-iters", "2"])
     graph = _graph(tmp_path, "w4a8")
     assert graph.name == ENGINES["w4a8"][0] and graph.exists()
+    from qdiff.engines.builder import check_precision, graph_facts
+
+    assert "W4A8" in check_precision(ENGINES["w4a8"][1], graph_facts(graph), graph)  # the builder takes it as the engine's precision
     assert (tmp_path / "calib-w4a8" / "reconstruction" / "reconstruction.safetensors").exists()
     assert not (tmp_path / "calib").exists()  # the W8A8 table's folder is not touched
     model = onnx.load(str(graph))
@@ -105,10 +108,23 @@ def test_crossover_detached_run_is_followed_by_wait_until_it_finishes(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     tiny_cond_unet("sd").save_pretrained(work / "sd15-unet", safe_serialization=True)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "sd15_crossover.py"
-    started = subprocess.run([sys.executable, str(script), "--work", str(work), "--out", str(out), "--engines", "fp16", "--budget-s", "200", "--detach", "--wait", "0"], capture_output=True, text=True, timeout=60)
-    assert started.returncode in (0, 3), started.stderr[-2000:]
-    waited = subprocess.run([sys.executable, str(script), "--out", str(out), "--wait", "240"], capture_output=True, text=True, timeout=300)
-    assert waited.returncode == 0, waited.stdout[-2000:] + waited.stderr[-2000:]
+    assert subprocess.run([sys.executable, str(script), "--out", str(out), "--wait", "5"], capture_output=True, text=True, timeout=60).returncode == 2  # no run there
+    started = subprocess.run([sys.executable, str(script), "--work", str(work), "--out", str(out), "--engines", "fp16", "--budget-s", "600", "--bench-reserve-s", "0", "--detach", "--wait", "0"], capture_output=True, text=True, timeout=60)
+    try:
+        assert started.returncode in (0, 3), started.stderr[-2000:]
+        again = subprocess.run([sys.executable, str(script), "--work", str(work), "--out", str(out), "--detach"], capture_output=True, text=True, timeout=60)
+        assert again.returncode != 0 and "still writing" in again.stderr  # a live run is not clobbered
+        waited = subprocess.run([sys.executable, str(script), "--out", str(out), "--wait", "500"], capture_output=True, text=True, timeout=560)
+        assert waited.returncode == 0, waited.stdout[-2000:] + waited.stderr[-2000:]
+    finally:
+        import os
+        import signal
+
+        pid = int((out / "orchestrator.pid").read_text())
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
     doc = json.loads((out / "h200-sd15-crossover.json").read_text())
     steps = {s["step"]: s["result"] for s in doc["steps"]}
     assert doc["finished"] and steps["export-fp32"] == "ok" and "export-fp16" not in steps

@@ -255,7 +255,7 @@ def test_fp16_qdq_graph_at_opset_19_on_tensorrt_8_is_refused_with_the_way_out(un
     with pytest.raises(EngineBuildError) as err:
         api.build_engine(q16.onnx_path, tmp_path / "e", precision="int8", batch=(1, 2, 4), size=(8, 16, 32))
     print("8.6 on the opset-19 FP16 Q/DQ graph:", err.value.message[:300], "|", err.value.hint)
-    assert "opset" in f"{err.value.message} {err.value.hint}"
+    assert "cannot parse" in err.value.message and "--opset 17" in err.value.hint
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
 
