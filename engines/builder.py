@@ -117,7 +117,9 @@ def graph_facts(onnx_path: Path) -> GraphFacts:
         if n.op_type == "DequantizeLinear" and n.input and n.input[0] in inits:
             if inits[n.input[0]].data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
                 int4 += 1
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    from qdiff.export.onnx_io import default_opset
+
+    opset = default_opset(model)
     manifest = read_manifest(onnx_path)
     details = manifest.details if manifest is not None else {}
     bits = details.get("weight_bits")

@@ -47,6 +47,7 @@ from qdiff.export.shape_inference import symbolic_shapes, weightless
 from qdiff.calib.quant_math import MIN_AMAX
 from qdiff.core.errors import OnnxModelError, QuantizationError
 from qdiff.export.graph_index import WEIGHTED_OPS, module_name
+from qdiff.export.onnx_io import default_opset
 from qdiff.export.coverage import CoverageReport, shown
 
 TARGET_OPSET = 21
@@ -298,10 +299,6 @@ def int4_tensor(name: str, q: np.ndarray) -> onnx.TensorProto:
 # ----------------------------------------------------------------------------- opset 17 -> 21
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def _changed_ops(model: onnx.ModelProto, source: int, target: int) -> list[str]:
     changed = set()
     for node in model.graph.node:
@@ -325,7 +322,7 @@ def upgrade_opset(model: onnx.ModelProto, target: int = TARGET_OPSET) -> tuple[o
     name). Where it fails, the opset number is bumped directly only if every op whose schema
     changed on the way is in `SAME_MEANING_17_TO_21`; otherwise the error names the ops.
     """
-    source = _default_opset(model)
+    source = default_opset(model)
     if source == target:
         return model, "already at the target opset"
     if source > target:
@@ -522,7 +519,7 @@ def int4_weight_only(
     """Return an opset-21 copy of `model` with INT4 block-quantized MatMul/Gemm weights, and a
     report. `model` must hold its weights; `dims` sets the dynamic dimensions MACs are counted at."""
     config = config or Int4WeightOnlyConfig()
-    report = Int4Report(config, opset_from=_default_opset(model), mac_dims={**DEFAULT_DIMS, **(dims or {})})
+    report = Int4Report(config, opset_from=default_opset(model), mac_dims={**DEFAULT_DIMS, **(dims or {})})
     report.model_bytes_before = _initializer_bytes(model)
     macs = estimate_macs(model, dims)
     upgraded, report.opset_upgrade = upgrade_opset(model)
@@ -549,7 +546,7 @@ def int4_weight_only_file(
     config = config or Int4WeightOnlyConfig()
     model = load_onnx(onnx_path, load_weights=False)  # the full checks: this graph may come from anywhere
     external = bool(external_data_locations(model))
-    report = Int4Report(config, opset_from=_default_opset(model), mac_dims={**DEFAULT_DIMS, **(dims or {})})
+    report = Int4Report(config, opset_from=default_opset(model), mac_dims={**DEFAULT_DIMS, **(dims or {})})
     report.model_bytes_before = _initializer_bytes(model)
     macs = estimate_macs(model, dims)
     upgraded, report.opset_upgrade = upgrade_opset(model)

@@ -49,6 +49,11 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _graph_tensors(sub)
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The graph's default-domain (ai.onnx) opset; 0 when it imports none."""
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
 def external_data_locations(model: onnx.ModelProto) -> list[str]:
     locations = []
     for tensor in _graph_tensors(model.graph):

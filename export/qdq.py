@@ -42,6 +42,7 @@ from qdiff.calib.table import CalibrationTable
 from qdiff.core.errors import QuantizationError
 from qdiff.export.coverage import CoverageReport, shown
 from qdiff.export.graph_index import WeightedNode, weighted_nodes
+from qdiff.export.onnx_io import default_opset
 from qdiff.export.split_shortcut import channel_counts, split_concat_conv, split_sliced_conv
 
 
@@ -422,17 +423,13 @@ def insert_qdq_file(
                 hint="give the graph from `qdiff export` without --dtype fp16, and add --dtype fp16 to `qdiff quantize` for an FP16 Q/DQ graph",
             )
         quantized, report = insert_qdq(model, table, recipe, weights)
-        report.opset = _default_opset(quantized)
+        report.opset = default_opset(quantized)
     save_onnx(quantized, out_path, external_data=external or None)
     try:
         onnx.checker.check_model(str(out_path), full_check=True)
     except Exception as exc:
         raise QuantizationError(f"the Q/DQ graph {out_path} fails the ONNX checker: {exc}") from exc
     return report
-
-
-def _default_opset(model: onnx.ModelProto) -> int | None:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
 def quantize_file(*args, **kwargs):

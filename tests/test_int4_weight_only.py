@@ -107,7 +107,7 @@ def test_class_cond_unet_int4_graph_runs_exactly(exports, tmp_path):
     assert path == tmp_path / "denoiser.int4wo.onnx"
     onnx.checker.check_model(str(path), full_check=True)
     model, source = onnx.load(str(path)), onnx.load(str(fp32))
-    assert i4._default_opset(model) == 21 and model.ir_version >= 10
+    assert i4.default_opset(model) == 21 and model.ir_version >= 10
 
     dqs = _int4_dqs(model)
     report = result.report
@@ -231,7 +231,7 @@ def test_direct_opset_bump_when_the_converter_fails(monkeypatch):
     model, _ = _gemm_model(1)
     out, report = i4.int4_weight_only(model)
     onnx.checker.check_model(out, full_check=True)
-    assert "direct bump" in report.opset_upgrade and i4._default_opset(out) == 21
+    assert "direct bump" in report.opset_upgrade and i4.default_opset(out) == 21
 
     # ReduceMean's axes moved from attribute to input in opset 18: a bare bump would break it.
     reduce = helper.make_node("ReduceMean", ["y0"], ["y"], axes=[1], keepdims=1)
