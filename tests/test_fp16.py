@@ -143,8 +143,9 @@ def test_fp16_export_is_its_own_artifact_and_matches_pytorch(uncond_model_dir, t
     assert set(boundary_casts(model).values()) == {1}
 
 
+@pytest.mark.parametrize("opset", [19, 17], ids=["op19", "op17"])
 @pytest.mark.parametrize("where", ["activation", "initializer"])
-def test_injected_overflow_makes_an_fp32_island(graphs, tmp_path, where):
+def test_injected_overflow_makes_an_fp32_island(graphs, tmp_path, where, opset):
     """Scale one convolution's weight (a resnet's conv1, whose output the next GroupNorm brings
     back into range) so its output passes the FP16 limit on the probe inputs
     (or put 1e5 in its bias, above FP16's 65504): that Conv and the readers of its output stay
@@ -161,7 +162,7 @@ def test_injected_overflow_makes_an_fp32_island(graphs, tmp_path, where):
         victim.inputs[2].values = bias
     src = tmp_path / "injected.onnx"
     onnx.save(gs.export_onnx(graph), str(src))
-    report = insert_qdq_file(src, table, tmp_path / "injected.fp16.onnx", dtype="fp16", probe_size=16)
+    report = insert_qdq_file(src, table, tmp_path / "injected.fp16.onnx", dtype="fp16", probe_size=16, opset=opset)  # 17: FP32 Q/DQ islands, the island layer without Casts
     islands = {i["node"]: i for i in report.fp32_islands}
     assert victim.name in islands, report.fp32_islands
     expected = "> 16384 on the probe inputs" if where == "activation" else "> FP16 max 65504"
