@@ -316,3 +316,22 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     grown_mib = float(done.stdout.strip().splitlines()[-1])
     print(f"probe peak RSS growth: {grown_mib:.0f} MiB (all 60 tensors: 960 MiB)")
     assert grown_mib < 400
+
+
+def test_tensor_maxima_of_one_graph_and_feeds_are_computed_once(graphs, monkeypatch):
+    """Both FP16 Q/DQ passes of a graph probe it with the same inputs: the second reuses the
+    first's maxima, and other feeds or a rewritten file are probed again."""
+    import onnxruntime as ort
+
+    from qdiff.export import fp16
+
+    _, _, fp32_path, _, _ = graphs("unet2d")
+    feeds = fp16.probe_feeds(onnx.load(str(fp32_path)), size=16, count=1)
+    sessions = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: sessions.append(1) or real(*a, **k))
+    fp16._MAXIMA_CACHE.clear()
+    first = fp16.tensor_maxima(fp32_path, feeds)
+    assert fp16.tensor_maxima(fp32_path, feeds) == first and len(sessions) == 1
+    other = fp16.probe_feeds(onnx.load(str(fp32_path)), size=16, count=1, seed=1)
+    assert fp16.tensor_maxima(fp32_path, other) != first and len(sessions) == 2
