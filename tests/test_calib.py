@@ -147,3 +147,14 @@ def test_table_parsing_is_strict(uncond_model_dir, tmp_path, fast_recipe, mutate
     mutate(obj)
     with pytest.raises(CalibrationError, match=message):
         CalibrationTable.from_json(json.loads(json.dumps(obj)))
+
+
+def test_mse_weight_search_in_blocks_equals_the_whole_search():
+    """The MSE weight clip is searched in blocks of channels (speed): exactly the same clips as
+    one search over all channels, also when the channel count does not divide into blocks."""
+    from qdiff.calib.observers import _mse_weight_amax_block, mse_weight_amax
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((333, 1000), (7, 300000), (1, 5)):
+        w = torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, generator=g)
+        assert torch.equal(mse_weight_amax(w, 7), _mse_weight_amax_block(w, 7, 100))
