@@ -101,6 +101,12 @@ def check_fp16_qdq_opset(opset: int | None) -> int:
     return opset
 
 
+def qdq_dtype_of(opset: int | None) -> str:
+    """What a Q/DQ graph's pairs compute in, from its checked opset (None: the FP32 graph):
+    "fp32", "fp16" (opset 19) or "fp32-islands" (opset 17). The manifest and the report both say it."""
+    return "fp32" if opset is None else "fp32-islands" if opset == QDQ_FP32_ISLANDS_OPSET else "fp16"
+
+
 def check_qdq_opset(dtype: str, opset: int | None) -> int | None:
     """`opset` of a Q/DQ graph of `dtype`: chosen for FP16 only (`check_fp16_qdq_opset`); the
     FP32 graph keeps the export's opset, so an explicit one is refused rather than ignored."""

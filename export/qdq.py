@@ -361,7 +361,7 @@ def fp16_qdq(
     the same Q/DQ pass. At opset 19 (default) its scales and DequantizeLinear outputs follow the
     FP16 tensors; at opset 17 (`QDQ_FP32_ISLANDS_OPSET`, what TensorRT 8.6 parses) the pairs
     are Cast-wrapped FP32 islands (`insert_qdq(cast_wrapped=True)`)."""
-    from qdiff.export.fp16 import DEFAULT_FP16_LIMIT, QDQ_FP32_ISLANDS_OPSET, check_fp16_qdq_opset, convert_to_fp16, is_fp16_graph, overflow_islands, probe_feeds, tensor_maxima
+    from qdiff.export.fp16 import DEFAULT_FP16_LIMIT, QDQ_FP32_ISLANDS_OPSET, check_fp16_qdq_opset, convert_to_fp16, is_fp16_graph, overflow_islands, probe_feeds, qdq_dtype_of, tensor_maxima
     from qdiff.export.int4_weight_only import upgrade_opset
 
     opset = check_fp16_qdq_opset(opset)
@@ -386,7 +386,7 @@ def fp16_qdq(
     quantized, report = insert_qdq(converted, table, recipe, weights, cast_wrapped=cast_wrapped, fp32_weights=fp32_weights)
     report.dtype = "fp16"
     report.opset = opset
-    report.qdq_dtype = "fp32-islands" if cast_wrapped else "fp16"
+    report.qdq_dtype = qdq_dtype_of(opset)
     report.fp32_islands = [i.to_json() for i in islands.values()]
     return quantized, report
 

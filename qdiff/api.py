@@ -529,7 +529,7 @@ def quantize_onnx(
     weights INT8 initializers -> DequantizeLinear -> Cast), named `<stem>.<recipe>.fp16-op17.onnx`.
     `opset` is for `dtype="fp16"` only (default 19); 17 and 19 are the choices."""
     from qdiff.export.placement import get_placement
-    from qdiff.export.fp16 import QDQ_FP32_ISLANDS_OPSET, check_qdq_opset
+    from qdiff.export.fp16 import QDQ_FP32_ISLANDS_OPSET, check_qdq_opset, qdq_dtype_of
     from qdiff.export.onnx_io import publish_onnx
     from qdiff.export.qdq import insert_qdq_file
 
@@ -575,7 +575,7 @@ def quantize_onnx(
         target = target / name
     settings = {"recipe": recipe.to_json(), "dtype": dtype}
     if opset is not None:  # FP16 only; an FP32 graph's manifest keeps its old settings (and cache)
-        settings |= {"opset": opset, "qdq_dtype": "fp32-islands" if opset == QDQ_FP32_ISLANDS_OPSET else "fp16"}
+        settings |= {"opset": opset, "qdq_dtype": qdq_dtype_of(opset)}
     wanted = Manifest(
         kind="qdq-onnx",
         inputs={"onnx_sha256": sha256_file(onnx_path), "table_sha256": sha256_file(table_path), "model_sha256": table.model_sha256},

@@ -92,6 +92,18 @@ def fast_recipe():
     return Recipe(name="w8a8", num_timesteps=4, samples_per_timestep=4, calibration_steps=8, batch_size=4)
 
 
+def per_channel(scale, ndim: int, axis: int):
+    """`scale` (one value per channel along `axis`, or a scalar) shaped to broadcast against a
+    weight of `ndim` dimensions: `w / per_channel(s, w.ndim, axis)` is the weight in grid steps."""
+    import numpy as np
+
+    scale = np.asarray(scale)
+    shape = [1] * ndim
+    if scale.ndim:
+        shape[axis] = -1
+    return scale.reshape(shape)
+
+
 def quantize_model(model_dir: Path, out: Path, recipe):
     """Export, calibrate and quantize `model_dir` into `out`: (bundle, fp32 onnx, table, result)."""
     from qdiff.api import calibrate, export_model, quantize_onnx

@@ -65,7 +65,7 @@ def test_w4a8_stage_reconstructs_and_records_a_deployable_graph(tmp_path):
     from onnx import numpy_helper
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from conftest import tiny_cond_unet
+    from conftest import per_channel, tiny_cond_unet
 
     from benchmarks.sd15_unet import _graph
 
@@ -85,11 +85,7 @@ def test_w4a8_stage_reconstructs_and_records_a_deployable_graph(tmp_path):
     assert len(weight_qs) > 10
     for node in weight_qs:  # the FP32 weight TensorRT folds through its Q: exactly on the 4-bit grid
         w, scale = inits[node.input[0]], inits[node.input[1]]
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        shape = [1] * w.ndim
-        if scale.ndim:
-            shape[axis] = -1
-        levels = w / scale.reshape(shape)
+        levels = w / per_channel(scale, w.ndim, next((a.i for a in node.attribute if a.name == "axis"), 1))
         assert np.abs(levels - np.rint(levels)).max() < 1e-3, node.name
         assert levels.min() >= -8.001 and levels.max() <= 7.001, node.name
 

@@ -25,7 +25,7 @@ from qdiff.export.qdq import insert_qdq_file
 from qdiff.export.validate import error_stats
 from qdiff.models import load_model
 from qdiff.runtime.backends import TorchDenoiser
-from tests.conftest import layerwise_fake_quant_errors, save_pipeline, tiny_cond_unet, tiny_unet2d
+from tests.conftest import layerwise_fake_quant_errors, per_channel, save_pipeline, tiny_cond_unet, tiny_unet2d
 
 CONFIGS = ["unet2d", "sd"]
 LAYERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
@@ -248,9 +248,7 @@ def w4(tmp_path_factory):
         lw = LayerWeights()
         for role, part, amax in parts:
             scale = np.asarray(scale_from_amax(amax, 7), dtype=np.float32)
-            shape = [1] * part.ndim
-            shape[axis] = -1
-            q = np.clip(np.rint(part / scale.reshape(shape)) + rng.integers(-1, 2, size=part.shape), -8, 7).astype(np.int8)
+            q = np.clip(np.rint(part / per_channel(scale, part.ndim, axis)) + rng.integers(-1, 2, size=part.shape), -8, 7).astype(np.int8)
             lw.parts[role] = (q, scale)
         weights.layers[name] = lw
     weights_path = root / "synthetic.safetensors"
@@ -282,9 +280,7 @@ def test_reconstructed_w4_integers_carry_through_unchanged(w4):
     for node in fp32.nodes:
         if node.op == "QuantizeLinear" and isinstance(node.inputs[0], gs.Constant):
             w, s = node.inputs[0].values, node.inputs[1].values
-            shape = [1] * w.ndim
-            shape[node.attrs["axis"]] = -1
-            expected = np.clip(np.rint(w / s.reshape(shape)), -128, 127)
+            expected = np.clip(np.rint(w / per_channel(s, w.ndim, node.attrs["axis"])), -128, 127)
             got = rtn[node.name.replace("/QuantizeLinear", "/DequantizeLinear")][0]
             assert got.min() >= -8 and got.max() <= 7, node.name
             np.testing.assert_array_equal(got, expected, err_msg=node.name)

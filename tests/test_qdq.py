@@ -17,7 +17,7 @@ from qdiff.export.qdq import insert_qdq
 from qdiff.export.validate import error_stats
 from qdiff.models import load_model
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
-from tests.conftest import compare_with_fake_quant, layerwise_fake_quant_errors, quantize_model
+from tests.conftest import compare_with_fake_quant, layerwise_fake_quant_errors, per_channel, quantize_model
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +174,7 @@ def test_w4_weights_take_at_most_16_levels(uncond_model_dir, tmp_path, fast_reci
     for node in graph.nodes:
         if node.op == "QuantizeLinear" and isinstance(node.inputs[0], gs.Constant):
             w, s = node.inputs[0].values, node.inputs[1].values
-            shape = [1] * w.ndim
-            shape[node.attrs["axis"]] = -1
-            levels = np.round(w / s.reshape(shape))
+            levels = np.round(w / per_channel(s, w.ndim, node.attrs["axis"]))
             assert levels.min() >= -8 and levels.max() <= 7
             checked += 1
     assert checked == q.report.to_json()["quantized_layers"]
