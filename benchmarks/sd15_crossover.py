@@ -74,7 +74,7 @@ class Run:
             "what": "SD 1.5 UNet (qdiff/configs/sd15-unet.json, seeded random weights), 77 text tokens; FP32 vs FP16 graphs, FP16 vs W8A8 engines",
             "method": (
                 f"one engine per precision, built once with ONE dynamic profile covering batch 1-8 and 64-128 latents (opt: batch 2, 64x64), timed per shape; "
-                f"builder optimization level {args.opt_level}; cuBLAS/cuDNN tactics {os.environ.get('QDIFF_TRT_TACTIC_SOURCES', 'default')}; "
+                f"builder optimization level {args.opt_level}, at most {args.max_builds or 'any number of'} builds at once (concurrent builds time their tactics on a shared GPU); cuBLAS/cuDNN tactics {os.environ.get('QDIFF_TRT_TACTIC_SOURCES', 'default')}; "
                 f"CUDA events, {args.warmup} warm-up calls then the median of {args.iters}, CUDA-graph replay; inputs/outputs FP32 on the GPU; "
                 f"error = relative L2 vs the FP32 PyTorch UNet on the same inputs; calibration: {args.timesteps} timesteps x 2 samples, {args.calib_steps}-step DDIM"
             ),
@@ -107,11 +107,14 @@ class Job:
         self.state = "waiting"  # waiting / running / ok / failed / skipped / timeout
 
 
-def run_jobs(run: Run, jobs: list[Job], deadline: float, max_builds: int = 0) -> dict[str, Job]:
+def run_jobs(run: Run, jobs: list[Job], deadline: float, max_builds: int = 0, builds_after: Path | None = None) -> dict[str, Job]:
     """Start each job when the jobs it needs succeeded; kill what is still running at the deadline.
 
     `max_builds` > 0 caps the engine builds running at once: builds time their tactics on the
-    one GPU, so concurrent builds both slow each other and time kernels on a shared GPU."""
+    one GPU, so concurrent builds both slow each other and time kernels on a shared GPU.
+    `builds_after`: no build starts before this file exists (the exports and calibration,
+    which need no TensorRT, can run while TensorRT is still being copied onto the machine)."""
+    gate_logged = False
     by_name = {j.name: j for j in jobs}
     while True:
         now = time.monotonic()
@@ -125,6 +128,10 @@ def run_jobs(run: Run, jobs: list[Job], deadline: float, max_builds: int = 0) ->
                 elif now > deadline:
                     job.state = "timeout"
                     _step(run, job, "not started: the budget was spent", 0.0)
+                elif job.name.startswith("build-") and builds_after is not None and not builds_after.exists():
+                    if not gate_logged:
+                        run.log(f"builds wait for {builds_after}")
+                        gate_logged = True
                 elif all(s == "ok" for s in deps) and not (job.name.startswith("build-") and 0 < max_builds <= building):
                     log = open(run.out / "logs" / f"{job.name}.log", "w")
                     job.proc = subprocess.Popen([sys.executable, SCRIPT, *job.argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -166,6 +173,27 @@ def _tail(run: Run, job: Job, lines: int = 4) -> str:
 def _step(run: Run, job: Job, result: str, seconds: float) -> None:
     run.doc["steps"].append({"step": job.name, "result": result, "seconds": round(seconds, 1)})
     run.log(f"{job.name}: {result}")
+    run.save()
+
+
+def wait_for_quiet_gpu(run: Run, pid_file: Path | None, seconds: float) -> None:
+    """Before timing, wait (up to `seconds`) for the other GPU work started beside this run to
+    end: the processes whose pids `pid_file` lists, one per line. What was still running when
+    timing began is recorded in the result (`gpu_shared_at_timing`), since it inflates the ms."""
+    if pid_file is None:
+        return
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            pids = [int(x) for x in pid_file.read_text().split()]
+        except (FileNotFoundError, ValueError):
+            pids = []
+        alive = [p for p in pids if _alive(p)]
+        if not alive or time.monotonic() >= end:
+            break
+        run.log(f"timing waits for other GPU work to end: pids {alive}")
+        time.sleep(10.0)
+    run.doc["gpu_shared_at_timing"] = alive
     run.save()
 
 
@@ -223,6 +251,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         doc["what"] + ".",
         f"Method: {doc['method']}. GPU driver {gpu.get('driver')}; " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
+        *([f"Other GPU work still running when timing began (pids {doc['gpu_shared_at_timing']}): the ms below are inflated by it.", ""] if doc.get("gpu_shared_at_timing") else []),
         "## Engines",
         "",
         "| engine | graph | typing | build (s) | plan / activations at profile max (MiB) | INT8 MAC share | INT8 convs |",
@@ -269,8 +298,10 @@ def detach(args: argparse.Namespace) -> int:
     for stale in ("h200-sd15-crossover.json", ".wait-offset", LOG_NAME, PID_NAME):  # an earlier run's "finished" must not end the wait
         (out / stale).unlink(missing_ok=True)
     child = ["--work", str(args.work.resolve()), "--out", str(out)]  # rebuilt from the parsed options, never --detach/--wait
-    for option in ("budget_s", "bench_reserve_s", "opt_level", "timesteps", "calib_steps", "warmup", "iters", "engines", "reconstruct_iters", "max_builds"):
-        child += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    for option in ("budget_s", "bench_reserve_s", "opt_level", "timesteps", "calib_steps", "warmup", "iters", "engines", "reconstruct_iters", "max_builds", "builds_after", "others_pid_file", "quiet_wait_s"):
+        if getattr(args, option) is not None:
+            value = getattr(args, option)
+            child += [f"--{option.replace('_', '-')}", str(value.resolve() if isinstance(value, Path) else value)]
     log = open(out / LOG_NAME, "ab")
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *child], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     (out / PID_NAME).write_text(str(proc.pid))
@@ -355,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default=",".join(CROSSOVER_ENGINES))
     p.add_argument("--reconstruct-iters", type=int, default=20, help="AdaRound-BRECQ iterations per unit for the w4a8 engine (speed only: the weights are random)")
     p.add_argument("--max-builds", type=int, default=2, help="engine builds at once (0: no cap); they share the one GPU for tactic timing")
+    p.add_argument("--builds-after", type=Path, help="start no engine build before this file exists (e.g. TensorRT's libraries still being copied)")
+    p.add_argument("--others-pid-file", type=Path, help="pids (one per line) of other GPU work on this machine: timing waits for them to end (up to --quiet-wait-s)")
+    p.add_argument("--quiet-wait-s", type=float, default=300.0)
     p.add_argument("--detach", action="store_true", help="run in a new process session and return (or --wait); for runs longer than one device call")
     p.add_argument("--wait", type=float, metavar="S", help="print a detached run's progress for up to S seconds; exit 0 finished, 3 still running, 2 died")
     args = p.parse_args(argv)
@@ -382,10 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [build(which, needs[which]) for which in wanted]
     jobs = _needed(jobs, [f"build-{which}" for which in wanted])
     try:
-        done = run_jobs(run, jobs, deadline, args.max_builds)
+        done = run_jobs(run, jobs, deadline, args.max_builds, args.builds_after)
         built = [which for which in wanted if done[f"build-{which}"].state == "ok"]
         run.log(f"built: {', '.join(built) or 'nothing'}; timing")
         if built:
+            wait_for_quiet_gpu(run, args.others_pid_file, args.quiet_wait_s)
             bench(run, args, built)
     except BaseException as exc:
         run.doc["error"] = f"{type(exc).__name__}: {exc}"[:500]

@@ -129,3 +129,56 @@ def test_crossover_detached_run_is_followed_by_wait_until_it_finishes(tmp_path):
     if importlib.util.find_spec("tensorrt") is None:
         assert "TensorRT is not importable" in steps["build-fp16"]
     assert "start export-fp32" in started.stdout + waited.stdout
+
+
+def test_crossover_builds_wait_for_their_gate_and_timing_for_other_gpu_work(tmp_path):
+    """Builds start only once the gate file exists (TensorRT still being copied), while a job
+    that needs no TensorRT runs at once; timing waits for the listed GPU processes to end and
+    records any still alive at its timeout."""
+    import argparse
+    import subprocess
+    import sys
+    import threading
+    import time as _time
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import sd15_crossover as xo
+
+    args = argparse.Namespace(opt_level=1, max_builds=2, warmup=1, iters=1, timesteps=1, calib_steps=1, budget_s=60)
+    run = xo.Run(tmp_path / "out", args)
+    gate = tmp_path / "trt-ready"
+    started: dict[str, float] = {}
+
+    class Tiny(xo.Job):  # a job whose process is a short sleep, so no model is needed
+        def __init__(self, name: str, after: tuple[str, ...] = ()) -> None:
+            super().__init__(name, [name], after)
+
+    real_popen = subprocess.Popen
+
+    def fake_popen(argv, **kw):
+        started[argv[-1]] = _time.monotonic()  # run_jobs calls [python, script, *job.argv]
+        return real_popen([sys.executable, "-c", "import time; time.sleep(0.2)"], **kw)
+
+    xo.subprocess.Popen = fake_popen
+    try:
+        threading.Timer(3.0, gate.touch).start()
+        t0 = _time.monotonic()
+        done = xo.run_jobs(run, [Tiny("export-fp32"), Tiny("build-fp16")], deadline=t0 + 30, builds_after=gate)
+    finally:
+        xo.subprocess.Popen = real_popen
+    assert done["export-fp32"].state == "ok" and done["build-fp16"].state == "ok"
+    assert started["export-fp32"] - t0 < 2.5  # not gated
+    assert started["build-fp16"] - t0 >= 3.0  # gated until the file appeared
+
+    sleeper = real_popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pids = tmp_path / "others.pids"
+        pids.write_text(f"{sleeper.pid}\n")
+        xo.wait_for_quiet_gpu(run, pids, seconds=0.5)
+        assert run.doc["gpu_shared_at_timing"] == [sleeper.pid]  # still alive at the timeout: recorded
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    xo.wait_for_quiet_gpu(run, pids, seconds=5)
+    assert run.doc["gpu_shared_at_timing"] == []
+    assert "inflated" not in (run.out / "h200-sd15-crossover.md").read_text()
