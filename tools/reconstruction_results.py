@@ -18,7 +18,9 @@ configuration, with all reconstructions running at once in `--workers` processes
 
 Writes docs/results/reconstruction.json and reconstruction.md. Regenerate (H200, one command):
 
-    python3 tools/reconstruction_results.py --device cuda --images 1000 --iterations 400
+    python3 tools/reconstruction_results.py --device cuda --images 1000 --iterations 1500 --workers 4
+
+(1500 iterations x 24 units: ~250-300 s per configuration, four at once on one H200.)
 
 CPU check at tiny settings (minutes on 2 cores; numbers not meaningful):
 
