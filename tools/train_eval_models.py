@@ -164,7 +164,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     # torch.compile fuses the UNet's elementwise work (GroupNorm, SiLU, residual adds), which at
     # batch 256 and 32x32 moves more bytes than the convolutions compute; the EMA, saving and
     # evaluation use `unet` itself (the compiled wrapper shares its parameters).
-    fwd = torch.compile(unet) if job.get("compile") else unet
+    fwd = tdm.maybe_compile(unet, bool(job.get("compile")))
     if tokens is not None:
         tokens = tokens.to(device)
         modules.append(tokens)
@@ -281,7 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check-determinism", type=int, default=0, metavar="N", help="train N steps twice, compare the weight hashes, exit")
     p.add_argument("--nondeterministic-ok", action="store_true",
                    help="fallback if strict determinism stops on an op without a deterministic kernel: warn instead (weights then not bit-for-bit)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNets for training (compile time counts in the steps/s; probe it first: --probe 60 --compile)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNets for training (not yet measured: probe it first, --probe 60 --parallel --compile)")
     p.add_argument("--determinism", choices=DETERMINISM_MODES, default=None,
                    help="strict (default; bit-for-bit), warn (= --nondeterministic-ok), off (cuDNN benchmarking, any kernel; not bit-for-bit)")
     p.add_argument("--probe-modes", type=int, default=0, metavar="N",
