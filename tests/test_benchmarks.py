@@ -131,7 +131,7 @@ def test_crossover_detached_run_is_followed_by_wait_until_it_finishes(tmp_path):
     assert "start export-fp32" in started.stdout + waited.stdout
 
 
-def test_crossover_builds_wait_for_their_gate_and_timing_for_other_gpu_work(tmp_path):
+def test_crossover_builds_wait_for_their_gate_and_timing_for_other_gpu_work(tmp_path, monkeypatch):
     """Builds start only once the gate file exists (TensorRT still being copied), while a job
     that needs no TensorRT runs at once; timing waits for the listed GPU processes to end and
     records any still alive at its timeout."""
@@ -149,23 +149,17 @@ def test_crossover_builds_wait_for_their_gate_and_timing_for_other_gpu_work(tmp_
     gate = tmp_path / "trt-ready"
     started: dict[str, float] = {}
 
-    class Tiny(xo.Job):  # a job whose process is a short sleep, so no model is needed
-        def __init__(self, name: str, after: tuple[str, ...] = ()) -> None:
-            super().__init__(name, [name], after)
-
     real_popen = subprocess.Popen
 
-    def fake_popen(argv, **kw):
+    def short_sleep(argv, **kw):  # each job's process is a short sleep, so no model is needed
         started[argv[-1]] = _time.monotonic()  # run_jobs calls [python, script, *job.argv]
         return real_popen([sys.executable, "-c", "import time; time.sleep(0.2)"], **kw)
 
-    xo.subprocess.Popen = fake_popen
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(xo.subprocess, "Popen", short_sleep)
         threading.Timer(3.0, gate.touch).start()
         t0 = _time.monotonic()
-        done = xo.run_jobs(run, [Tiny("export-fp32"), Tiny("build-fp16")], deadline=t0 + 30, builds_after=gate)
-    finally:
-        xo.subprocess.Popen = real_popen
+        done = xo.run_jobs(run, [xo.Job("export-fp32", ["export-fp32"]), xo.Job("build-fp16", ["build-fp16"])], deadline=t0 + 30, builds_after=gate)
     assert done["export-fp32"].state == "ok" and done["build-fp16"].state == "ok"
     assert started["export-fp32"] - t0 < 2.5  # not gated
     assert started["build-fp16"] - t0 >= 3.0  # gated until the file appeared
