@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         done = run_jobs(run, jobs, deadline, args.max_builds, args.builds_after)
         built = [which for which in wanted if done[f"build-{which}"].state == "ok"]
         run.log(f"built: {', '.join(built) or 'nothing'}; timing")
+        run.doc["versions"] = _versions()  # again: TensorRT may have arrived after the start (--builds-after)
+        run.save()
         if built:
             wait_for_quiet_gpu(run, args.others_pid_file, args.quiet_wait_s)
             bench(run, args, built)

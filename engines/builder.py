@@ -101,6 +101,7 @@ class GraphFacts:
     unet_config: dict[str, Any] | None
     float16_inputs: bool = False  # any FP16 graph input (an FP16 export)
     types: GraphTypes = field(default_factory=GraphTypes)  # float types of initializers and values
+    fp16_scale_qdq: tuple[tuple[str, str], ...] = ()  # (node, scale) of Q/DQ nodes whose scale is FLOAT16
 
 
 def graph_facts(onnx_path: Path) -> GraphFacts:
@@ -124,7 +125,32 @@ def graph_facts(onnx_path: Path) -> GraphFacts:
     details = manifest.details if manifest is not None else {}
     bits = details.get("weight_bits")
     fp16_in = any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in model.graph.input)
-    return GraphFacts(qdq, int4, opset, int(bits) if isinstance(bits, int) else None, manifest.unet_config if manifest is not None else None, fp16_in, graph_types(model))
+    return GraphFacts(qdq, int4, opset, int(bits) if isinstance(bits, int) else None, manifest.unet_config if manifest is not None else None, fp16_in, graph_types(model), fp16_scale_qdq(model))
+
+
+def fp16_scale_qdq(model: Any) -> tuple[tuple[str, str], ...]:
+    """(node name, scale name) of every Q/DQ node whose scale is a FLOAT16 initializer or Constant."""
+    import onnx
+
+    fp16 = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    fp16 |= {o for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT16 for o in n.output}
+    return tuple((n.name or f"#{i} {n.op_type}", n.input[1]) for i, n in enumerate(model.graph.node) if n.op_type in QDQ_OPS and len(n.input) > 1 and n.input[1] in fp16)
+
+
+def check_parser_reads_scales(facts: GraphFacts, onnx_path: Path, major: int) -> None:
+    """TensorRT < 10's ONNX parser reads every constant Q/DQ scale as float32 whatever its ONNX
+    type (onnx-tensorrt 8.6, QuantDequantLinearHelper; 10.x checks the type). FP16 scales are
+    misread: where the garbage is <= 0 it stops with "Scale coefficients must all be positive"
+    (SD 1.5 on the H200, 2026-12-02, node 1510), and where it happens to be positive the engine
+    would quantize with wrong scales and no error. Refuse such a graph before parsing."""
+    if major >= 10 or not facts.fp16_scale_qdq:
+        return
+    node, scale = facts.fp16_scale_qdq[0]
+    raise EngineBuildError(
+        f"{onnx_path.name} has {len(facts.fp16_scale_qdq)} Q/DQ nodes with FLOAT16 scales (first: node {node!r}, scale {scale!r}); "
+        f"TensorRT {major}.x's ONNX parser reads Q/DQ scales as float32, so it would misread them (refused, or worse, an engine with wrong scales)",
+        hint="on TensorRT 8.6 build the FP32 Q/DQ graph (`qdiff quantize GRAPH.onnx --calib TABLE`, without --dtype fp16); FP16 Q/DQ graphs are for TensorRT >= 10",
+    )
 
 
 def check_strongly_typed(facts: GraphFacts, onnx_path: Path, precision: str = "fp16") -> None:
@@ -256,7 +282,7 @@ def parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path, typing: 
             lines.append(f"{where}: {err.desc()}")
         hint = "check the graph with `python -m onnx.checker`"
         if typing == "weak":
-            hint += "; TensorRT 8.6's parser takes opset <= 17, and FP16 Q/DQ scales need opset 19 (on 8.6 build the FP32 Q/DQ graph, or the FP16 graph with FP32 Q/DQ islands: `qdiff quantize --dtype fp16 --opset 17`)"
+            hint += "; TensorRT 8.6's parser takes opset <= 17 and reads Q/DQ scales as float32 (on 8.6 build the FP32 Q/DQ graph)"
         raise EngineBuildError(f"TensorRT cannot parse {onnx_path}: " + "; ".join(lines or ["no detail given"]), hint=hint)
     return ParsedNetwork(network, parser, _network_inputs(network), typing)
 
@@ -391,6 +417,11 @@ def build_plan(builder: Any, parsed: ParsedNetwork, configured: Configured, logg
             # Seen on the H200 with TensorRT 8.6 (cuBLAS/cuDNN tactics off): the GroupNorm+SiLU
             # fused blocks have no FP16 kernel once pinned (docs/int8-engines.md).
             hint = f"TensorRT {tensorrt} has no FP16 kernel for a fused block under --float-layers fp16; build without --float-layers"
+        elif "convertMyelinWeightsToFp32" in detail:
+            # Seen on the H200 with TensorRT 8.6: SD 1.5's FP16 graph with FP32 Q/DQ islands
+            # (`quantize --dtype fp16 --opset 17`): Myelin, which compiles the attention blocks,
+            # asserts on the INT8 weights it finds there (docs/int8-engines.md).
+            hint = f"TensorRT {tensorrt}'s Myelin cannot take INT8 weights inside an FP16 graph's attention blocks; on 8.6 build the FP32 Q/DQ graph (`qdiff quantize` without --dtype fp16)"
         raise EngineBuildError(f"TensorRT failed to build ({settings.precision}): {detail}", hint=hint)
     if configured.timing_cache_path is not None:
         _save_timing_cache(configured.config, configured.timing_cache, configured.timing_cache_path)
@@ -433,6 +464,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, settings: BuildSett
         feats.require("int4", "build INT4 weight-only engines")
     if settings.strongly_typed:
         feats.require("strongly_typed", "build strongly typed networks")
+    check_parser_reads_scales(facts, onnx_path, feats.major)
     typing = feats.typing
     if typing == "strong":
         check_strongly_typed(facts, onnx_path, settings.precision)

@@ -327,3 +327,23 @@ def test_cli_passes_the_opset(monkeypatch, tmp_path):
     assert cli.main(["quantize", "g.onnx", "--int4-weight-only", "--opset", "17"]) == 0
     assert seen["int4"]["opset"] == 17  # refused by the API, which names the reason
     assert cli.build_parser().parse_args(["quantize", "g.onnx", "--calib", "t.json"]).opset is None
+
+
+def test_tensorrt_8_parser_is_spared_fp16_scales(graphs):
+    """TensorRT < 10's ONNX parser reads Q/DQ scales as float32 whatever their type: the builder
+    must refuse the opset-19 FP16 Q/DQ graph before parsing (naming a node and its scale), for
+    8.x only, and pass the opset-17 graph (FP32 islands) and the FP32 Q/DQ graph."""
+    from qdiff.core.errors import EngineBuildError
+    from qdiff.engines.builder import check_parser_reads_scales, graph_facts
+
+    _, _, _, paths, _ = graphs("sd", True)
+    facts = {k: graph_facts(p) for k, p in paths.items()}
+    n_qdq = sum(1 for n in onnx.load(str(paths["op19"])).graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    assert len(facts["op19"].fp16_scale_qdq) == n_qdq > 0  # every scale of the opset-19 graph is FP16
+    assert facts["op17"].fp16_scale_qdq == () and facts["fp32"].fp16_scale_qdq == ()
+    with pytest.raises(EngineBuildError, match=r"Q/DQ nodes with FLOAT16 scales \(first: node '.+', scale '.+'\)") as err:
+        check_parser_reads_scales(facts["op19"], paths["op19"], major=8)
+    assert str(n_qdq) in err.value.message and "without --dtype fp16" in err.value.hint
+    check_parser_reads_scales(facts["op19"], paths["op19"], major=10)
+    check_parser_reads_scales(facts["op17"], paths["op17"], major=8)
+    check_parser_reads_scales(facts["fp32"], paths["fp32"], major=8)

@@ -257,7 +257,7 @@ def train_denoiser(
             its = (step - last_print_step) / max(now - last_print, 1e-9)
             last_print, last_print_step = now, step
             throughput.append({"step": step, "it_s": its, "elapsed_s": now - start})
-            last_loss = history[-1]["loss"] if history else float("nan")
+            last_loss = history[-1]["loss"] if history else loss.item()  # step 1: nothing recorded yet
             print(f"[{name}] step {step:6d}  loss {last_loss:.4f}  lr {lr:.2e}  {its:6.1f} it/s  "
                   f"{now - start:7.1f}s  progress {progress:.3f}", flush=True)  # fmt: skip
 
