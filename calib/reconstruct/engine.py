@@ -191,7 +191,7 @@ class Reconstructor:
         rtn_error = self._error(q_block, q_inputs, target)
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
         mask_gen = torch.Generator(device=self.device).manual_seed(s.seed * 1_000_003 + index + 7919)
-        v_params = [v for layer in layers for v in layer.rounding_variables()]
+        v_params = [v for layer in layers for v in layer.begin_rounding()]
         steps = [st for layer in layers for st in layer.steps()]
         for layer in layers:
             layer.weight_mode = "soft"

@@ -45,23 +45,36 @@ class QuantPart(nn.Module):
         self.qmax = weight_qmax
         self.register_buffer("weight", weight.detach().clone().float())
         self.register_buffer("scale", spec.weight_scale.detach().float().reshape(shape).clone())
-        w_over_s = self.weight / self.scale
-        self.register_buffer("floor", torch.floor(w_over_s))
-        self.register_buffer("fixed", torch.clamp(torch.round(w_over_s), -weight_qmax - 1, weight_qmax))
-        self.v = nn.Parameter(init_rounding_variable(w_over_s), requires_grad=False)
+        # `fixed` holds grid integers (<= 8 bits), so int8: a reconstruction keeps one per weight
+        # of every quantized layer for the whole run. AdaRound's floor and V exist only while
+        # this part's unit is being reconstructed (`begin_rounding` .. `fix_rounding`): kept for
+        # every layer they were ~4x the model's weights in FP32 (SD 1.5: ~14 GB of host memory).
+        self.register_buffer("fixed", torch.clamp(torch.round(self.weight / self.scale), -weight_qmax - 1, weight_qmax).to(torch.int8))
+        self.floor: torch.Tensor | None = None
+        self.v: nn.Parameter | None = None
         self.input = LearnedStep(spec.input_step, input_qmax)
+
+    @torch.no_grad()
+    def begin_rounding(self) -> nn.Parameter:
+        """Allocate AdaRound's floor(w / s) and V (h(V) = frac(w / s)) for this part's unit."""
+        w_over_s = self.weight / self.scale
+        self.floor = torch.floor(w_over_s)
+        self.v = nn.Parameter(init_rounding_variable(w_over_s), requires_grad=False)
+        return self.v
 
     def _clamp(self, q: torch.Tensor) -> torch.Tensor:
         return torch.clamp(q, -self.qmax - 1, self.qmax)
 
     def integer_weight(self, mode: str) -> torch.Tensor:
         if mode == "soft":
+            if self.v is None:
+                raise RuntimeError("soft rounding before begin_rounding()")
             return self._clamp(self.floor + rectified_sigmoid(self.v))
         if mode == "nearest":
             return self._clamp(torch.round(self.weight / self.scale))
         if mode == "trained":
             return self._clamp(floor_ste(self.weight / self.scale) + self.offset)
-        return self.fixed
+        return self.fixed.to(self.scale.dtype)
 
     def quantized_weight(self, mode: str) -> torch.Tensor:
         return self.weight if mode == "float" else self.integer_weight(mode) * self.scale
@@ -75,7 +88,7 @@ class QuantPart(nn.Module):
         only when w / s crosses a grid line. Here the decision is the offset fixed - floor(w / s)
         (0 or 1 after AdaRound or round-to-nearest), so "trained" mode starts at exactly the
         integers in `fixed`, whatever made them."""
-        self.register_buffer("offset", self.fixed - torch.floor(self.weight / self.scale))
+        self.register_buffer("offset", self.fixed.to(self.weight.dtype) - torch.floor(self.weight / self.scale))
         self.weight.requires_grad_(True)
 
     @torch.no_grad()
@@ -86,8 +99,11 @@ class QuantPart(nn.Module):
 
     @torch.no_grad()
     def fix_rounding(self) -> None:
-        """Hard rounding floor(w / s) + 1[V >= 0], clipped to the grid."""
+        """Hard rounding floor(w / s) + 1[V >= 0], clipped to the grid; frees floor and V."""
+        if self.v is None:
+            raise RuntimeError("fix_rounding before begin_rounding()")
         self.fixed.copy_(self._clamp(self.floor + hard_rounding(self.v)))
+        self.floor = self.v = None
 
 
 class ReconLayer(nn.Module):
@@ -105,8 +121,9 @@ class ReconLayer(nn.Module):
         if len(parts) > 1 and not (isinstance(layer, nn.Conv2d) and layer.groups == 1):
             raise TypeError(f"only an ungrouped Conv2d can be split, got {type(layer).__name__}")
 
-    def rounding_variables(self) -> list[nn.Parameter]:
-        return [p.v for p in self.parts]
+    def begin_rounding(self) -> list[nn.Parameter]:
+        """AdaRound's variables for this layer's parts, allocated now and freed by fix_rounding."""
+        return [p.begin_rounding() for p in self.parts]
 
     def steps(self) -> list[LearnedStep]:
         return [p.input for p in self.parts]
