@@ -10,6 +10,7 @@ search vectorized, with the same result to the bit.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -144,6 +145,7 @@ class ActivationRecorder:
 
     def __init__(self, targets: Iterable[Target], recipe: Recipe, splits: dict[str, int] | None = None) -> None:
         self.enabled = False
+        self.collect_seconds = 0.0  # wall time spent in the observers' collect (calibration's phase timings)
         self.observers: dict[str, ActivationObserver] = {}
         # Split-shortcut layers: one more observer per concat branch (channels [:split], [split:]).
         self.branch_observers: dict[str, tuple[ActivationObserver, ActivationObserver]] = {}
@@ -162,10 +164,12 @@ class ActivationRecorder:
     def _hook(self, observer: ActivationObserver, split: int | None = None, branches=None):
         def hook(_module: nn.Module, args: tuple) -> None:
             if self.enabled and args:
+                started = time.perf_counter()
                 observer.collect(args[0])
                 if branches is not None:
                     branches[0].collect(args[0][:, :split])
                     branches[1].collect(args[0][:, split:])
+                self.collect_seconds += time.perf_counter() - started
 
         return hook
 

@@ -20,10 +20,11 @@ the rest, which is what lambda = 0.01 is balanced against.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from qdiff.calib.reconstruct.settings import ReconstructionSettings
 from qdiff.calib.table import CalibrationTable
 from qdiff.calib.targets import select_targets
 from qdiff.core.errors import CalibrationError
+from qdiff.core.progress import Phases
 
 UnitHook = Callable[[int, "UnitResult"], None]
 
@@ -124,6 +126,10 @@ class Reconstructor:
     `calls` are UNet keyword arguments (sample, timestep broadcast to the batch, and the
     conditioning), as `calibrate` fed the denoiser. `checkpoint_dir` holds one file per finished
     unit; `on_unit_done(index, result)` runs after each checkpoint (tests interrupt there).
+    `phases` (one is made if not given) sums the wall time of each part over the units: `units`
+    (finding them), `inputs` (the quantized model's inputs to the unit), `targets` (the float
+    model's inputs and outputs), `error` (before and after), `optimisation` (the iterations),
+    `checkpoints`; on a GPU each part ends with a synchronize, so the times are the device's.
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class Reconstructor:
         checkpoint_dir: Path | None = None,
         progress: Callable | None = None,
         on_unit_done: UnitHook | None = None,
+        phases: Phases | None = None,
     ) -> None:
         if not calls:
             raise CalibrationError("reconstruction needs calibration calls; got none")
@@ -151,6 +158,17 @@ class Reconstructor:
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
         self.on_unit_done = on_unit_done
+        self.phases = phases if phases is not None else Phases()
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """A phase of `self.phases` that, on a GPU, waits for the device before it ends."""
+        with self.phases(name):
+            try:
+                yield
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
 
     def units(self) -> list[Unit]:
         names = [n for n, m in self.q_model.named_modules() if isinstance(m, ReconLayer)]
@@ -168,11 +186,15 @@ class Reconstructor:
 
     def run(self) -> ReconstructionOutcome:
         outcome = ReconstructionOutcome(self.q_model)
-        for index, unit in enumerate(self.units()):
-            result = self._load_checkpoint(index, unit)
+        with self._phase("units"):
+            units = self.units()
+        for index, unit in enumerate(units):
+            with self._phase("checkpoints"):
+                result = self._load_checkpoint(index, unit)
             if result is None:
                 result = self._reconstruct(index, unit)
-                self._save_checkpoint(index, unit, result)
+                with self._phase("checkpoints"):
+                    self._save_checkpoint(index, unit, result)
             outcome.units.append(result)
             if self.on_unit_done is not None:
                 self.on_unit_done(index, result)
@@ -184,11 +206,14 @@ class Reconstructor:
         started = time.perf_counter()
         s = self.settings
         layers = self._layers(unit.layers)
-        q_inputs, _ = capture(self.q_model, unit.name, self.calls, self.device)
-        fp_inputs, target = capture(self.fp_model, unit.name, self.calls, self.device, output=True)
+        with self._phase("inputs"):
+            q_inputs, _ = capture(self.q_model, unit.name, self.calls, self.device)
+        with self._phase("targets"):
+            fp_inputs, target = capture(self.fp_model, unit.name, self.calls, self.device, output=True)
         q_block = self.q_model.get_submodule(unit.name)
         fp_block = self.fp_model.get_submodule(unit.name)
-        rtn_error = self._error(q_block, q_inputs, target)
+        with self._phase("error"):
+            rtn_error = self._error(q_block, q_inputs, target)
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
         mask_gen = torch.Generator(device=self.device).manual_seed(s.seed * 1_000_003 + index + 7919)
         v_params = [v for layer in layers for v in layer.begin_rounding()]
@@ -208,34 +233,35 @@ class Reconstructor:
         fp_hooks = _LayerOutputs(fp_block, unit.layers, unit.name) if s.uses_layer_loss else None
         bar = self.progress(total=s.iterations, desc=f"reconstruct {index + 1} {unit.name}", unit="it") if self.progress else None
         try:
-            for it in range(s.iterations):
-                idx = torch.randint(0, q_inputs.size, (min(s.batch_size, q_inputs.size),), generator=gen).to(self.device)
-                if s.qdrop_p > 0:
-                    args, kwargs = q_inputs.mixed_with(fp_inputs, idx, s.qdrop_p, mask_gen)
-                else:
-                    args, kwargs = q_inputs.select(idx)
-                out = first_tensor(q_block(*args, **kwargs))
-                loss = lp_loss(out, target[idx])
-                if s.uses_layer_loss:
-                    with torch.no_grad():
-                        fp_args, fp_kwargs = fp_inputs.select(idx)
-                        fp_block(*fp_args, **fp_kwargs)
-                    loss = loss + s.layer_loss_weight * sum(lp_loss(first_tensor(q_hooks.outputs[n]), first_tensor(fp_hooks.outputs[n])) for n in unit.layers)
-                beta = beta_at(it, s.iterations, s.warmup, s.beta_start, s.beta_end)
-                if s.uses_round_regulariser and beta is not None:
-                    loss = loss + s.round_weight * sum(rounding_regulariser(v, beta) for v in v_params)
-                opt_w.zero_grad(set_to_none=True)
-                if opt_a is not None:
-                    opt_a.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_w.step()
-                if opt_a is not None:
-                    opt_a.step()
-                    sched_a.step()
-                    for st in steps:
-                        st.clamp_positive()
-                if bar:
-                    bar.update(1)
+            with self._phase("optimisation"):
+                for it in range(s.iterations):
+                    idx = torch.randint(0, q_inputs.size, (min(s.batch_size, q_inputs.size),), generator=gen).to(self.device)
+                    if s.qdrop_p > 0:
+                        args, kwargs = q_inputs.mixed_with(fp_inputs, idx, s.qdrop_p, mask_gen)
+                    else:
+                        args, kwargs = q_inputs.select(idx)
+                    out = first_tensor(q_block(*args, **kwargs))
+                    loss = lp_loss(out, target[idx])
+                    if s.uses_layer_loss:
+                        with torch.no_grad():
+                            fp_args, fp_kwargs = fp_inputs.select(idx)
+                            fp_block(*fp_args, **fp_kwargs)
+                        loss = loss + s.layer_loss_weight * sum(lp_loss(first_tensor(q_hooks.outputs[n]), first_tensor(fp_hooks.outputs[n])) for n in unit.layers)
+                    beta = beta_at(it, s.iterations, s.warmup, s.beta_start, s.beta_end)
+                    if s.uses_round_regulariser and beta is not None:
+                        loss = loss + s.round_weight * sum(rounding_regulariser(v, beta) for v in v_params)
+                    opt_w.zero_grad(set_to_none=True)
+                    if opt_a is not None:
+                        opt_a.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt_w.step()
+                    if opt_a is not None:
+                        opt_a.step()
+                        sched_a.step()
+                        for st in steps:
+                            st.clamp_positive()
+                    if bar:
+                        bar.update(1)
         finally:
             if bar:
                 bar.close()
@@ -250,7 +276,8 @@ class Reconstructor:
             for part in layer.parts:
                 part.fix_rounding()
             layer.weight_mode = "fixed"
-        error = self._error(q_block, q_inputs, target)
+        with self._phase("error"):
+            error = self._error(q_block, q_inputs, target)
         return UnitResult(index, unit.name, unit.kind, list(unit.layers), q_inputs.size, rtn_error, error, round(time.perf_counter() - started, 3))
 
     @torch.no_grad()
