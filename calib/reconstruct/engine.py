@@ -2,8 +2,10 @@
 
 For each unit in execution order (`blocks.find_units`): capture its inputs from the quantized
 model (whose prefix is already reconstructed) and its float inputs and outputs from the float
-model (`capture`), measure its output error with round-to-nearest, train, fix the rounding,
-measure again, and write a checkpoint. A killed run finds the checkpoints of the units it
+model, measure its output error with round-to-nearest, train, fix the rounding, measure again,
+and write a checkpoint. The captures come from one forward pass per calibration call and model
+that pauses at each unit and goes on through it once it is fixed (`capture.UnitCursor`): the
+same numbers as re-running the prefix for every unit, at the cost of one pass. A killed run finds the checkpoints of the units it
 finished and restarts at the unit it was in; every random draw (minibatches, QDrop masks) comes
 from a generator seeded by (seed, unit index), so a resumed run computes what an uninterrupted
 one does, bit for bit on the CPU.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,13 +34,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from qdiff.core.artifacts import atomic_path
 from qdiff.calib.quant_math import scale_from_amax
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.reconstruct.adaround import beta_at, rounding_regulariser
 from qdiff.calib.reconstruct.blocks import Unit, find_units
-from qdiff.calib.reconstruct.capture import Captured, capture, first_tensor
+from qdiff.calib.reconstruct.capture import Captured, UnitCursor, first_tensor, live_bytes_per_sample
 from qdiff.calib.reconstruct.qlayer import PartSpec, ReconLayer
 from qdiff.calib.reconstruct.settings import ReconstructionSettings
 from qdiff.calib.table import CalibrationTable
@@ -98,6 +102,17 @@ def build_recon_model(model: nn.Module, table: CalibrationTable, recipe: Recipe)
         parent = quantized.get_submodule(parent_name) if parent_name else quantized
         setattr(parent, child, ReconLayer(target.module, parts, target.weight_axis, wq, aq))
     return quantized
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: the GPU's free memory, or the host's available memory (4 GiB if
+    the system does not say)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -188,17 +203,42 @@ class Reconstructor:
         outcome = ReconstructionOutcome(self.q_model)
         with self._phase("units"):
             units = self.units()
-        for index, unit in enumerate(units):
-            with self._phase("checkpoints"):
-                result = self._load_checkpoint(index, unit)
-            if result is None:
-                result = self._reconstruct(index, unit)
+            self.kept_calls = self._calls_to_keep([u.name for u in units])
+        names = [u.name for u in units]
+        # One forward per calibration call and model, paused between units (`UnitCursor`):
+        # re-running the prefix for every unit made capture quadratic in the number of units
+        # (SD 1.5: 78 units x 8 calls x 2 models of prefix passes, most of a short run).
+        with UnitCursor(self.q_model, names, self.calls, self.device, keep=self.kept_calls) as q_cursor, \
+                UnitCursor(self.fp_model, names, self.calls, self.device, output=True, keep=self.kept_calls) as fp_cursor:
+            self._cursors = (q_cursor, fp_cursor)
+            for index, unit in enumerate(units):
                 with self._phase("checkpoints"):
-                    self._save_checkpoint(index, unit, result)
-            outcome.units.append(result)
-            if self.on_unit_done is not None:
-                self.on_unit_done(index, result)
+                    result = self._load_checkpoint(index, unit)
+                if result is None:
+                    result = self._reconstruct(index, unit)
+                    with self._phase("checkpoints"):
+                        self._save_checkpoint(index, unit, result)
+                outcome.units.append(result)
+                if self.on_unit_done is not None:
+                    self.on_unit_done(index, result)
         return outcome
+
+    def _calls_to_keep(self, units: Sequence[str]) -> int:
+        """How many calibration calls keep a paused forward per model between units: all whose
+        activations (estimated from one batch-1 pass, `live_bytes_per_sample`) fit a third of
+        the device's free memory for both models; the rest re-run their prefix per unit."""
+        rows = int(self.calls[0]["sample"].shape[0])
+        first_row = lambda v: v[:1] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows else v  # noqa: E731
+        example = {**pytree.tree_map(first_row, self.calls[0]), "return_dict": False}
+        per_sample = live_bytes_per_sample(self.fp_model, units, example, self.device)
+        budget = _free_memory(self.device) // 3
+        kept, used = 0, 0
+        for call in self.calls:
+            used += 2 * per_sample * int(call["sample"].shape[0])
+            if used > budget:
+                break
+            kept += 1
+        return kept
 
     # ------------------------------------------------------------------ one unit
 
@@ -206,10 +246,11 @@ class Reconstructor:
         started = time.perf_counter()
         s = self.settings
         layers = self._layers(unit.layers)
+        q_cursor, fp_cursor = self._cursors
         with self._phase("inputs"):
-            q_inputs, _ = capture(self.q_model, unit.name, self.calls, self.device)
+            q_inputs, _ = q_cursor.capture(unit.name)
         with self._phase("targets"):
-            fp_inputs, target = capture(self.fp_model, unit.name, self.calls, self.device, output=True)
+            fp_inputs, target = fp_cursor.capture(unit.name)
         q_block = self.q_model.get_submodule(unit.name)
         fp_block = self.fp_model.get_submodule(unit.name)
         with self._phase("error"):
