@@ -311,3 +311,18 @@ def test_paused_forwards_capture_what_a_prefix_pass_captures(uncond_model_dir, c
                 layer.weight_mode = "fixed"
         early = names[1]
         same(q_cursor.capture(early), capture(q, early, calls, "cpu"))  # passed already: the forwards restart
+
+
+def test_calls_are_collected_where_the_reconstruction_runs(uncond_model_dir):
+    """On the CPU the calls come from the model's own UNet (calibration's inputs bit for bit);
+    for a GPU reconstruction from a copy on the GPU, the caller's model left on the CPU."""
+    from qdiff.api import _calls_denoiser
+
+    bundle = load_model(uncond_model_dir)
+    assert _calls_denoiser(bundle.unet, "cpu").unet is bundle.unet
+    if not torch.cuda.is_available():
+        return
+    denoiser = _calls_denoiser(bundle.unet, "cuda")
+    assert next(denoiser.unet.parameters()).is_cuda and next(bundle.unet.parameters()).device.type == "cpu"
+    sample = torch.randn(2, 3, 16, 16)
+    assert denoiser(sample, torch.tensor(500.0)).device.type == "cpu"
