@@ -83,20 +83,26 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     table_path = calib_dir / api.TABLE_NAME
     t0 = time.perf_counter()
     if not (args.reuse_table and table_path.exists()):
-        table_path = api.calibrate(
+        calibrated = api.calibrate(
             folder, calib_dir, args.recipe, random_conditioning=True,
             num_timesteps=args.timesteps, samples_per_timestep=args.samples, calibration_steps=args.calib_steps, batch_size=args.samples,
-        ).table_path
-        print(f"calibrate: {time.perf_counter() - t0:.0f} s")
+        )
+        table_path = calibrated.table_path
+        _print_phases("calibrate", calibrated.phases)
+        print(f"calibrate: {time.perf_counter() - t0:.0f} s", flush=True)
     if args.reconstruct_iters:  # issue 13: a short reconstruction shows the artifact deploys (random weights: speed only)
         t1 = time.perf_counter()
         recon = api.reconstruct(
             folder, calib_dir / "reconstruction", table_path, random_conditioning=True,
             iterations=args.reconstruct_iters, batch_size=args.samples, device="cuda" if torch.cuda.is_available() else "cpu",
         )
+        _print_phases("reconstruct", recon.phases)
+        print(f"reconstruct: {time.perf_counter() - t1:.0f} s", flush=True)
+        t2 = time.perf_counter()
         q = api.quantize_onnx(onnx, recon.table_path, reconstruction=recon.weights_path, placement="all")
         _record_graph(args.work, args.recipe, Path(q.onnx_path))
-        print(f"reconstruct + quantize: {q.onnx_path} ({time.perf_counter() - t1:.0f} s)")
+        print(f"quantize: {q.onnx_path} ({time.perf_counter() - t2:.0f} s)", flush=True)
+        print(f"reconstruct + quantize: {q.onnx_path} ({time.perf_counter() - t1:.0f} s)", flush=True)
         return
     for placement in args.placements.split(","):
         if args.dtype == "fp16":  # both FP16 Q/DQ graphs come from the FP32 export (its overflow probe runs that graph)
@@ -109,7 +115,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             q = api.quantize_onnx(onnx, table_path, placement=placement)
             if placement == "all":
                 _record_graph(args.work, "int8", Path(q.onnx_path))
-        print(f"quantize: {q.onnx_path} ({time.perf_counter() - t0:.0f} s)")
+        print(f"quantize: {q.onnx_path} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def _print_phases(stage: str, phases: dict[str, float]) -> None:
+    """One line per phase of a stage (its result's `phases`), flushed: a log of a killed run
+    says where the time went up to there. Nothing when the stage reused its artifact."""
+    for name, seconds in phases.items():
+        print(f"{stage} phase {name}: {seconds:.1f} s", flush=True)
 
 
 def _graph(work: Path, which: str) -> Path:

@@ -14,6 +14,7 @@ share; the sampling loop itself comes from the caller (a `TrajectorySampler`).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +31,7 @@ from qdiff.calib.timestep_stats import TimestepStatsRecorder
 from qdiff.calib.trajectories import TimestepPlan, TrajectorySampler, calibration_step_indices, calibration_trajectories
 from qdiff.core.conditioning import Conditioning
 from qdiff.core.errors import CalibrationError
+from qdiff.core.progress import Phases
 
 __all__ = ["calibration_step_indices", "collect_ranges", "example_call", "layer_macs"]
 
@@ -62,6 +64,7 @@ def collect_ranges(
     model_sha256: str,
     progress: Callable | None = None,
     timestep_stats: TimestepStatsRecorder | None = None,
+    phases: Phases | None = None,
 ) -> CalibrationTable:
     """Run the recipe's calibration trajectories over `unet` and return the calibration table.
 
@@ -108,8 +111,10 @@ def collect_ranges(
             if kept:
                 recorded_timesteps.setdefault(i, t)
 
-        for _batch in calibration_trajectories(sampler, recipe, on_step=on_step, progress=progress, plan=plan):
-            pass
+        with phases("trajectories"):
+            for _batch in calibration_trajectories(sampler, recipe, on_step=on_step, progress=progress, plan=plan):
+                pass
+        phases.add("observers", recorder.collect_seconds)
         # The last trajectory step was a kept one: switch recording off, or the MAC-counting
         # pass below (a zero sample at t=500) would be observed as calibration data too.
         recorder.enabled = False
@@ -118,19 +123,22 @@ def collect_ranges(
         observers = recorder.observers
         never_ran = [name for name, obs in observers.items() if obs.batches == 0]
         table = CalibrationTable(model_sha256=model_sha256, recipe=recipe.to_json())
-        macs = layer_macs(unet, example, [t.name for t in targets] + [s.name for s in skipped])
+        with phases("macs"):
+            macs = layer_macs(unet, example, [t.name for t in targets] + [s.name for s in skipped])
         for target in targets:
             observer = observers[target.name]
             if observer.batches == 0:
                 continue  # the layer is not on the forward path (and not in the export)
-            amax = observer.amax()
+            with phases("activation ranges"):
+                amax = observer.amax()
             if amax <= 0:
                 table.degenerate.append(f"{target.name}:input")
-            weights = weight_amax(target, recipe)
+            with phases("weight ranges"):
+                weights = weight_amax(target, recipe)
             table.degenerate += [f"{target.name}:weight[{c}]" for c, w in enumerate(weights) if w <= 0]
             ranges = LayerRanges(op=target.op, input=amax, weight=weights, macs=macs.get(target.name))
             if target.name in recorder.branch_observers:
-                _add_split_ranges(ranges, target, splits[target.name], recorder.branch_observers[target.name], recipe, table.degenerate)
+                _add_split_ranges(ranges, target, splits[target.name], recorder.branch_observers[target.name], recipe, table.degenerate, phases)
                 if target.name in conv1_splits:
                     ranges.split_kind = "conv1"
             table.layers[target.name] = ranges
@@ -172,13 +180,15 @@ def _attached(recorder: TimestepStatsRecorder | None, targets: list, splits: dic
             recorder.remove()
 
 
-def _add_split_ranges(ranges: LayerRanges, target, split: int, branches, recipe: Recipe, degenerate: list[str]) -> None:
+def _add_split_ranges(ranges: LayerRanges, target, split: int, branches, recipe: Recipe, degenerate: list[str], phases: Phases) -> None:
     """Per-branch activation ranges and per-branch (input-channel slice) weight ranges."""
     ranges.split_channels = split
-    ranges.shortcut_a, ranges.shortcut_b = (obs.amax() for obs in branches)
+    with phases("activation ranges"):
+        ranges.shortcut_a, ranges.shortcut_b = (obs.amax() for obs in branches)
     weight = target.module.weight
-    ranges.weight_a = weight_amax_of(weight[:, :split], target.weight_axis, recipe)
-    ranges.weight_b = weight_amax_of(weight[:, split:], target.weight_axis, recipe)
+    with phases("weight ranges"):
+        ranges.weight_a = weight_amax_of(weight[:, :split], target.weight_axis, recipe)
+        ranges.weight_b = weight_amax_of(weight[:, split:], target.weight_axis, recipe)
     for role in ("shortcut_a", "shortcut_b"):
         if getattr(ranges, role) <= 0:
             degenerate.append(f"{target.name}:{role}")

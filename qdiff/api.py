@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,7 @@ from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.calib.table import CalibrationTable
 from qdiff.core.errors import ArtifactMismatchError, OnnxModelError, QuantizationError, RecipeError, SamplingError
 from qdiff.models import ModelBundle, as_bundle, unet_config_of
-from qdiff.core.progress import log, progress
+from qdiff.core.progress import Phases, log, progress
 from qdiff.runtime.sampling_spec import SamplingSpec  # public as qdiff.api.SamplingSpec too
 
 # The sampling core (`SampleResult`, `generate`, `make_denoiser`, `step_errors`) lives in
@@ -112,6 +112,8 @@ class CalibrateResult:
     reused: bool = False
     # Per-timestep ranges and branch histograms beside the table (calib.timestep_stats).
     stats_path: Path | None = None
+    # Wall seconds per phase (collect_ranges' phases); empty when the table was reused.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def calibrate(
@@ -168,16 +170,17 @@ def calibrate(
     )
     started = time.perf_counter()
     recorder = TimestepStatsRecorder(seed=recipe.seed) if timestep_stats else None
-    table = collect_ranges(bundle.unet, sampler, recipe, model_sha256=bundle.model_sha256, progress=progress, timestep_stats=recorder)
+    phases = Phases()
+    table = collect_ranges(bundle.unet, sampler, recipe, model_sha256=bundle.model_sha256, progress=progress, timestep_stats=recorder, phases=phases)
     table.provenance["model_path"] = str(bundle.path)
     table.save(target)
     if recorder is not None:
         recorder.result().save(stats_path)
     else:
         stats_path.unlink(missing_ok=True)  # an older table's statistics would describe other ranges
-    cached.record({"seconds": round(time.perf_counter() - started, 2), "layers": len(table.layers), "degenerate": table.degenerate})
+    cached.record({"seconds": round(time.perf_counter() - started, 2), "layers": len(table.layers), "degenerate": table.degenerate, "phases": phases.rounded()})
     log(f"calibrate: {len(table.layers)} layers calibrated in {wanted.details['seconds']} s -> {target}")
-    return CalibrateResult(target, table, stats_path=stats_path if recorder is not None else None)
+    return CalibrateResult(target, table, stats_path=stats_path if recorder is not None else None, phases=phases.rounded())
 
 
 # ----------------------------------------------------------------------------- reconstruct
@@ -193,6 +196,9 @@ class ReconstructResult:
     units: list[dict[str, Any]]
     reused: bool = False
     seconds: float = 0.0
+    # Wall seconds per phase (the calls, the model copies, per-unit inputs / targets / training /
+    # error measurement summed over units, the artifact); empty when the artifact was reused.
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def reconstruct(
@@ -213,6 +219,10 @@ def reconstruct(
 
     The calibration calls are re-collected with the seeded loop `calibrate` ran (same recipe,
     seeds and conditioning, so the same denoiser inputs; calibration itself keeps no tensors).
+    The loop's UNet runs on the reconstruction's device (a copy; the scheduler stays on the
+    CPU): on a GPU the calls then carry that device's rounding (TF32 convolutions included),
+    as the reconstruction's own forwards do, instead of taking a CPU pass of the whole loop
+    (SD 1.5: minutes of a 16-core host). On the CPU they are calibration's inputs bit for bit.
     Writes `reconstruction.safetensors` (integer weights + scales) and
     `reconstruction.calibration.json` (the table; activation ranges updated when steps are
     learned), each with a manifest. Finished units are checkpointed under
@@ -227,7 +237,6 @@ def reconstruct(
     from qdiff.calib.reconstruct.settings import ReconstructionSettings
     from qdiff.calib.trajectories import TimestepPlan
     from qdiff.runtime.calibration_loop import model_calibration_inputs, unet_calls
-    from qdiff.runtime.backends import TorchDenoiser
 
     settings = (settings or ReconstructionSettings()).with_overrides(**setting_overrides).resolved()
     table_path = Path(table_path)
@@ -253,23 +262,27 @@ def reconstruct(
     if (have := cached.reusable(force)) is not None:
         return ReconstructResult(target, table_target, have.details.get("units", []), reused=True)
     started = time.perf_counter()
+    phases = Phases()
     log(f"reconstruct: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
     plan = TimestepPlan.of_table(table.provenance, recipe)  # TDAC's counts as calibration drew them
-    calls = unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress, plan=plan))
+    with phases("calibration calls"):
+        calls = unet_calls(model_calibration_inputs(bundle, recipe, _calls_denoiser(bundle.unet, settings.device), conditioning=conditioning, progress=progress, plan=plan))
     key = hashlib.sha256(json.dumps({"inputs": wanted.inputs, "settings": wanted.settings}, sort_keys=True).encode()).hexdigest()[:16]
     cache = target.parent / RECONSTRUCTION_CACHE / key
     cache.mkdir(parents=True, exist_ok=True)
     log(f"reconstruct: {settings.method}, {settings.iterations} iterations per unit, batch {settings.batch_size}, on {settings.device}; checkpoints in {cache}")
-    engine = Reconstructor(bundle.unet, table, settings, calls, checkpoint_dir=cache, progress=progress, on_unit_done=on_unit_done)
+    with phases("model copies"):
+        engine = Reconstructor(bundle.unet, table, settings, calls, checkpoint_dir=cache, progress=progress, on_unit_done=on_unit_done, phases=phases)
     outcome = engine.run()
-    weights = weights_from_model(outcome.model, bundle.model_sha256, recipe.weight_bits, settings.method)
-    new_table = _table_with_learned_steps(table, outcome, settings, recipe)
-    new_table.provenance["reconstruction"] = {"method": settings.method, "from_table_sha256": table_sha, "weights": target.name, "learned_activation_steps": bool(settings.learn_activation_steps)}
-    weights.save(target)
-    new_table.save(table_target)
+    with phases("artifact"):
+        weights = weights_from_model(outcome.model, bundle.model_sha256, recipe.weight_bits, settings.method)
+        new_table = _table_with_learned_steps(table, outcome, settings, recipe)
+        new_table.provenance["reconstruction"] = {"method": settings.method, "from_table_sha256": table_sha, "weights": target.name, "learned_activation_steps": bool(settings.learn_activation_steps)}
+        weights.save(target)
+        new_table.save(table_target)
     units = [vars(u) | {"resumed": u.resumed} for u in outcome.units]
     seconds = round(time.perf_counter() - started, 2)
-    cached.record({"seconds": seconds, "calibration_calls": len(calls), "samples": sum(int(c["sample"].shape[0]) for c in calls), "units": units, "table": table_target.name})
+    cached.record({"seconds": seconds, "calibration_calls": len(calls), "samples": sum(int(c["sample"].shape[0]) for c in calls), "units": units, "table": table_target.name, "phases": phases.rounded()})
     table_manifest = Manifest(kind="calibration-table", inputs={"model_sha256": bundle.model_sha256, "reconstruction_sha256": wanted.outputs["sha256"]}, settings={"recipe": recipe.to_json()}, outputs={"sha256": wanted.outputs["table_sha256"]})
     write_manifest(table_target, table_manifest)
     import shutil
@@ -277,7 +290,7 @@ def reconstruct(
     shutil.rmtree(cache, ignore_errors=True)
     better = sum(u["error"] < u["rtn_error"] for u in units)
     log(f"reconstruct: {len(units)} units in {seconds} s; error below round-to-nearest in {better}/{len(units)} -> {target}")
-    return ReconstructResult(target, table_target, units, seconds=seconds)
+    return ReconstructResult(target, table_target, units, seconds=seconds, phases=phases.rounded())
 
 
 def _table_with_learned_steps(table: CalibrationTable, outcome, settings, recipe: Recipe) -> CalibrationTable:
@@ -494,6 +507,21 @@ class QuantizeResult:
 # Recipe fields that only decide where Q/DQ goes, so they may differ between calibration and
 # quantization (a placement may quantize fewer layers than were calibrated, never more).
 PLACEMENT_FIELDS = ("quantize_ops", "exclude")
+
+
+def _calls_denoiser(unet: Any, device: str) -> Any:
+    """The denoiser that re-collects calibration calls for a stage running on `device`: the
+    model's own UNet on the CPU, else a copy of it on the device (the caller's model stays where
+    it is). The calls come back on the CPU either way."""
+    import copy
+
+    import torch
+
+    from qdiff.runtime.backends import DeviceDenoiser, TorchDenoiser
+
+    if torch.device(device).type == "cpu":
+        return TorchDenoiser(unet)
+    return DeviceDenoiser(copy.deepcopy(unet), device)
 
 
 def quantize_onnx(

@@ -274,3 +274,55 @@ def test_rounding_state_lives_only_while_its_unit_is_reconstructed(uncond_model_
     assert len(parts_seen) > 4 and not live
     assert 0 < peak[0] < len(parts_seen) / 2  # one unit's parts at a time, never the model's
     assert fixed_dtypes == {torch.int8}
+
+
+def test_paused_forwards_capture_what_a_prefix_pass_captures(uncond_model_dir, calibrated):
+    """`UnitCursor` (one forward per call, paused at each unit) hands out the very tensors a
+    fresh prefix pass per unit (`capture`) does, also after an earlier unit's integers changed,
+    for calls kept paused and calls re-run, and for a unit asked for out of order."""
+    from qdiff.calib.reconstruct.capture import UnitCursor, capture
+    from qdiff.calib.reconstruct.engine import Reconstructor
+    from qdiff.runtime.calibration_loop import model_calibration_inputs, unet_calls
+
+    bundle = load_model(uncond_model_dir)
+    table = CalibrationTable.load(calibrated[2])
+    recipe = Recipe.from_json(table.recipe)
+    calls = unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=None))[:3]
+    engine = Reconstructor(bundle.unet, table, SETTINGS, calls)
+    units = engine.units()
+    names = [u.name for u in units]
+    q, fp = engine.q_model, engine.fp_model
+
+    def same(a, b):
+        (ca, ta), (cb, tb) = a, b
+        assert ca.size == cb.size and ca.batched == cb.batched and ca.spec == cb.spec
+        for x, y in zip(ca.leaves, cb.leaves):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+        assert (ta is None and tb is None) or torch.equal(ta, tb)
+
+    with UnitCursor(q, names, calls, "cpu", keep=2) as q_cursor, UnitCursor(fp, names, calls, "cpu", output=True) as fp_cursor:
+        for unit in units:
+            same(q_cursor.capture(unit.name), capture(q, unit.name, calls, "cpu"))
+            same(fp_cursor.capture(unit.name), capture(fp, unit.name, calls, "cpu", output=True))
+            for name in unit.layers:  # move this unit's integers: every later unit's inputs change
+                layer = q.get_submodule(name)
+                for part in layer.parts:
+                    part.fixed.copy_(torch.clamp(part.fixed.to(torch.int16) + 1, -8, 7).to(torch.int8))
+                layer.weight_mode = "fixed"
+        early = names[1]
+        same(q_cursor.capture(early), capture(q, early, calls, "cpu"))  # passed already: the forwards restart
+
+
+def test_calls_are_collected_where_the_reconstruction_runs(uncond_model_dir):
+    """On the CPU the calls come from the model's own UNet (calibration's inputs bit for bit);
+    for a GPU reconstruction from a copy on the GPU, the caller's model left on the CPU."""
+    from qdiff.api import _calls_denoiser
+
+    bundle = load_model(uncond_model_dir)
+    assert _calls_denoiser(bundle.unet, "cpu").unet is bundle.unet
+    if not torch.cuda.is_available():
+        return
+    denoiser = _calls_denoiser(bundle.unet, "cuda")
+    assert next(denoiser.unet.parameters()).is_cuda and next(bundle.unet.parameters()).device.type == "cpu"
+    sample = torch.randn(2, 3, 16, 16)
+    assert denoiser(sample, torch.tensor(500.0)).device.type == "cpu"

@@ -2,8 +2,10 @@
 
 For each unit in execution order (`blocks.find_units`): capture its inputs from the quantized
 model (whose prefix is already reconstructed) and its float inputs and outputs from the float
-model (`capture`), measure its output error with round-to-nearest, train, fix the rounding,
-measure again, and write a checkpoint. A killed run finds the checkpoints of the units it
+model, measure its output error with round-to-nearest, train, fix the rounding, measure again,
+and write a checkpoint. The captures come from one forward pass per calibration call and model
+that pauses at each unit and goes on through it once it is fixed (`capture.UnitCursor`): the
+same numbers as re-running the prefix for every unit, at the cost of one pass. A killed run finds the checkpoints of the units it
 finished and restarts at the unit it was in; every random draw (minibatches, QDrop masks) comes
 from a generator seeded by (seed, unit index), so a resumed run computes what an uninterrupted
 one does, bit for bit on the CPU.
@@ -20,28 +22,32 @@ the rest, which is what lambda = 0.01 is balanced against.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from qdiff.core.artifacts import atomic_path
 from qdiff.calib.quant_math import scale_from_amax
 from qdiff.calib.recipe import Recipe
 from qdiff.calib.reconstruct.adaround import beta_at, rounding_regulariser
 from qdiff.calib.reconstruct.blocks import Unit, find_units
-from qdiff.calib.reconstruct.capture import Captured, capture, first_tensor
+from qdiff.calib.reconstruct.capture import Captured, UnitCursor, first_tensor, live_bytes_per_sample
 from qdiff.calib.reconstruct.qlayer import PartSpec, ReconLayer
 from qdiff.calib.reconstruct.settings import ReconstructionSettings
 from qdiff.calib.table import CalibrationTable
 from qdiff.calib.targets import select_targets
 from qdiff.core.errors import CalibrationError
+from qdiff.core.progress import Phases
 
 UnitHook = Callable[[int, "UnitResult"], None]
 
@@ -98,6 +104,17 @@ def build_recon_model(model: nn.Module, table: CalibrationTable, recipe: Recipe)
     return quantized
 
 
+def _free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: the GPU's free memory, or the host's available memory (4 GiB if
+    the system does not say)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
 def lp_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).sum(1).mean()
 
@@ -124,6 +141,10 @@ class Reconstructor:
     `calls` are UNet keyword arguments (sample, timestep broadcast to the batch, and the
     conditioning), as `calibrate` fed the denoiser. `checkpoint_dir` holds one file per finished
     unit; `on_unit_done(index, result)` runs after each checkpoint (tests interrupt there).
+    `phases` (one is made if not given) sums the wall time of each part over the units: `units`
+    (finding them), `inputs` (the quantized model's inputs to the unit), `targets` (the float
+    model's inputs and outputs), `error` (before and after), `optimisation` (the iterations),
+    `checkpoints`; on a GPU each part ends with a synchronize, so the times are the device's.
     """
 
     def __init__(
@@ -136,6 +157,7 @@ class Reconstructor:
         checkpoint_dir: Path | None = None,
         progress: Callable | None = None,
         on_unit_done: UnitHook | None = None,
+        phases: Phases | None = None,
     ) -> None:
         if not calls:
             raise CalibrationError("reconstruction needs calibration calls; got none")
@@ -151,6 +173,17 @@ class Reconstructor:
         self.checkpoint_dir = checkpoint_dir
         self.progress = progress
         self.on_unit_done = on_unit_done
+        self.phases = phases if phases is not None else Phases()
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        """A phase of `self.phases` that, on a GPU, waits for the device before it ends."""
+        with self.phases(name):
+            try:
+                yield
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
 
     def units(self) -> list[Unit]:
         names = [n for n, m in self.q_model.named_modules() if isinstance(m, ReconLayer)]
@@ -168,15 +201,44 @@ class Reconstructor:
 
     def run(self) -> ReconstructionOutcome:
         outcome = ReconstructionOutcome(self.q_model)
-        for index, unit in enumerate(self.units()):
-            result = self._load_checkpoint(index, unit)
-            if result is None:
-                result = self._reconstruct(index, unit)
-                self._save_checkpoint(index, unit, result)
-            outcome.units.append(result)
-            if self.on_unit_done is not None:
-                self.on_unit_done(index, result)
+        with self._phase("units"):
+            units = self.units()
+            self.kept_calls = self._calls_to_keep([u.name for u in units])
+        names = [u.name for u in units]
+        # One forward per calibration call and model, paused between units (`UnitCursor`):
+        # re-running the prefix for every unit made capture quadratic in the number of units
+        # (SD 1.5: 78 units x 8 calls x 2 models of prefix passes, most of a short run).
+        with UnitCursor(self.q_model, names, self.calls, self.device, keep=self.kept_calls) as q_cursor, \
+                UnitCursor(self.fp_model, names, self.calls, self.device, output=True, keep=self.kept_calls) as fp_cursor:
+            self._cursors = (q_cursor, fp_cursor)
+            for index, unit in enumerate(units):
+                with self._phase("checkpoints"):
+                    result = self._load_checkpoint(index, unit)
+                if result is None:
+                    result = self._reconstruct(index, unit)
+                    with self._phase("checkpoints"):
+                        self._save_checkpoint(index, unit, result)
+                outcome.units.append(result)
+                if self.on_unit_done is not None:
+                    self.on_unit_done(index, result)
         return outcome
+
+    def _calls_to_keep(self, units: Sequence[str]) -> int:
+        """How many calibration calls keep a paused forward per model between units: all whose
+        activations (estimated from one batch-1 pass, `live_bytes_per_sample`) fit a third of
+        the device's free memory for both models; the rest re-run their prefix per unit."""
+        rows = int(self.calls[0]["sample"].shape[0])
+        first_row = lambda v: v[:1] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == rows else v  # noqa: E731
+        example = {**pytree.tree_map(first_row, self.calls[0]), "return_dict": False}
+        per_sample = live_bytes_per_sample(self.fp_model, units, example, self.device)
+        budget = _free_memory(self.device) // 3
+        kept, used = 0, 0
+        for call in self.calls:
+            used += 2 * per_sample * int(call["sample"].shape[0])
+            if used > budget:
+                break
+            kept += 1
+        return kept
 
     # ------------------------------------------------------------------ one unit
 
@@ -184,11 +246,15 @@ class Reconstructor:
         started = time.perf_counter()
         s = self.settings
         layers = self._layers(unit.layers)
-        q_inputs, _ = capture(self.q_model, unit.name, self.calls, self.device)
-        fp_inputs, target = capture(self.fp_model, unit.name, self.calls, self.device, output=True)
+        q_cursor, fp_cursor = self._cursors
+        with self._phase("inputs"):
+            q_inputs, _ = q_cursor.capture(unit.name)
+        with self._phase("targets"):
+            fp_inputs, target = fp_cursor.capture(unit.name)
         q_block = self.q_model.get_submodule(unit.name)
         fp_block = self.fp_model.get_submodule(unit.name)
-        rtn_error = self._error(q_block, q_inputs, target)
+        with self._phase("error"):
+            rtn_error = self._error(q_block, q_inputs, target)
         gen = torch.Generator().manual_seed(s.seed * 1_000_003 + index)
         mask_gen = torch.Generator(device=self.device).manual_seed(s.seed * 1_000_003 + index + 7919)
         v_params = [v for layer in layers for v in layer.begin_rounding()]
@@ -208,34 +274,35 @@ class Reconstructor:
         fp_hooks = _LayerOutputs(fp_block, unit.layers, unit.name) if s.uses_layer_loss else None
         bar = self.progress(total=s.iterations, desc=f"reconstruct {index + 1} {unit.name}", unit="it") if self.progress else None
         try:
-            for it in range(s.iterations):
-                idx = torch.randint(0, q_inputs.size, (min(s.batch_size, q_inputs.size),), generator=gen).to(self.device)
-                if s.qdrop_p > 0:
-                    args, kwargs = q_inputs.mixed_with(fp_inputs, idx, s.qdrop_p, mask_gen)
-                else:
-                    args, kwargs = q_inputs.select(idx)
-                out = first_tensor(q_block(*args, **kwargs))
-                loss = lp_loss(out, target[idx])
-                if s.uses_layer_loss:
-                    with torch.no_grad():
-                        fp_args, fp_kwargs = fp_inputs.select(idx)
-                        fp_block(*fp_args, **fp_kwargs)
-                    loss = loss + s.layer_loss_weight * sum(lp_loss(first_tensor(q_hooks.outputs[n]), first_tensor(fp_hooks.outputs[n])) for n in unit.layers)
-                beta = beta_at(it, s.iterations, s.warmup, s.beta_start, s.beta_end)
-                if s.uses_round_regulariser and beta is not None:
-                    loss = loss + s.round_weight * sum(rounding_regulariser(v, beta) for v in v_params)
-                opt_w.zero_grad(set_to_none=True)
-                if opt_a is not None:
-                    opt_a.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_w.step()
-                if opt_a is not None:
-                    opt_a.step()
-                    sched_a.step()
-                    for st in steps:
-                        st.clamp_positive()
-                if bar:
-                    bar.update(1)
+            with self._phase("optimisation"):
+                for it in range(s.iterations):
+                    idx = torch.randint(0, q_inputs.size, (min(s.batch_size, q_inputs.size),), generator=gen).to(self.device)
+                    if s.qdrop_p > 0:
+                        args, kwargs = q_inputs.mixed_with(fp_inputs, idx, s.qdrop_p, mask_gen)
+                    else:
+                        args, kwargs = q_inputs.select(idx)
+                    out = first_tensor(q_block(*args, **kwargs))
+                    loss = lp_loss(out, target[idx])
+                    if s.uses_layer_loss:
+                        with torch.no_grad():
+                            fp_args, fp_kwargs = fp_inputs.select(idx)
+                            fp_block(*fp_args, **fp_kwargs)
+                        loss = loss + s.layer_loss_weight * sum(lp_loss(first_tensor(q_hooks.outputs[n]), first_tensor(fp_hooks.outputs[n])) for n in unit.layers)
+                    beta = beta_at(it, s.iterations, s.warmup, s.beta_start, s.beta_end)
+                    if s.uses_round_regulariser and beta is not None:
+                        loss = loss + s.round_weight * sum(rounding_regulariser(v, beta) for v in v_params)
+                    opt_w.zero_grad(set_to_none=True)
+                    if opt_a is not None:
+                        opt_a.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt_w.step()
+                    if opt_a is not None:
+                        opt_a.step()
+                        sched_a.step()
+                        for st in steps:
+                            st.clamp_positive()
+                    if bar:
+                        bar.update(1)
         finally:
             if bar:
                 bar.close()
@@ -250,7 +317,8 @@ class Reconstructor:
             for part in layer.parts:
                 part.fix_rounding()
             layer.weight_mode = "fixed"
-        error = self._error(q_block, q_inputs, target)
+        with self._phase("error"):
+            error = self._error(q_block, q_inputs, target)
         return UnitResult(index, unit.name, unit.kind, list(unit.layers), q_inputs.size, rtn_error, error, round(time.perf_counter() - started, 3))
 
     @torch.no_grad()

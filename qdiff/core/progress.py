@@ -101,3 +101,44 @@ def progress(iterable: Any = None, **kwargs: Any) -> Any:
 def log(message: str) -> None:
     if not quiet():
         print(message, flush=True)
+
+
+class Phases:
+    """Wall-clock seconds per named phase of a stage, summed over every time the phase runs.
+
+        phases = Phases()
+        with phases("trajectories"):
+            ...
+        phases.seconds  # {"trajectories": 12.3}
+
+    Stages fill one and hand it back in their result (and manifest details), so a driver can
+    print where the time went, one line per phase (`lines`). Phases may nest; each one counts
+    its own wall time, so nested phases are not additive with their parent.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def __call__(self, name: str) -> "_Phase":
+        return _Phase(self, name)
+
+    def rounded(self, digits: int = 2) -> dict[str, float]:
+        return {k: round(v, digits) for k, v in self.seconds.items()}
+
+    def lines(self, prefix: str) -> list[str]:
+        return [f"{prefix} {name}: {seconds:.1f} s" for name, seconds in self.seconds.items()]
+
+
+class _Phase:
+    def __init__(self, phases: Phases, name: str) -> None:
+        self.phases, self.name = phases, name
+
+    def __enter__(self) -> "_Phase":
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.phases.add(self.name, time.perf_counter() - self.started)
