@@ -298,7 +298,7 @@ def detach(args: argparse.Namespace) -> int:
     for stale in ("h200-sd15-crossover.json", ".wait-offset", LOG_NAME, PID_NAME):  # an earlier run's "finished" must not end the wait
         (out / stale).unlink(missing_ok=True)
     child = ["--work", str(args.work.resolve()), "--out", str(out)]  # rebuilt from the parsed options, never --detach/--wait
-    for option in ("budget_s", "bench_reserve_s", "opt_level", "timesteps", "calib_steps", "warmup", "iters", "engines", "reconstruct_iters", "max_builds", "builds_after", "others_pid_file", "quiet_wait_s"):
+    for option in ("budget_s", "bench_reserve_s", "opt_level", "timesteps", "calib_steps", "warmup", "iters", "engines", "reconstruct_iters", "max_builds", "builds_after", "others_pid_file", "quiet_wait_s", "timing_cache_dir"):
         if getattr(args, option) is not None:
             value = getattr(args, option)
             child += [f"--{option.replace('_', '-')}", str(value.resolve() if isinstance(value, Path) else value)]
@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--builds-after", type=Path, help="start no engine build before this file exists (e.g. TensorRT's libraries still being copied)")
     p.add_argument("--others-pid-file", type=Path, help="pids (one per line) of other GPU work on this machine: timing waits for them to end (up to --quiet-wait-s)")
     p.add_argument("--quiet-wait-s", type=float, default=300.0)
+    p.add_argument("--timing-cache-dir", type=Path, help="keep each engine's TensorRT timing cache here (timing-<engine>.cache), read before and merged after its build; bring the files back to make a later run's builds shorter")
     p.add_argument("--detach", action="store_true", help="run in a new process session and return (or --wait); for runs longer than one device call")
     p.add_argument("--wait", type=float, metavar="S", help="print a detached run's progress for up to S seconds; exit 0 finished, 3 still running, 2 died")
     args = p.parse_args(argv)
@@ -401,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = run.t0 + args.budget_s - args.bench_reserve_s
     make_model(args.work)
     w = ["--work", str(args.work)]
-    build = lambda which, after: Job(f"build-{which}", ["build", *w, "--which", which, "--crossover-profile", "--opt-level", str(args.opt_level)], after)  # noqa: E731
+    # one timing cache per engine (concurrent builds would race on one file): a finished build
+    # leaves its tactic timings there, and a later run that brings the file back skips them
+    cache = lambda which: ["--timing-cache", str(args.timing_cache_dir / f"timing-{which}.cache")] if args.timing_cache_dir else []  # noqa: E731
+    build = lambda which, after: Job(f"build-{which}", ["build", *w, "--which", which, "--crossover-profile", "--opt-level", str(args.opt_level), *cache(which)], after)  # noqa: E731
     quant = ["--timesteps", str(args.timesteps), "--samples", "2", "--calib-steps", str(args.calib_steps), "--placements", "all"]
     wanted = args.engines.split(",")
     jobs = [
