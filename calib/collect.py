@@ -77,6 +77,7 @@ def collect_ranges(
     With `recipe.timestep_sampling == "tdac"` a probe batch first decides how many samples each
     step gets (`calib.tdac.tdac_plan`); the decision and its evidence go into the provenance.
     """
+    phases = phases if phases is not None else Phases()  # timed either way; the caller may not keep them
     sample_shape, conditioning = sampler.sample_shape, sampler.conditioning
     targets, skipped = select_targets(unet, recipe)
     if not targets:
