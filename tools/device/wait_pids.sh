@@ -1,0 +1,10 @@
+# A later call for detached work other than the crossover (reconstruction rows, GPU tests): wait up
+# to $1 s while a pid in /tmp/others.pids lives, print the logs' tails, bring back what is written.
+source .device/calls/env.sh >/dev/null 2>&1
+end=$((SECONDS + ${1:-520}))
+alive() { for p in $(cat /tmp/others.pids 2>/dev/null); do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+while alive && [ $SECONDS -lt $end ]; do sleep 10; done
+for f in /tmp/logs/*.log; do echo "--- $f"; grep -v LD_PRELOAD "$f" | tail -n 8; done
+nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+cd /tmp && tar czf $OUT/results.tgz rr logs 2>/dev/null; ls -la $OUT
+alive && exit 3 || exit 0
