@@ -1,6 +1,5 @@
 # A later call for detached work other than the crossover (reconstruction rows, GPU tests): wait up
 # to $1 s while a pid in /tmp/others.pids lives, print the logs' tails, bring back what is written.
-source .device/calls/env.sh >/dev/null 2>&1
 end=$((SECONDS + ${1:-520}))
 alive() { for p in $(cat /tmp/others.pids 2>/dev/null); do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 while alive && [ $SECONDS -lt $end ]; do sleep 10; done
