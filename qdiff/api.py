@@ -329,6 +329,7 @@ def reconstruct(
     cached = CachedStage(target, wanted, log_as="reconstruct", why="same model, table and settings", companions={"table_sha256": table_target})
     if (have := cached.reusable(force)) is not None:
         return ReconstructResult(target, table_target, have.details.get("units", []), reused=True)
+    _checked_device(settings.device, "reconstruction")  # after reuse (the device says where, not what), before the calls
     started = time.perf_counter()
     phases = Phases()
     log(f"reconstruct: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
@@ -410,8 +411,9 @@ def finetune(
     """QuEST's selective fine-tuning (`calib.quest.finetune`) of a calibrated model, starting from
     round-to-nearest or from `reconstruction` (a `reconstruct` artifact; pass the table written
     beside it). Distils the quantized model's eps into the float model's on the calibration
-    calls (re-collected with calibration's seeded loop, as `reconstruct` does), the
-    time-embedding layers first, then attention; weights stay on their integer grid.
+    calls (re-collected with calibration's seeded loop, as `reconstruct` does, the UNet a copy
+    on the fine-tuning's device), the time-embedding layers first, then attention; weights stay
+    on their integer grid.
 
     Writes `finetune.safetensors` (the same format as a reconstruction: `qdiff quantize
     --reconstruction` and the fake-quant reference take it) and `finetune.calibration.json`,
@@ -427,7 +429,6 @@ def finetune(
     from qdiff.calib.reconstruct.artifact import ReconstructedWeights, weights_from_model
     from qdiff.calib.trajectories import TimestepPlan
     from qdiff.core.conditioning import conditioning_key, resolve_conditioning
-    from qdiff.runtime.backends import TorchDenoiser
     from qdiff.runtime.calibration_loop import model_calibration_inputs, unet_calls
 
     settings = (settings or FinetuneSettings()).with_overrides(**setting_overrides)
@@ -458,10 +459,12 @@ def finetune(
     cached = CachedStage(target, wanted, log_as="finetune", why="same model, table, starting weights and settings", companions={"table_sha256": table_target})
     if (have := cached.reusable(force)) is not None:
         return FinetuneResult(target, table_target, have.details.get("stages", []), reused=True)
+    _checked_device(settings.device, "fine-tuning")  # after reuse (the device says where, not what), before the calls
     started = time.perf_counter()
     log(f"finetune: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
     plan = TimestepPlan.of_table(table.provenance, recipe)  # TDAC's counts as calibration drew them, not a new probe
-    calls = unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress, plan=plan))
+    # As reconstruction's: the UNet (a copy) on the fine-tuning's device, the calls back on the CPU.
+    calls = unet_calls(model_calibration_inputs(bundle, recipe, _calls_denoiser(bundle.unet, settings.device), conditioning=conditioning, progress=progress, plan=plan))
     key = hashlib.sha256(json.dumps({"inputs": wanted.inputs, "settings": wanted.settings}, sort_keys=True).encode()).hexdigest()[:16]
     cache = target.parent / FINETUNE_CACHE / key
     cache.mkdir(parents=True, exist_ok=True)
