@@ -76,6 +76,10 @@ def collect_ranges(
 
     With `recipe.timestep_sampling == "tdac"` a probe batch first decides how many samples each
     step gets (`calib.tdac.tdac_plan`); the decision and its evidence go into the provenance.
+
+    The ranges are measured where `unet` is (its parameters' device, named in the provenance);
+    the sampler should run its trajectory there too (`TrajectorySampler.device`). Whatever the
+    device, the table holds plain floats: observers and weight searches end in `float`/`tolist`.
     """
     phases = phases if phases is not None else Phases()  # timed either way; the caller may not keep them
     sample_shape, conditioning = sampler.sample_shape, sampler.conditioning
@@ -93,7 +97,8 @@ def collect_ranges(
     steps = plan.steps
     total = recipe.samples_per_timestep
     recorded_timesteps: dict[int, float] = {}
-    example = example_call(unet, sample_shape, conditioning)
+    device = model_device(unet)
+    example = example_call(unet, sample_shape, conditioning, device)
     splits: dict[str, int] = {}
     conv1_splits: dict[str, int] = {}
     if recipe.split_shortcut or recipe.split_conv1:
@@ -156,6 +161,7 @@ def collect_ranges(
         "calibrator": recipe.activation_calibrator,
         "weight_calibrator": recipe.weight_calibrator,
         "conditioning": conditioning.source if conditioning else "none (unconditional model)",
+        **device_provenance(device),
         "sample_shape": list(sample_shape),
         "layers_never_run": never_ran,
         "split_shortcut_layers": {name: splits[name] for name in sorted(splits) if name not in conv1_splits},
@@ -197,12 +203,29 @@ def _add_split_ranges(ranges: LayerRanges, target, split: int, branches, recipe:
         degenerate += [f"{target.name}:{role}[{c}]" for c, w in enumerate(getattr(ranges, role)) if w <= 0]
 
 
-def example_call(unet: nn.Module, sample_shape: tuple[int, int, int], conditioning: Conditioning | None) -> dict[str, torch.Tensor]:
-    example: dict[str, Any] = {"sample": torch.zeros(1, *sample_shape), "timestep": torch.tensor([500.0])}
+def example_call(unet: nn.Module, sample_shape: tuple[int, int, int], conditioning: Conditioning | None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """One batch-1 call of `unet` (zero sample, t=500, the first conditioning entry) on `device`,
+    the UNet's: what the structure probes (split layers, MACs) run."""
+    example: dict[str, Any] = {"sample": torch.zeros(1, *sample_shape, device=device), "timestep": torch.tensor([500.0], device=device)}
     if conditioning is not None:
-        cond = conditioning.select(0, 1).cond
+        cond = {k: v.to(device) for k, v in conditioning.select(0, 1).cond.items()}
         example["encoder_hidden_states"] = cond["encoder_hidden_states"]
         added = {k: v for k, v in cond.items() if k != "encoder_hidden_states"}
         if added:
             example["added_cond_kwargs"] = added
     return example
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (a model without any: the CPU)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def device_provenance(device: torch.device) -> dict[str, str]:
+    """Where the ranges were measured, for the table's provenance: the device, and on CUDA the
+    GPU's name (two GPU models may round differently; two cards of one model do not)."""
+    label = {"device": str(device)}
+    if device.type == "cuda":
+        label["device_name"] = torch.cuda.get_device_name(device)
+    return label

@@ -33,10 +33,12 @@ def mse_amax_from_histogram(
     """The amax whose fake-quantized histogram has the least squared error.
 
     Same search as pytorch_quantization.calib.histogram._compute_amax_mse (candidates are bin
-    centres from `start_bin` on; error is weighted by bin counts), vectorized and device-neutral.
+    centres from `start_bin` on; error is weighted by bin counts), vectorized and device-neutral:
+    it runs where the counts are (a histogram collected on a GPU stays there; its edges, which
+    pytorch-quantization may keep on the CPU until the histogram grows, are moved to them).
     """
-    counts = torch.as_tensor(np.asarray(hist), dtype=torch.float64)
-    edges = torch.as_tensor(np.asarray(bin_edges), dtype=torch.float64)
+    counts = _float64(hist)
+    edges = _float64(bin_edges).to(counts.device)
     centers = (edges[1:] + edges[:-1]) / 2
     if centers.numel() <= start_bin:
         start_bin = 0
@@ -58,6 +60,14 @@ def mse_amax_from_histogram(
         if float(mse[idx]) < best_mse:
             best_mse, best_amax = float(mse[idx]), float(chunk[idx])
     return best_amax
+
+
+def _float64(values: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A float64 tensor of `values` on their own device (numpy cannot read a CUDA tensor; a CPU
+    tensor comes out exactly as through numpy)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().to(torch.float64)
+    return torch.as_tensor(np.asarray(values), dtype=torch.float64)
 
 
 def entropy_amax_from_histogram(hist: np.ndarray, bin_edges: np.ndarray, num_bits: int = 8, start_bin: int = 128, stride: int = 1) -> float:

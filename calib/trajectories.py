@@ -59,7 +59,10 @@ class TrajectorySampler:
 
     `run_trajectory` samples one batch of trajectories (see `TrajectoryRunner`), driven by
     `denoiser` (which must call the model being calibrated, whose hooks record). The scheduler
-    names are only recorded in the table's provenance.
+    names are only recorded in the table's provenance. `device` is where the trajectory runs:
+    each batch's noise is drawn on the CPU (the same start on every device) and handed to the
+    loop there, so `qdiff.runtime.sampler.denoise` keeps the latents and the conditioning on it;
+    a GPU model then never round-trips through host memory between steps.
     """
 
     run_trajectory: TrajectoryRunner
@@ -68,6 +71,7 @@ class TrajectorySampler:
     conditioning: Conditioning | None
     scheduler_name: str
     scheduler_class: str
+    device: torch.device | str = "cpu"
 
     def driven_by(self, denoiser: Callable[..., torch.Tensor]) -> TrajectorySampler:
         """The same loop driven by another denoiser (a recorder wrapping this one)."""
@@ -264,7 +268,7 @@ def calibration_trajectories(
         for batch in batches:
             current[0] = batch
             gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + batch.start)
-            noise = torch.randn((batch.size, *sampler.sample_shape), generator=gen)
+            noise = torch.randn((batch.size, *sampler.sample_shape), generator=gen).to(sampler.device)
             sampler.run_trajectory(
                 split,
                 noise,

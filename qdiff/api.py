@@ -8,8 +8,10 @@ failure or a kill leaves the previous artifact intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,17 +131,39 @@ def calibrate(
     force: bool = False,
     timestep_stats: bool = True,
     trajectory_denoiser: Any = None,
+    device: Any = "cpu",
     **recipe_overrides: Any,
 ) -> CalibrateResult:
     """Timestep-uniform calibration over the model's own sampler; writes the calibration table,
     and with `timestep_stats` the per-timestep statistics beside it (`calibration.stats.npz`).
 
+    `device` ("cpu", "cuda", "cuda:N") is where the trajectories run and the ranges are
+    recorded. The default, the CPU, is calibration as it always ran, bit for bit. On a GPU the
+    UNet is moved there for the calibration and back to its own device afterwards (also when
+    calibration fails); it is moved, not copied, because a `trajectory_denoiser` calls
+    `bundle.unet` itself, so the hooks must sit on that very module, and a copy would hold an
+    SD-sized UNet (3.4 GB) twice in host memory. Moving back hands the bundle to the stages after
+    (export, quantize, reconstruct) as it was given, the same weights bit for bit. The noise is
+    drawn on the CPU as always and moved; latents, conditioning, timesteps and the scheduler's
+    arithmetic stay on the device, with TF32 off (FP32 math, as on the CPU). Observers, histogram
+    searches and the per-timestep statistics end as plain floats and CPU numpy, so the table and
+    the statistics file have one format on every device and, with a deterministic calibration
+    scheduler (DDIM, the recipes'), differ only in the last bits of the ranges (a stochastic one,
+    ddpm or euler-a, draws its step noise from a generator on the device, so its trajectories
+    differ as well). That is why the device type is part of the manifest's settings: a table measured on another
+    device type is recalibrated, not reused silently (the CPU adds no key, so tables made before
+    this option stay reusable); the provenance names the device (and the GPU). A device this
+    machine lacks is a `BackendUnavailableError` before the model is loaded or anything written.
+
     `trajectory_denoiser` drives the calibration trajectories instead of the model's PyTorch
     UNet; it must call that UNet (`bundle.unet`) at the calibration steps, whose hooks record the
-    ranges. A driver that calibrates many recipes of one model passes a memoizing one, so the
-    trajectory steps all recipes share are computed once (tools/ablations.py).
+    ranges, and gets its inputs on `device`. A driver that calibrates many recipes of one model
+    passes a memoizing one, so the trajectory steps all recipes share are computed once
+    (tools/ablations.py).
     """
     recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)  # fail fast, before loading
+    if device != "cpu":  # a device this machine lacks fails before the model loads (the CPU needs no check, nor torch yet)
+        _checked_device(device, "calibration")
     bundle = as_bundle(model)
     # torch and diffusers: after the cheap checks above, so a wrong path fails fast
     from qdiff.calib.collect import collect_ranges
@@ -148,6 +172,7 @@ def calibrate(
     from qdiff.runtime.backends import TorchDenoiser
     from qdiff.runtime.calibration_loop import model_trajectory_sampler
 
+    dev = _checked_device(device, "calibration")
     out = Path(out)
     target = out if out.suffix == ".json" else out / TABLE_NAME
     conditioning = resolve_conditioning(
@@ -156,31 +181,74 @@ def calibrate(
     wanted = Manifest(
         kind="calibration-table",
         inputs={"model_sha256": bundle.model_sha256, "conditioning": conditioning_key(conditioning)},
-        settings={"recipe": recipe.to_json()},
+        settings=_calibration_settings(recipe, dev),
     )
     stats_path = stats_path_for(target)
-    cached = CachedStage(target, wanted, log_as="calibrate", why="same model, conditioning and recipe", companions={"stats_sha256": stats_path} if timestep_stats else {})
+    cached = CachedStage(target, wanted, log_as="calibrate", why="same model, conditioning, recipe and device", companions={"stats_sha256": stats_path} if timestep_stats else {})
     if cached.reusable(force) is not None:
         return CalibrateResult(target, CalibrationTable.load(target), reused=True, stats_path=stats_path if stats_path.is_file() else None)
-    sampler = model_trajectory_sampler(bundle, recipe, trajectory_denoiser if trajectory_denoiser is not None else TorchDenoiser(bundle.unet), conditioning=conditioning)
     log(
         f"calibrate: {recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps of a {recipe.calibration_steps}-step "
-        f"{recipe.scheduler} loop, {recipe.activation_calibrator} calibrator"
+        f"{recipe.scheduler} loop, {recipe.activation_calibrator} calibrator, on {dev}"
         + (f"; TDAC spreads the {recipe.num_timesteps * recipe.samples_per_timestep} samples over the steps (lambda {recipe.tdac_lambda}, r {recipe.tdac_r})" if recipe.timestep_sampling == "tdac" else "")
     )
     started = time.perf_counter()
     recorder = TimestepStatsRecorder(seed=recipe.seed) if timestep_stats else None
     phases = Phases()
-    table = collect_ranges(bundle.unet, sampler, recipe, model_sha256=bundle.model_sha256, progress=progress, timestep_stats=recorder, phases=phases)
+    with _calibrating_on(bundle.unet, dev):
+        denoiser = trajectory_denoiser if trajectory_denoiser is not None else TorchDenoiser(bundle.unet)
+        sampler = model_trajectory_sampler(bundle, recipe, denoiser, conditioning=conditioning, device=dev)
+        table = collect_ranges(bundle.unet, sampler, recipe, model_sha256=bundle.model_sha256, progress=progress, timestep_stats=recorder, phases=phases)
     table.provenance["model_path"] = str(bundle.path)
     table.save(target)
     if recorder is not None:
         recorder.result().save(stats_path)
     else:
         stats_path.unlink(missing_ok=True)  # an older table's statistics would describe other ranges
-    cached.record({"seconds": round(time.perf_counter() - started, 2), "layers": len(table.layers), "degenerate": table.degenerate, "phases": phases.rounded()})
-    log(f"calibrate: {len(table.layers)} layers calibrated in {wanted.details['seconds']} s -> {target}")
+    cached.record({"seconds": round(time.perf_counter() - started, 2), "layers": len(table.layers), "degenerate": table.degenerate, "device": str(dev), "phases": phases.rounded()})
+    log(f"calibrate: {len(table.layers)} layers calibrated in {wanted.details['seconds']} s on {dev} -> {target}")
     return CalibrateResult(target, table, stats_path=stats_path if recorder is not None else None, phases=phases.rounded())
+
+
+def _calibration_settings(recipe: Recipe, device: Any) -> dict[str, Any]:
+    """The manifest settings a calibration table is reused for: its recipe, and the device type
+    unless it is the CPU. Ranges measured on a GPU differ from the CPU's in the last bits, so a
+    CPU run must not silently take a GPU table (nor the reverse); the CPU adds no key so that the
+    tables made before calibration had a device keep their manifests, as `Recipe.to_json` leaves
+    TDAC's defaults out. The type, not the index: cuda:0 and cuda:1 of one machine compute alike."""
+    settings: dict[str, Any] = {"recipe": recipe.to_json()}
+    if device.type != "cpu":
+        settings["device"] = device.type
+    return settings
+
+
+def _checked_device(device: Any, what: str) -> Any:
+    """`device` as a torch.device, checked (`qdiff.runtime.backends.check_device`): an unknown
+    device or one this machine lacks is a BackendUnavailableError naming it and what to do."""
+    from qdiff.runtime.backends import check_device
+
+    return check_device(device, what=what)
+
+
+@contextlib.contextmanager
+def _calibrating_on(unet: Any, device: Any) -> Iterator[None]:
+    """`unet` on `device` for the block, TF32 off there (`exact_float`), and back on its own
+    device afterwards, whatever happens. A no-op where it already is (the CPU default: nothing
+    is moved, so the calibration is the one that always ran)."""
+    from qdiff.calib.collect import model_device
+    from qdiff.runtime.backends import exact_float
+
+    home = model_device(unet)
+    if home == device:
+        with exact_float(device):
+            yield
+        return
+    unet.to(device)
+    try:
+        with exact_float(device):
+            yield
+    finally:
+        unet.to(home)
 
 
 # ----------------------------------------------------------------------------- reconstruct
@@ -261,6 +329,7 @@ def reconstruct(
     cached = CachedStage(target, wanted, log_as="reconstruct", why="same model, table and settings", companions={"table_sha256": table_target})
     if (have := cached.reusable(force)) is not None:
         return ReconstructResult(target, table_target, have.details.get("units", []), reused=True)
+    _checked_device(settings.device, "reconstruction")  # after reuse (the device says where, not what), before the calls
     started = time.perf_counter()
     phases = Phases()
     log(f"reconstruct: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
@@ -342,8 +411,9 @@ def finetune(
     """QuEST's selective fine-tuning (`calib.quest.finetune`) of a calibrated model, starting from
     round-to-nearest or from `reconstruction` (a `reconstruct` artifact; pass the table written
     beside it). Distils the quantized model's eps into the float model's on the calibration
-    calls (re-collected with calibration's seeded loop, as `reconstruct` does), the
-    time-embedding layers first, then attention; weights stay on their integer grid.
+    calls (re-collected with calibration's seeded loop, as `reconstruct` does, the UNet a copy
+    on the fine-tuning's device), the time-embedding layers first, then attention; weights stay
+    on their integer grid.
 
     Writes `finetune.safetensors` (the same format as a reconstruction: `qdiff quantize
     --reconstruction` and the fake-quant reference take it) and `finetune.calibration.json`,
@@ -359,7 +429,6 @@ def finetune(
     from qdiff.calib.reconstruct.artifact import ReconstructedWeights, weights_from_model
     from qdiff.calib.trajectories import TimestepPlan
     from qdiff.core.conditioning import conditioning_key, resolve_conditioning
-    from qdiff.runtime.backends import TorchDenoiser
     from qdiff.runtime.calibration_loop import model_calibration_inputs, unet_calls
 
     settings = (settings or FinetuneSettings()).with_overrides(**setting_overrides)
@@ -390,10 +459,12 @@ def finetune(
     cached = CachedStage(target, wanted, log_as="finetune", why="same model, table, starting weights and settings", companions={"table_sha256": table_target})
     if (have := cached.reusable(force)) is not None:
         return FinetuneResult(target, table_target, have.details.get("stages", []), reused=True)
+    _checked_device(settings.device, "fine-tuning")  # after reuse (the device says where, not what), before the calls
     started = time.perf_counter()
     log(f"finetune: re-collecting the calibration calls ({recipe.samples_per_timestep} trajectories x {recipe.num_timesteps} timesteps, seed {recipe.seed})")
     plan = TimestepPlan.of_table(table.provenance, recipe)  # TDAC's counts as calibration drew them, not a new probe
-    calls = unet_calls(model_calibration_inputs(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, progress=progress, plan=plan))
+    # As reconstruction's: the UNet (a copy) on the fine-tuning's device, the calls back on the CPU.
+    calls = unet_calls(model_calibration_inputs(bundle, recipe, _calls_denoiser(bundle.unet, settings.device), conditioning=conditioning, progress=progress, plan=plan))
     key = hashlib.sha256(json.dumps({"inputs": wanted.inputs, "settings": wanted.settings}, sort_keys=True).encode()).hexdigest()[:16]
     cache = target.parent / FINETUNE_CACHE / key
     cache.mkdir(parents=True, exist_ok=True)
@@ -860,6 +931,7 @@ def run(
     force: bool = False,
     reconstruct_method: str | None = None,
     reconstruct_settings: dict[str, Any] | None = None,
+    calib_device: Any = "cpu",
     **overrides: Any,
 ) -> RunResult:
     """The main job: export, calibrate, quantize, then sample FP32 and quantized from the same
@@ -870,7 +942,8 @@ def run(
     overrides a recipe setting (`activation_calibrator="max"`, ...). `scheduler` and `seed` are
     fields of both, and go to sampling here; set the calibration ones in the recipe (a `Recipe`
     or `load_recipe(..., scheduler=...)`, as `qdiff run --calib-scheduler` does). The conditioning of the
-    spec also conditions the calibration trajectories."""
+    spec also conditions the calibration trajectories. `calib_device` is calibration's `device`
+    (`calibrate`); sampling and the comparison run in ONNX Runtime on the CPU either way."""
     sampling = {k: overrides.pop(k) for k in list(overrides) if k in SamplingSpec.field_names()}
     spec = SamplingSpec.of(spec, **sampling)
     conditioning = spec.conditioning_sources()
@@ -883,12 +956,14 @@ def run(
     out_dir = Path(out_dir)
     overrides = {**RUN_CALIBRATION, **overrides}  # what is left after the sampling keys
     load_recipe(recipe, **overrides).check_deployable("the ONNX Runtime comparison of `run`")  # fail fast, before loading the model
+    if calib_device != "cpu":
+        _checked_device(calib_device, "calibration")
     # Progress for the phases that printed nothing on a rerun (~20 s on 2 cores with every
     # artifact up to date): loading and hashing the model, the per-step errors, the plots.
     log(f"run: loading the model ({model if model is not None else 'built-in'}) and hashing its weights ...")
     bundle = as_bundle(model)
     exported = export_model(bundle, out_dir, force=force)
-    calibrated = calibrate(bundle, out_dir, recipe, **conditioning, force=force, **overrides)
+    calibrated = calibrate(bundle, out_dir, recipe, **conditioning, force=force, device=calib_device, **overrides)
     recipe_obj = Recipe.from_json(calibrated.table.recipe)
     if reconstruct_method is not None:
         from qdiff.calib.reconstruct.settings import ReconstructionSettings

@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconstruct", dest="reconstruct_method", choices=list(METHODS), help="reconstruct the weights after calibration (default: round-to-nearest)")
     p.add_argument("--reconstruct-iterations", type=int, help="iterations per unit with --reconstruct (default: the method's, " + " / ".join(f"{m} {n}" for m, n in DEFAULT_ITERATIONS.items()) + ")")
     p.add_argument("--reconstruct-device", help="device for --reconstruct (default: cuda if available, else cpu)")
+    p.add_argument("--calib-device", default="cpu", help="torch device of the calibration trajectories and observers, cpu or cuda[:N], as calibrate's --device (default: %(default)s)")
     _add_recipe(p, run=True)
     _sampling_args(p)
     _add_conditioning(p)
@@ -254,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path, help="local diffusers pipeline or UNet folder")
     p.add_argument("-o", "--out", type=Path, required=True, help="output .json file or folder (a folder gets calibration.json)")
     p.add_argument("--force", action="store_true", help="calibrate again even if the table is up to date")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of the calibration trajectories and observers: cpu or cuda[:N]. "
+                        "Not cuda-if-available: ranges differ in the last bits between devices, so the device type is part of the table's manifest "
+                        "(a table from another device type is recalibrated), and the default does not change with the machine (default: %(default)s)")
     _add_recipe(p)
     _add_conditioning(p)
 
@@ -344,13 +349,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             rec = {"iterations": args.reconstruct_iterations, "device": args.reconstruct_device or ("cuda" if torch.cuda.is_available() else "cpu")}
         # --calib-scheduler goes into the recipe: api.run's `scheduler` is the sampling one (--sampler)
         recipe = load_recipe(args.recipe, scheduler=args.calib_scheduler) if args.calib_scheduler else args.recipe
-        result = api.run(args.model, args.out, recipe=recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, ort_arithmetic=args.ort_arithmetic, force=args.force, reconstruct_method=args.reconstruct_method, reconstruct_settings=rec, **_conditioning(args), **_recipe_overrides(args))
+        result = api.run(args.model, args.out, recipe=recipe, scheduler=args.sampler, steps=args.steps, num_images=args.num_images, seed=args.seed, guidance_scale=args.guidance_scale, ort_arithmetic=args.ort_arithmetic, force=args.force, reconstruct_method=args.reconstruct_method, reconstruct_settings=rec, calib_device=args.calib_device, **_conditioning(args), **_recipe_overrides(args))
         print(result.report_paths[1])  # where the results went, also with --quiet
     elif args.command == "export":
         result = api.export_model(args.model, args.out, opset=args.opset, external_data=args.external_data, force=args.force, check=args.check, dtype=args.dtype)
         print(result.onnx_path)
     elif args.command == "calibrate":
-        result = api.calibrate(args.model, args.out, args.recipe, scheduler=args.calib_scheduler, force=args.force, **_conditioning(args), **_recipe_overrides(args))
+        result = api.calibrate(args.model, args.out, args.recipe, scheduler=args.calib_scheduler, force=args.force, device=args.device, **_conditioning(args), **_recipe_overrides(args))
         print(result.table_path)
     elif args.command == "reconstruct":
         result = api.reconstruct(args.model, args.out, args.calib, _reconstruction_settings(args), force=args.force, **_conditioning(args))

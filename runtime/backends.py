@@ -9,8 +9,10 @@ step by step from the same seeds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -53,6 +55,53 @@ def check_backend(name: str) -> None:
             )
         return
     raise BackendUnavailableError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+
+
+# The torch device types a stage can be asked to run on. MPS is not one: the observers' range
+# searches (`calib.observers`) run in float64 where the histogram lives, which MPS lacks.
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(device: str | torch.device, *, what: str) -> torch.device:
+    """The torch device `what` (e.g. "calibration") was asked to run on, checked before any work.
+
+    An unknown name, a type other than cpu/cuda, or a device this machine does not have is a
+    `BackendUnavailableError` that names the device and what to do, so a stage fails at once,
+    before it loads a model or touches its artifacts, instead of deep inside torch (an
+    AssertionError "Torch not compiled with CUDA enabled" after minutes of loading).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise BackendUnavailableError(f"{what} was asked to run on {device!r}, which is not a torch device", hint="use cpu, or cuda / cuda:N on a machine with an NVIDIA GPU") from exc
+    if dev.type not in DEVICE_TYPES:
+        raise BackendUnavailableError(f"{what} was asked to run on {str(device)!r}; qdiff runs it on cpu or cuda only", hint="use cpu, or cuda / cuda:N on a machine with an NVIDIA GPU")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"{what} was asked to run on {str(device)!r}, but this PyTorch sees no CUDA GPU (torch.cuda.is_available() is False)",
+            hint="use device cpu here (--device cpu), or run on a machine with an NVIDIA GPU and a CUDA build of PyTorch",
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise BackendUnavailableError(f"{what} was asked to run on {str(device)!r}, but this machine has {count} CUDA GPU(s)", hint=f"use cuda:0 .. cuda:{count - 1}, or cpu")
+    return dev
+
+
+@contextlib.contextmanager
+def exact_float(device: torch.device) -> Iterator[None]:
+    """TF32 off on CUDA for the block, restored after: convolutions and matmuls in FP32, so
+    ranges measured on a GPU are the FP32 model's (up to summation order), as on the CPU, and
+    not those of TF32's 10-bit-mantissa approximation (PyTorch allows TF32 convolutions by
+    default). A no-op on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # How ONNX Runtime computes a Q/DQ graph. "exact" keeps every QuantizeLinear/DequantizeLinear

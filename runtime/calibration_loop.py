@@ -31,9 +31,12 @@ def trajectory_sampler(
     sample_shape: tuple[int, int, int],
     conditioning: Conditioning | None,
     scheduler_name: str,
+    device: torch.device | str = "cpu",
 ) -> TrajectorySampler:
     """`denoise` over `scheduler` as calibration's loop. The one scheduler instance serves every
-    batch of trajectories (`denoise` resets it with `set_timesteps`), as calibration always ran."""
+    batch of trajectories (`denoise` resets it with `set_timesteps`), as calibration always ran.
+    On `device` the loop runs where the noise is (`TrajectorySampler.device`), as `generate`'s
+    does where its denoiser lives: latents, conditioning and the scheduler's arithmetic there."""
     return TrajectorySampler(
         run_trajectory=partial(_denoise_with, scheduler),
         denoiser=denoiser,
@@ -41,6 +44,7 @@ def trajectory_sampler(
         conditioning=conditioning,
         scheduler_name=scheduler_name,
         scheduler_class=type(scheduler).__name__,
+        device=device,
     )
 
 
@@ -48,15 +52,19 @@ def _denoise_with(scheduler: Any, denoiser: Callable[..., torch.Tensor], noise: 
     return denoise(denoiser, scheduler, noise, num_inference_steps, **kwargs)
 
 
-def model_trajectory_sampler(bundle: Any, recipe: Recipe, denoiser: Callable[..., torch.Tensor], *, conditioning: Conditioning | None) -> TrajectorySampler:
+def model_trajectory_sampler(
+    bundle: Any, recipe: Recipe, denoiser: Callable[..., torch.Tensor], *, conditioning: Conditioning | None, device: torch.device | str = "cpu"
+) -> TrajectorySampler:
     """The calibration loop of a loaded model (`qdiff.models.ModelBundle`): the recipe's
-    scheduler made from the model's own scheduler config, the model's sample shape."""
+    scheduler made from the model's own scheduler config, the model's sample shape, run on
+    `device` (where `denoiser`'s UNet must be, or a wrapper that moves the inputs to it)."""
     return trajectory_sampler(
         denoiser,
         make_scheduler(recipe.scheduler, bundle.scheduler_config),
         sample_shape=(bundle.in_channels, bundle.sample_size, bundle.sample_size),
         conditioning=conditioning,
         scheduler_name=recipe.scheduler,
+        device=device,
     )
 
 

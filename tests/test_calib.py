@@ -158,3 +158,90 @@ def test_mse_weight_search_in_blocks_equals_the_whole_search():
     for shape in ((333, 1000), (7, 300000), (1, 5)):
         w = torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, generator=g)
         assert torch.equal(mse_weight_amax(w, 7), _mse_weight_amax_block(w, 7, 100))
+
+
+# ----------------------------------------------------------------------------- the device option
+
+
+def _stage_files(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_calibrating_on_the_cpu_explicitly_is_the_default_byte_for_byte(uncond_model_dir, tmp_path, fast_recipe):
+    """device="cpu" is today's calibration: the same table bytes and statistics as the default,
+    the device in the provenance and the manifest's details, and no device key in the
+    manifest's settings, so the CPU tables made before the option stay reusable."""
+    from qdiff.core.artifacts import read_manifest
+    from qdiff.calib.timestep_stats import TimestepStats
+
+    default = calibrate(uncond_model_dir, tmp_path / "default", fast_recipe)
+    explicit = calibrate(uncond_model_dir, tmp_path / "cpu", fast_recipe, device="cpu")
+    assert default.table_path.read_bytes() == explicit.table_path.read_bytes()
+    a, b = TimestepStats.load(default.stats_path), TimestepStats.load(explicit.stats_path)
+    for key in ("step_indices", "timesteps", "amax", "branch_amax", "branch_hist", "branch_edges"):
+        assert np.array_equal(getattr(a, key), getattr(b, key)), key
+    assert a.layers == b.layers and a.split_layers == b.split_layers
+    assert explicit.table.provenance["device"] == "cpu" and "device_name" not in explicit.table.provenance
+    manifest = read_manifest(explicit.table_path)
+    assert manifest.settings == {"recipe": fast_recipe.to_json()} and manifest.details["device"] == "cpu"
+    assert calibrate(uncond_model_dir, tmp_path / "default", fast_recipe, device=torch.device("cpu")).reused
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize(
+    "device, message, hint",
+    [
+        ("cuda", "asked to run on 'cuda', but this PyTorch sees no CUDA GPU", "use device cpu here"),
+        ("cuda:1", "asked to run on 'cuda:1', but this PyTorch sees no CUDA GPU", "use device cpu here"),
+        ("mps", "on cpu or cuda only", "use cpu, or cuda"),
+        ("gpu", "'gpu', which is not a torch device", "use cpu, or cuda"),
+    ],
+)
+def test_a_device_this_machine_lacks_fails_before_any_work_and_keeps_the_table(uncond_model_dir, tmp_path, fast_recipe, monkeypatch, device, message, hint):
+    """The refusal names the device and what to do, comes before the model is loaded (the
+    loader is made to fail loudly), and leaves the table, its statistics and manifest as they were,
+    also with force."""
+    import qdiff.api as api
+    from qdiff.core.errors import BackendUnavailableError
+
+    calibrate(uncond_model_dir, tmp_path, fast_recipe)
+    before = _stage_files(tmp_path)
+    assert {"calibration.json", "calibration.stats.npz", "calibration.json.manifest.json"} <= set(before)
+    monkeypatch.setattr(api, "as_bundle", lambda *a, **k: pytest.fail("the model was loaded before the device was checked"))
+    for force in (False, True):
+        with pytest.raises(BackendUnavailableError) as info:
+            calibrate(uncond_model_dir, tmp_path, fast_recipe, device=device, force=force)
+        assert message in info.value.message and "calibration" in info.value.message
+        assert hint in info.value.hint
+    assert _stage_files(tmp_path) == before
+
+
+def test_a_table_measured_on_another_device_type_is_recalibrated_not_reused(uncond_model_dir, tmp_path, fast_recipe):
+    """The device type is part of the manifest's settings (not its index: cuda:0 and cuda:1 of a
+    machine compute alike), so a CPU run does not silently take a GPU table. The GPU table is
+    stood in for by a CPU one whose manifest says cuda, as a GPU run writes it."""
+    from qdiff.api import _calibration_settings
+    from qdiff.core.artifacts import read_manifest, write_manifest
+
+    assert _calibration_settings(fast_recipe, torch.device("cpu")) == {"recipe": fast_recipe.to_json()}
+    cuda = _calibration_settings(fast_recipe, torch.device("cuda"))
+    assert cuda == {"recipe": fast_recipe.to_json(), "device": "cuda"} == _calibration_settings(fast_recipe, torch.device("cuda:1"))
+    first = calibrate(uncond_model_dir, tmp_path, fast_recipe)
+    manifest = read_manifest(first.table_path)
+    manifest.settings = cuda
+    write_manifest(first.table_path, manifest)
+    again = calibrate(uncond_model_dir, tmp_path, fast_recipe)
+    assert not again.reused and read_manifest(again.table_path).settings == {"recipe": fast_recipe.to_json()}
+    assert calibrate(uncond_model_dir, tmp_path, fast_recipe).reused
+
+
+def test_the_mse_search_takes_tensors_on_their_device_as_it_takes_numpy():
+    """The observers hand their (possibly CUDA) histogram tensors to the search as they are;
+    numpy cannot read a CUDA tensor, so tensors are no longer passed through it: on the CPU the
+    answer is the one the numpy arrays give, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    calibrator = pq_calib.HistogramCalibrator(8, None, False, num_bins=300, torch_hist=True)
+    for scale in (1.0, 3.0):  # the second batch grows the histogram (new edges)
+        calibrator.collect(torch.randn(5000, generator=gen) * scale)
+    hist, edges = calibrator._calib_hist, calibrator._calib_bin_edges
+    assert mse_amax_from_histogram(hist, edges, 8) == mse_amax_from_histogram(hist.numpy(), edges.numpy(), 8)

@@ -69,3 +69,29 @@ def test_user_errors_are_one_or_two_lines(tmp_path, args, message):
     lines = r.stderr.strip().splitlines()
     assert 1 <= len(lines) <= 2 and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_calibrate_device_flag_reaches_the_api(uncond_model_dir, tmp_path, capsys, monkeypatch):
+    """`qdiff calibrate --device`: cpu calibrates (the device in the table's provenance), the same
+    table as without the flag; a device this machine lacks is the API's two-line refusal
+    (exit 1), and the table already there is left as it was."""
+    import torch
+
+    from qdiff import cli
+
+    monkeypatch.setenv("QDIFF_QUIET", "1")
+    tiny = ["--timesteps", "2", "--samples", "2", "--calib-steps", "4", "--calib-batch", "2"]
+    assert cli.main(["calibrate", str(uncond_model_dir), "-o", str(tmp_path / "default"), *tiny]) == 0
+    assert cli.main(["calibrate", str(uncond_model_dir), "-o", str(tmp_path / "cpu"), "--device", "cpu", *tiny]) == 0
+    table = tmp_path / "cpu" / "calibration.json"
+    assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == table
+    assert json.loads(table.read_text())["provenance"]["device"] == "cpu"
+    assert table.read_bytes() == (tmp_path / "default" / "calibration.json").read_bytes()
+    if torch.cuda.is_available():
+        return
+    before = {p.name: p.read_bytes() for p in (tmp_path / "cpu").iterdir() if p.is_file()}
+    assert cli.main(["calibrate", str(uncond_model_dir), "-o", str(tmp_path / "cpu"), "--device", "cuda", "--force", *tiny]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0].startswith("qdiff calibrate: error: calibration was asked to run on 'cuda', but this PyTorch sees no CUDA GPU"), err
+    assert err[1].startswith("  hint: use device cpu here (--device cpu)"), err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "cpu").iterdir() if p.is_file()} == before

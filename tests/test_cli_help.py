@@ -137,3 +137,24 @@ def test_cli_refuses_int4_weight_only_with_a_reconstruction(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["quantize", "g.onnx", "--int4-weight-only", "--reconstruction", "r.safetensors"])
     assert exit_.value.code == 2 and "--reconstruction" in capsys.readouterr().err
+
+
+def test_device_flags_reach_calibrate_and_run(monkeypatch, tmp_path):
+    """`calibrate --device` is calibrate's `device` and `run --calib-device` run's `calib_device`,
+    both cpu unless given (not cuda-if-available: the device is part of the table's identity)."""
+    seen: dict[str, dict] = {}
+
+    def fake(stage: str, result: SimpleNamespace):
+        def call(*args, **kwargs):
+            seen[stage] = kwargs
+            return result
+
+        return call
+
+    monkeypatch.setattr(api, "calibrate", fake("calibrate", SimpleNamespace(table_path=tmp_path / "calibration.json")))
+    monkeypatch.setattr(api, "run", fake("run", SimpleNamespace(report_paths=(tmp_path / "report.json", tmp_path / "report.md"))))
+    assert cli.main(["calibrate", "m", "-o", str(tmp_path), "--device", "cuda:1"]) == 0
+    assert cli.main(["run", "-o", str(tmp_path), "--calib-device", "cuda"]) == 0
+    assert seen["calibrate"]["device"] == "cuda:1" and seen["run"]["calib_device"] == "cuda"
+    assert cli.build_parser().parse_args(["calibrate", "m", "-o", "x"]).device == "cpu"
+    assert cli.build_parser().parse_args(["run"]).calib_device == "cpu"

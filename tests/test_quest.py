@@ -161,6 +161,23 @@ def test_killed_finetune_restarts_at_its_stage_and_matches_an_uninterrupted_run(
     assert finetune(uncond_model_dir, tmp_path, cal.table_path, SETTINGS).reused
 
 
+def test_finetune_device_says_where_not_what_and_a_missing_gpu_is_refused_before_the_calls(finetuned, calibrated, uncond_model_dir, tmp_path, monkeypatch):
+    """Reuse comes before the device check (a result made on the CPU is reused when cuda is asked
+    for); new work on a device this machine lacks is the clear BackendUnavailableError before the
+    calibration calls are collected."""
+    import qdiff.runtime.calibration_loop as loop
+    from qdiff.core.errors import BackendUnavailableError
+
+    out, cal = calibrated
+    on_cuda = SETTINGS.with_overrides(device="cuda")
+    assert finetune(uncond_model_dir, out / "ft", cal.table_path, on_cuda).reused
+    if torch.cuda.is_available():
+        return
+    monkeypatch.setattr(loop, "model_calibration_inputs", lambda *a, **k: pytest.fail("the calls were collected before the device was checked"))
+    with pytest.raises(BackendUnavailableError, match="fine-tuning was asked to run on 'cuda', but this PyTorch sees no CUDA GPU"):
+        finetune(uncond_model_dir, tmp_path, cal.table_path, on_cuda)
+
+
 def test_finetune_for_another_models_table_is_refused(calibrated, class_cond_model_dir, tmp_path):
     with pytest.raises(CalibrationError, match="calibration table was made for model"):
         finetune(class_cond_model_dir, tmp_path, calibrated[1].table_path, SETTINGS)

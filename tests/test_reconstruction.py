@@ -236,6 +236,22 @@ def test_the_device_says_where_not_what_so_another_device_reuses_the_result(unco
     assert again.reused and again.weights_path == reconstructed.weights_path
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_device_this_machine_lacks_is_refused_before_the_calls_are_collected(uncond_model_dir, calibrated, reconstructed, monkeypatch):
+    """Where the work would start (no artifact to reuse, here forced), cuda without a GPU is the
+    clear BackendUnavailableError, not torch's AssertionError from inside the calls' model copy;
+    the finished artifact stays as it was."""
+    import qdiff.runtime.calibration_loop as loop
+    from qdiff.core.errors import BackendUnavailableError
+
+    out, _, table_path = calibrated
+    before = reconstructed.weights_path.read_bytes()
+    monkeypatch.setattr(loop, "model_calibration_inputs", lambda *a, **k: pytest.fail("the calls were collected before the device was checked"))
+    with pytest.raises(BackendUnavailableError, match="reconstruction was asked to run on 'cuda', but this PyTorch sees no CUDA GPU"):
+        reconstruct(uncond_model_dir, out / "adaround", table_path, ReconstructionSettings(**{**SETTINGS.to_json(), "device": "cuda"}), force=True)
+    assert reconstructed.weights_path.read_bytes() == before
+
+
 def test_fake_quant_reference_names_a_reconstructed_weight_it_lacks(uncond_model_dir, calibrated, reconstructed):
     weights = ReconstructedWeights.load(reconstructed.weights_path)
     table = CalibrationTable.load(reconstructed.table_path)

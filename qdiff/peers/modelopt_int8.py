@@ -87,6 +87,7 @@ from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.core.errors import ArtifactMismatchError, BackendUnavailableError, OnnxModelError, QuantizationError, strict_fields
 from qdiff.export.qdq import LayerDecision, QdqReport
 from qdiff.peers.onnxruntime_static import RECIPE_FIELDS, PeerResult
+from qdiff.runtime.backends import exact_float
 from qdiff.core.progress import log, progress
 
 ONNX_NAME = "denoiser.modelopt-int8.onnx"
@@ -380,20 +381,6 @@ class _Named:  # graph_index.module_name reads `.name`
 # ----------------------------------------------------------------------------- calibration
 
 
-@contextlib.contextmanager
-def _exact_float(device: torch.device) -> Iterator[None]:
-    """TF32 off on CUDA, so calibration computes in FP32 as qdiff's calibration does."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
@@ -639,7 +626,7 @@ def quantize_with_modelopt(
             fed.append({"step": call.step, "timestep": call.timestep, "rows": int(batch)})
 
     try:
-        with _exact_float(dev), _quiet():
+        with exact_float(dev), _quiet():  # TF32 off on CUDA: FP32 math, as qdiff's calibration
             mtq.quantize(quantized, config, forward_loop)
             # quantize.py: disable the filtered quantizers after calibration (a no-op here: the
             # config never enabled them, but it is the example's last word on what stays float).
