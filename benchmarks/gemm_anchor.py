@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))
 
-from benchmarks.sd15_unet import _gpu_facts, _versions  # noqa: E402
+from benchmarks.sd15_unet import _gpu_facts, _versions, time_calls  # noqa: E402
 
 # (label, M, K, N): the implicit-GEMM shapes of the anchor file
 SHAPES = [
@@ -38,21 +38,6 @@ SHAPES = [
 ]
 
 
-def _median_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def measure(warmup: int = 10, iters: int = 50) -> list[dict]:
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -61,8 +46,8 @@ def measure(warmup: int = 10, iters: int = 50) -> list[dict]:
         b = torch.randn(k, n, device="cuda", dtype=torch.float16, generator=g)
         a8 = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8, generator=g)
         b8 = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g).t()  # column-major, as _int_mm wants
-        fp16 = _median_ms(lambda: a @ b, warmup, iters)
-        int8 = _median_ms(lambda: torch._int_mm(a8, b8), warmup, iters)
+        fp16 = time_calls(lambda: a @ b, warmup, iters)["median_ms"]
+        int8 = time_calls(lambda: torch._int_mm(a8, b8), warmup, iters)["median_ms"]
         rows.append({"shape": label, "m": m, "k": k, "n": n, "fp16_ms": round(fp16, 4), "fp16_tflops": round(2 * m * k * n / fp16 / 1e9, 1), "int8_ms": round(int8, 4), "int8_vs_fp16": round(fp16 / int8, 2)})
     return rows
 
