@@ -372,6 +372,29 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def plan_jobs(args: argparse.Namespace) -> list[Job]:
+    """The steps the run needs for `args.engines`: exports, quantizations and one build per
+    engine, each with the steps it waits for."""
+    wanted = args.engines.split(",")
+    w = ["--work", str(args.work)]
+    # one timing cache per engine (concurrent builds would race on one file): a finished build
+    # leaves its tactic timings there, and a later run that brings the file back skips them
+    cache = lambda which: ["--timing-cache", str(args.timing_cache_dir / f"timing-{which}.cache")] if args.timing_cache_dir else []  # noqa: E731
+    build = lambda which, after: Job(f"build-{which}", ["build", *w, "--which", which, "--crossover-profile", "--opt-level", str(args.opt_level), *cache(which)], after)  # noqa: E731
+    quant = ["--timesteps", str(args.timesteps), "--samples", "2", "--calib-steps", str(args.calib_steps), "--placements", "all"]
+    jobs = [
+        Job("export-fp32", ["export", *w]),
+        Job("export-fp16", ["export", *w, "--dtype", "fp16"]),
+        Job("quantize-fp32", ["quantize", *w, *quant], ("export-fp32",)),
+        Job("quantize-fp16", ["quantize", *w, *quant, "--reuse-table", "--dtype", "fp16"], ("quantize-fp32",)),
+    ]
+    if "w4a8" in wanted:  # issue 13: a W4A8 table, a short reconstruction on the GPU, its Q/DQ graph
+        jobs.append(Job("quantize-w4a8", ["quantize", *w, *quant, "--recipe", "w4a8", "--reconstruct-iters", str(args.reconstruct_iters)], ("export-fp32",)))
+    needs = {"fp16": ("export-fp32",), "fp16-g16": ("export-fp16",), "int8": ("quantize-fp32",), "int8-g16": ("quantize-fp16",), "int8-g16c": ("quantize-fp16",), "w4a8": ("quantize-w4a8",)}
+    jobs += [build(which, needs[which]) for which in wanted]
+    return _needed(jobs, [f"build-{which}" for which in wanted])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/sd15"))
@@ -401,24 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(args.out, args)
     deadline = run.t0 + args.budget_s - args.bench_reserve_s
     make_model(args.work)
-    w = ["--work", str(args.work)]
-    # one timing cache per engine (concurrent builds would race on one file): a finished build
-    # leaves its tactic timings there, and a later run that brings the file back skips them
-    cache = lambda which: ["--timing-cache", str(args.timing_cache_dir / f"timing-{which}.cache")] if args.timing_cache_dir else []  # noqa: E731
-    build = lambda which, after: Job(f"build-{which}", ["build", *w, "--which", which, "--crossover-profile", "--opt-level", str(args.opt_level), *cache(which)], after)  # noqa: E731
-    quant = ["--timesteps", str(args.timesteps), "--samples", "2", "--calib-steps", str(args.calib_steps), "--placements", "all"]
     wanted = args.engines.split(",")
-    jobs = [
-        Job("export-fp32", ["export", *w]),
-        Job("export-fp16", ["export", *w, "--dtype", "fp16"]),
-        Job("quantize-fp32", ["quantize", *w, *quant], ("export-fp32",)),
-        Job("quantize-fp16", ["quantize", *w, *quant, "--reuse-table", "--dtype", "fp16"], ("quantize-fp32",)),
-    ]
-    if "w4a8" in wanted:  # issue 13: a W4A8 table, a short reconstruction on the GPU, its Q/DQ graph
-        jobs.append(Job("quantize-w4a8", ["quantize", *w, *quant, "--recipe", "w4a8", "--reconstruct-iters", str(args.reconstruct_iters)], ("export-fp32",)))
-    needs = {"fp16": ("export-fp32",), "fp16-g16": ("export-fp16",), "int8": ("quantize-fp32",), "int8-g16": ("quantize-fp16",), "int8-g16c": ("quantize-fp16",), "w4a8": ("quantize-w4a8",)}
-    jobs += [build(which, needs[which]) for which in wanted]
-    jobs = _needed(jobs, [f"build-{which}" for which in wanted])
+    jobs = plan_jobs(args)
     try:
         done = run_jobs(run, jobs, deadline, args.max_builds, args.builds_after)
         built = [which for which in wanted if done[f"build-{which}"].state == "ok"]
