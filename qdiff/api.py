@@ -513,6 +513,7 @@ def calibrate_time_aware(
     embeddings: str | Path | None = None,
     random_conditioning: bool = False,
     force: bool = False,
+    device: Any = "cpu",
 ) -> TimeAwareResult:
     """QuEST's time-aware activation quantizer, simulated: K calibration tables whose activation
     ranges are measured per bucket of the calibration timesteps (`calib.quest.time_aware`).
@@ -520,12 +521,19 @@ def calibrate_time_aware(
     Writes `<out>/time-aware-k<K>/` (or `out` itself if it ends with the K folder name):
     `bucket-NN.calibration.json` per bucket and `buckets.json` with its manifest. The trajectories
     are calibration's own (same recipe, seeds and conditioning). Evaluate the result with
-    `qdiff.quest.time_aware_candidate` (fake-quant); there is no engine for it (yet)."""
+    `qdiff.quest.time_aware_candidate` (fake-quant); there is no engine for it (yet).
+
+    `device` is where the trajectories run and the per-bucket ranges are measured, as in
+    `calibrate` (the UNet moved there and back, TF32 off, the device type in the manifest's
+    settings unless it is the CPU, a device this machine lacks refused before any work)."""
+    if device != "cpu":
+        _checked_device(device, "time-aware calibration")
     from qdiff.calib.quest.time_aware import INDEX_NAME, bucket_table_name, bucket_tables, save_time_aware
     from qdiff.core.conditioning import conditioning_key, resolve_conditioning
     from qdiff.runtime.backends import TorchDenoiser
     from qdiff.runtime.calibration_loop import model_trajectory_sampler
 
+    dev = _checked_device(device, "time-aware calibration")
     table_path = Path(table_path)
     table = CalibrationTable.load(table_path)
     bundle = as_bundle(model)
@@ -543,15 +551,16 @@ def calibrate_time_aware(
     wanted = Manifest(
         kind="time-aware-tables",
         inputs={"model_sha256": bundle.model_sha256, "table_sha256": table_sha, "conditioning": conditioning_key(conditioning)},
-        settings={"buckets": buckets, "recipe": recipe.to_json()},
+        settings={"buckets": buckets, **_calibration_settings(recipe, dev)},
     )
     cached = CachedStage(index, wanted, log_as="time-aware", why="same model, table and K", companions={f"bucket_{b:02d}_sha256": p for b, p in enumerate(paths)})
     if cached.reusable(force) is not None:
         return TimeAwareResult(index, paths, reused=True)
     started = time.perf_counter()
     log(f"time-aware: {buckets} buckets over the {len(table.provenance.get('timesteps', []))} calibration timesteps of {table_path.name}")
-    sampler = model_trajectory_sampler(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning)
-    tables, time_buckets = bucket_tables(bundle.unet, sampler, table, buckets, base_sha256=table_sha, progress=progress)
+    with _calibrating_on(bundle.unet, dev):
+        sampler = model_trajectory_sampler(bundle, recipe, TorchDenoiser(bundle.unet), conditioning=conditioning, device=dev)
+        tables, time_buckets = bucket_tables(bundle.unet, sampler, table, buckets, base_sha256=table_sha, progress=progress)
     index.unlink(missing_ok=True)  # a half-rewritten folder must not look complete
     save_time_aware(folder, tables, time_buckets)
     cached.record({"seconds": round(time.perf_counter() - started, 2), "boundaries": list(time_buckets.boundaries), "timesteps": [list(t) for t in time_buckets.timesteps]})

@@ -289,3 +289,19 @@ def test_w4a4_is_simulated_in_fake_quant_and_refused_by_quantize(calibrated, unc
     assert set(torch.unique(a4).tolist()) == set(range(-8, 8)) and not torch.equal(a4, torch.round(x / s)), name  # the A4 grid, clamped
     expected = layer.layer._conv_forward(a4 * s, layer.quantized_weight(), layer.layer.bias)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_time_aware_calibration_refuses_a_missing_device_before_any_work(uncond_model_dir, tmp_path, fast_recipe):
+    """As calibrate: a device this machine lacks is refused with the device named, before the
+    tables are touched; device="cpu" is the default's result, reused as such."""
+    from qdiff.core.errors import BackendUnavailableError
+
+    cal = calibrate(uncond_model_dir, tmp_path, fast_recipe)
+    first = calibrate_time_aware(uncond_model_dir, tmp_path, cal.table_path, 2)
+    before = {p.name: p.read_bytes() for p in first.index_path.parent.iterdir()}
+    with pytest.raises(BackendUnavailableError) as info:
+        calibrate_time_aware(uncond_model_dir, tmp_path, cal.table_path, 2, device="cuda", force=True)
+    assert "time-aware calibration was asked to run on 'cuda'" in info.value.message and "cpu" in info.value.hint
+    assert {p.name: p.read_bytes() for p in first.index_path.parent.iterdir()} == before
+    assert calibrate_time_aware(uncond_model_dir, tmp_path, cal.table_path, 2, device="cpu").reused
