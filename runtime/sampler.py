@@ -122,8 +122,10 @@ def decode(latents: torch.Tensor, vae: torch.nn.Module | None = None) -> torch.T
 
 
 def to_uint8(images: torch.Tensor) -> "list":
-    """NCHW [0, 1] tensors to a list of HWC uint8 numpy arrays."""
-    arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
+    """NCHW [0, 1] tensors to a list of HWC uint8 numpy arrays. A NaN pixel (only where the caller
+    allowed non-finite outputs) becomes 0, black, by rule rather than by the cast's undefined
+    result; +-inf clip to 255 / 0."""
+    arrays = (torch.nan_to_num(images.float(), nan=0.0).permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype("uint8")
     return list(arrays)
 
 
