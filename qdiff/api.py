@@ -526,8 +526,6 @@ def calibrate_time_aware(
     `device` is where the trajectories run and the per-bucket ranges are measured, as in
     `calibrate` (the UNet moved there and back, TF32 off, the device type in the manifest's
     settings unless it is the CPU, a device this machine lacks refused before any work)."""
-    if device != "cpu":
-        _checked_device(device, "time-aware calibration")
     from qdiff.calib.quest.time_aware import INDEX_NAME, bucket_table_name, bucket_tables, save_time_aware
     from qdiff.core.conditioning import conditioning_key, resolve_conditioning
     from qdiff.runtime.backends import TorchDenoiser
