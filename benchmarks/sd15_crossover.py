@@ -65,11 +65,14 @@ def _gpu_or_none() -> dict[str, Any]:
 class Run:
     """The result document, rewritten (JSON + Markdown) after every step."""
 
-    def __init__(self, out: Path, args: argparse.Namespace) -> None:
+    def __init__(self, out: Path, args: argparse.Namespace, resume: bool = False) -> None:
         self.out = out
         self.t0 = time.monotonic()
         out.mkdir(parents=True, exist_ok=True)
         (out / "logs").mkdir(exist_ok=True)
+        if resume:  # the bench child: append to the document its parent wrote
+            self.doc = json.loads((out / "h200-sd15-crossover.json").read_text())
+            return
         self.doc: dict[str, Any] = {
             "what": "SD 1.5 UNet (qdiff/configs/sd15-unet.json, seeded random weights), 77 text tokens; FP32 vs FP16 graphs, FP16 vs W8A8 engines",
             "method": (
@@ -243,23 +246,83 @@ def bench(run: Run, args: argparse.Namespace, built: list[str]) -> None:
         torch.cuda.empty_cache()
 
 
+def bench_in_fresh_process(run: Run, args: argparse.Namespace, built: list[str]) -> None:
+    """Time the engines in a new process, not in this one. A run started before TensorRT's
+    libraries were on the machine (`--builds-after`) cannot load them later: the dynamic loader
+    looked for them when the process started and does not look again (measured on the H200,
+    2026-12-03: the builds, each a fresh process, succeeded; timing in the orchestrator failed
+    with "libnvinfer.so.8: cannot open shared object file"). The child appends its rows to the
+    same document; a failure is recorded in it, not raised."""
+    run.save()
+    argv = [sys.executable, str(Path(__file__).resolve()), "--work", str(args.work), "--out", str(run.out), "--warmup", str(args.warmup), "--iters", str(args.iters), "--bench-only", ",".join(built)]
+    done = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    print(done.stdout, end="", flush=True)
+    run.doc = json.loads((run.out / "h200-sd15-crossover.json").read_text())
+    if done.returncode != 0:
+        tail = [ln for ln in done.stdout.strip().splitlines() if ln.strip()][-3:]
+        run.doc["bench_error"] = f"timing exited {done.returncode}: " + " | ".join(tail)[-600:]
+        run.log(run.doc["bench_error"])
+    run.save()
+
+
+def merge_runs(docs: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
+    """One document from several runs' documents (engines that no single device call could
+    build together): every engine, row and step keeps the label of its run, and each run's
+    method, versions, notes and GEMM anchor (`anchor`, benchmarks/gemm_anchor.py) are listed,
+    since ms from two runs compare only as well as their machines did."""
+    if len(docs) != len(labels) or len(set(labels)) != len(labels):
+        raise SystemExit("--merge: give one distinct --label per run document")
+    merged: dict[str, Any] = {"what": docs[-1]["what"], "gpu": docs[-1]["gpu"], "versions": docs[-1]["versions"], "date": ", ".join(dict.fromkeys(d["date"] for d in docs)), "runs": [], "steps": [], "engines": {}, "rows": [], "finished": True}
+    for doc, label in zip(docs, labels):
+        keep = ("date", "method", "budget_s", "wall_s", "gpu", "versions", "note", "anchor", "bench_error", "gpu_shared_at_timing")
+        merged["runs"].append({"label": label, **{k: doc[k] for k in keep if doc.get(k) not in (None, [], "")}})
+        rename = {}
+        for which, facts in doc["engines"].items():
+            name = which if which not in merged["engines"] else f"{which}@{label}"
+            rename[which] = name
+            merged["engines"][name] = {**facts, "run": label}
+        merged["rows"] += [{**r, "engine": rename.get(r["engine"], r["engine"]), "run": label} for r in doc["rows"]]
+        merged["steps"] += [{**st, "run": label} for st in doc["steps"]]
+    return merged
+
+
+def _anchor_line(anchor: dict[str, Any]) -> str:
+    rows = anchor.get("rows", [])
+    big = next((r for r in rows if "8192^3" in r.get("shape", "")), None)
+    small = [r["fp16_ms"] for r in rows if "8192^3" not in r.get("shape", "")]
+    text = f"GEMM anchor FP16 8192^3 {big['fp16_tflops']:.0f} TFLOP/s" if big else "GEMM anchor"
+    return text + (f", SD 1.5 layer shapes median {sorted(small)[len(small) // 2] * 1000:.1f} us" if small else "")
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     gpu, v = doc["gpu"], doc["versions"]
+    runs = doc.get("runs")
     lines = [
         f"# SD 1.5 UNet on {gpu['gpu']}: FP16 graphs and the INT8/FP16 crossover on TensorRT {v.get('tensorrt')} ({doc['date']})",
         "",
         doc["what"] + ".",
-        f"Method: {doc['method']}. GPU driver {gpu.get('driver')}; " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
-        "",
+    ]
+    if runs:
+        lines += ["", f"Merged from {len(runs)} runs (one device call could not build every engine); the `run` column says which run each engine comes from:", ""]
+        for r in runs:
+            rv, rg = r.get("versions", {}), r.get("gpu", {})
+            extra = [_anchor_line(r["anchor"])] if r.get("anchor") else ["no GEMM anchor"]
+            extra += [f"note: {r['note'].rstrip('.')}"] if r.get("note") else []
+            lines.append(f"- **{r['label']}** ({r['date']}): {r.get('method', '-')}. GPU {rg.get('gpu')} driver {rg.get('driver')}; " + ", ".join(f"{k} {val}" for k, val in rv.items()) + ". " + "; ".join(extra) + ".")
+        lines.append("")
+    else:
+        lines += [f"Method: {doc['method']}. GPU driver {gpu.get('driver')}; " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".", ""]
+    lines += [
+        *([f"Timing failed: {doc['bench_error']}", ""] if doc.get("bench_error") else []),
         *([f"Other GPU work still running when timing began (pids {doc['gpu_shared_at_timing']}): the ms below are inflated by it.", ""] if doc.get("gpu_shared_at_timing") else []),
         "## Engines",
         "",
-        "| engine | graph | typing | build (s) | plan / activations at profile max (MiB) | INT8 MAC share | INT8 convs |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| engine | graph | typing | build (s) | plan / activations at profile max (MiB) | INT8 MAC share | INT8 convs |" + (" run |" if runs else ""),
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |" + (" --- |" if runs else ""),
     ]
     for which, e in doc["engines"].items():
         share = f"{e['int8_mac_share']:.1%}" if "int8_mac_share" in e else e.get("inspect_error", "-")
-        lines.append(f"| {e['label']} | {e['graph']} | {e.get('typing')} | {e.get('build_s')} | {e['plan_mib']} / {e['activation_mib_at_profile_max']} | {share} | {e.get('int8_convs', '-')} |")
+        lines.append(f"| {e['label']} | {e['graph']} | {e.get('typing')} | {e.get('build_s')} | {e['plan_mib']} / {e['activation_mib_at_profile_max']} | {share} | {e.get('int8_convs', '-')} |" + (f" {e.get('run', '-')} |" if runs else ""))
     lines += ["", "## ms per call (median) and rel-L2 vs FP32 PyTorch, per shape", "", "| engine | " + " | ".join(f"b{b} {s}x{s}" for b, s in CROSSOVER_SHAPES) + " |", "| --- |" + " ---: |" * len(CROSSOVER_SHAPES)]
     for which in doc["engines"]:
         cells = []
@@ -270,13 +333,17 @@ def to_markdown(doc: dict[str, Any]) -> str:
     fp16 = {(r["batch"], r["latent"]): r["median_ms"] for r in doc["rows"] if r["engine"] == "fp16" and "median_ms" in r}
     int8 = [r for r in doc["rows"] if r["engine"].startswith("int8") and "median_ms" in r]
     if fp16 and int8:
+        fp16_run = next((r.get("run") for r in doc["rows"] if r["engine"] == "fp16"), None)
         lines += ["", "INT8 vs TensorRT FP16 (FP32 graph) at each shape, FP16 ms / INT8 ms (> 1: INT8 faster):", ""]
         for r in int8:
             key = (r["batch"], r["latent"])
             if key in fp16:
-                lines.append(f"- {r['engine']} b{key[0]} {key[1]}x{key[1]}: {fp16[key] / r['median_ms']:.2f}x")
-    lines += ["", "## Steps", "", "| step | seconds | result |", "| --- | ---: | --- |"]
-    lines += [f"| {s['step']} | {s['seconds']} | {s['result'].replace('|', '/')} |" for s in doc["steps"]]
+                across = f" (across runs: FP16 from {fp16_run}, INT8 from {r['run']})" if r.get("run") != fp16_run else ""
+                lines.append(f"- {r['engine']} b{key[0]} {key[1]}x{key[1]}: {fp16[key] / r['median_ms']:.2f}x{across}")
+    if doc.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in doc["notes"]]]
+    lines += ["", "## Steps", "", "| step | seconds | result |" + (" run |" if runs else ""), "| --- | ---: | --- |" + (" --- |" if runs else "")]
+    lines += [f"| {s['step']} | {s['seconds']} | {s['result'].replace('|', '/')} |" + (f" {s.get('run', '-')} |" if runs else "") for s in doc["steps"]]
     return "\n".join(lines) + "\n"
 
 
@@ -415,7 +482,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-cache-dir", type=Path, help="keep each engine's TensorRT timing cache here (timing-<engine>.cache), read before and merged after its build; bring the files back to make a later run's builds shorter")
     p.add_argument("--detach", action="store_true", help="run in a new process session and return (or --wait); for runs longer than one device call")
     p.add_argument("--wait", type=float, metavar="S", help="print a detached run's progress for up to S seconds; exit 0 finished, 3 still running, 2 died")
+    p.add_argument("--bench-only", metavar="ENGINES", help=argparse.SUPPRESS)  # the timing child of bench_in_fresh_process
+    p.add_argument("--merge", type=Path, nargs="+", metavar="RUN_JSON", help="write one document (JSON + Markdown in --out) from several runs' h200-sd15-crossover.json; name each with --label")
+    p.add_argument("--label", action="append", default=[], help="the name of each --merge run, in order")
+    p.add_argument("--note", action="append", default=[], help="a note for the merged document (repeatable): what the runs' numbers mean together")
     args = p.parse_args(argv)
+    if args.merge:
+        doc = merge_runs([json.loads(f.read_text()) for f in args.merge], args.label)
+        doc["notes"] = args.note
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "h200-sd15-crossover.json").write_text(json.dumps(doc, indent=1))
+        (args.out / "h200-sd15-crossover.md").write_text(to_markdown(doc))
+        print(f"merged {len(args.merge)} runs -> {args.out / 'h200-sd15-crossover.md'}")
+        return 0
+    if args.bench_only:
+        bench(Run(args.out, args, resume=True), args, args.bench_only.split(","))
+        return 0
     if args.detach:
         detach(args)
         return wait(args.out, args.wait) if args.wait is not None else 0
@@ -434,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         run.save()
         if built:
             wait_for_quiet_gpu(run, args.others_pid_file, args.quiet_wait_s)
-            bench(run, args, built)
+            bench_in_fresh_process(run, args, built)
     except BaseException as exc:
         run.doc["error"] = f"{type(exc).__name__}: {exc}"[:500]
         raise

@@ -141,7 +141,6 @@ def test_crossover_builds_wait_for_their_gate_and_timing_for_other_gpu_work(tmp_
     import threading
     import time as _time
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks import sd15_crossover as xo
 
     args = argparse.Namespace(opt_level=1, max_builds=2, warmup=1, iters=1, timesteps=1, calib_steps=1, budget_s=60)
@@ -195,3 +194,58 @@ def test_crossover_builds_keep_one_timing_cache_per_engine(tmp_path):
         assert argv[argv.index("--timing-cache") + 1] == str(tmp_path / "caches" / f"timing-{which}.cache")
     plain = xo.plan_jobs(argparse.Namespace(**base, timing_cache_dir=None))
     assert not any("--timing-cache" in j.argv for j in plain)
+
+
+def test_crossover_times_engines_in_a_fresh_process_and_keeps_the_document(tmp_path):
+    """Timing runs in a child process (an orchestrator started before TensorRT arrived cannot
+    load it later): the child appends to the orchestrator's document, and when it fails (here:
+    no CUDA, no model) the failure is recorded there with the child's own words, the steps stay."""
+    import argparse
+    import sys
+
+    from benchmarks import sd15_crossover as xo
+
+    ns = argparse.Namespace(work=tmp_path / "work", opt_level=1, max_builds=1, warmup=1, iters=1, timesteps=2, calib_steps=2, budget_s=10)
+    run = xo.Run(tmp_path / "out", ns)
+    run.doc["steps"].append({"step": "build-int8", "result": "ok", "seconds": 1.0})
+    xo.bench_in_fresh_process(run, ns, ["int8"])
+    doc = json.loads((tmp_path / "out" / "h200-sd15-crossover.json").read_text())
+    assert doc["steps"] == [{"step": "build-int8", "result": "ok", "seconds": 1.0}]
+    assert doc["bench_error"].startswith("timing exited 1") and "Error" in doc["bench_error"], doc["bench_error"]
+    assert "Timing failed: timing exited 1" in (tmp_path / "out" / "h200-sd15-crossover.md").read_text()
+
+
+def test_crossover_runs_merge_into_one_document_that_says_which_run_each_number_is_from(tmp_path):
+    """Engines no single device call could build together are merged from their runs'
+    documents: each engine, row and step keeps its run's label, an engine built in both runs is
+    kept twice (renamed), the INT8/FP16 ratios say when they compare two runs, and every run's
+    GEMM anchor is listed; a missing label is refused."""
+    import subprocess
+    import sys
+
+    from benchmarks import sd15_crossover as xo
+
+    def doc(date: str, engines: dict, rows: list, **extra) -> dict:
+        return {"what": "SD 1.5", "method": f"method of {date}", "gpu": {"gpu": "NVIDIA H200", "driver": "580"}, "versions": {"tensorrt": "8.6.0"}, "date": date, "steps": [{"step": "build", "result": "ok", "seconds": 1.0}], "engines": engines, "rows": rows, **extra}
+
+    facts = {"label": "FP16", "graph": "g.onnx", "plan_mib": 1, "activation_mib_at_profile_max": 2}
+    row = lambda e, ms: {"engine": e, "batch": 2, "latent": 64, "median_ms": ms, "rel_l2_vs_fp32": 0.01}  # noqa: E731
+    a = doc("2026-12-02", {"fp16": facts}, [row("fp16", 10.0)])
+    anchor = {"rows": [{"shape": "big 8192^3", "fp16_ms": 1.7, "fp16_tflops": 643.0}, {"shape": "conv", "fp16_ms": 0.05, "fp16_tflops": 300.0}]}
+    b = doc("2026-12-03", {"int8": {**facts, "label": "W8A8"}, "fp16": facts}, [row("int8", 15.0), row("fp16", 9.0)], anchor=anchor)
+    files = []
+    for name, d in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(d))
+        files.append(str(tmp_path / name))
+    script = Path(xo.__file__)
+    done = subprocess.run([sys.executable, str(script), "--merge", *files, "--label", "run 4", "--label", "run 6", "--note", "what they mean", "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    merged = json.loads((tmp_path / "m" / "h200-sd15-crossover.json").read_text())
+    assert {k: e["run"] for k, e in merged["engines"].items()} == {"fp16": "run 4", "int8": "run 6", "fp16@run 6": "run 6"}
+    assert [(r["engine"], r["run"]) for r in merged["rows"]] == [("fp16", "run 4"), ("int8", "run 6"), ("fp16@run 6", "run 6")]
+    md = (tmp_path / "m" / "h200-sd15-crossover.md").read_text()
+    assert "- int8 b2 64x64: 0.67x (across runs: FP16 from run 4, INT8 from run 6)" in md
+    assert "GEMM anchor FP16 8192^3 643 TFLOP/s" in md and "no GEMM anchor" in md and "- what they mean" in md
+    assert "| build | 1.0 | ok | run 6 |" in md
+    bad = subprocess.run([sys.executable, str(script), "--merge", *files, "--label", "run 4", "--out", str(tmp_path / "n")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "one distinct --label per run" in bad.stderr and not (tmp_path / "n").exists()

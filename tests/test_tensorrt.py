@@ -278,18 +278,19 @@ def test_fp16_qdq_graph_at_opset_19_on_tensorrt_8_is_refused_with_the_way_out(un
     assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
 
 
-def test_fp16_graph_with_fp32_qdq_islands_builds_int8_on_tensorrt_8(uncond_artifacts, tmp_path):
-    """`qdiff quantize --dtype fp16 --opset 17`: the FP16 graph 8.6 can parse. Its convolutions
-    must still run INT8 (the Casts around each Q/DQ pair must not cut TensorRT's Q/DQ fusion),
-    and the engine must be as close to FP32 as the same graph under ONNX Runtime."""
+def test_fp16_graph_with_fp32_qdq_islands_is_refused_by_tensorrt_8_with_what_to_build_instead(uncond_artifacts, tmp_path):
+    """`qdiff quantize --dtype fp16 --opset 17`: the FP16 graph 8.6 can parse. Measured on the
+    H200 (2026-12-02 on SD 1.5, 2026-12-03 on this tiny UNet, whose attention blocks Myelin
+    compiles too): 8.6 asserts in Myelin on the INT8 weights inside the FP16 graph
+    (`convertMyelinWeightsToFp32`). The user must get the graph's name, TensorRT's own words and
+    what to build instead, and no engine file; should a later 8.x build it, this test fails and
+    docs/int8-engines.md must say so."""
+    if _tensorrt_major() >= 9:
+        pytest.skip("TensorRT 8.x behaviour; from 10 the opset-19 FP16 Q/DQ graph is the strongly typed path")
     q17 = api.quantize_onnx(uncond_artifacts["fp32"], uncond_artifacts["qdq"].parent / api.TABLE_NAME, dtype="fp16", opset=17)
-    built = api.build_engine(q17.onnx_path, tmp_path / "e17", precision="int8", batch=(1, 2, 4), size=(8, 16, 32))
-    s = api.inspect_engine(built.engine_path.parent).summary()
-    x, t = _inputs()
-    fp32 = OnnxRuntimeDenoiser(uncond_artifacts["fp32"])(x, t)
-    ort = OnnxRuntimeDenoiser(q17.onnx_path, optimize=False)(x, t)
-    got = TensorRTDenoiser(built.engine_path.parent)(x.cuda(), t).cpu()
-    ort_err, trt_err = relative_l2(ort, fp32), relative_l2(got, fp32)
-    print(f"opset-17 FP16 graph: INT8 convs {s['convolutions']['int8']}/{s['convolutions']['total']}, INT8 MAC share {s['int8_mac_share']:.3f}; rel-L2 vs FP32 ORT {ort_err:.3e}, TRT {trt_err:.3e}")
-    assert s["convolutions"]["int8"] >= s["convolutions"]["total"] // 2
-    assert 0 < trt_err < 1.5 * ort_err + 0.01
+    with pytest.raises(EngineBuildError) as failed:
+        api.build_engine(q17.onnx_path, tmp_path / "e17", precision="int8", batch=(1, 2, 4), size=(8, 16, 32))
+    print(f"opset-17 FP16 graph on TensorRT {trt.__version__}: {failed.value}")
+    assert q17.onnx_path.name in str(failed.value) and "convertMyelinWeightsToFp32" in str(failed.value)
+    assert "build the FP32 Q/DQ graph" in failed.value.hint
+    assert not (tmp_path / "e17" / "engine.plan").exists()
