@@ -22,6 +22,9 @@ How:
   than a static one, so these ms are not the same experiment as the static rows of
   h200-sd15-unet.md, and the builder optimization level (`--opt-level`) is lowered to fit the
   budget; both are recorded in the output;
+- every build waits for every quantize job (their torch work holds GPU memory, and the INT8
+  engine's tactic timing needs most of the GPU's), and timing runs in a fresh process once the
+  builds ended (a process started before TensorRT's libraries arrived cannot load them later);
 - every step that finishes is written at once (JSON + Markdown in --out), so a run cut short
   still returns what it measured; a step that fails (e.g. 8.6's parser on the opset-19 FP16
   Q/DQ graph) is a row with its error, not a crash.
@@ -459,7 +462,15 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
         jobs.append(Job("quantize-w4a8", ["quantize", *w, *quant, "--recipe", "w4a8", "--reconstruct-iters", str(args.reconstruct_iters)], ("export-fp32",)))
     needs = {"fp16": ("export-fp32",), "fp16-g16": ("export-fp16",), "int8": ("quantize-fp32",), "int8-g16": ("quantize-fp16",), "int8-g16c": ("quantize-fp16",), "w4a8": ("quantize-w4a8",)}
     jobs += [build(which, needs[which]) for which in wanted]
-    return _needed(jobs, [f"build-{which}" for which in wanted])
+    jobs = _needed(jobs, [f"build-{which}" for which in wanted])
+    # every build also waits for every quantize job: those hold GPU memory (calibration and
+    # reconstruction in torch), and an SD 1.5 INT8 build, whose activations at the profile max
+    # are 131 GiB, ran out of memory in its tactic timing beside the W4A8 stage (run 6)
+    quantizers = tuple(j.name for j in jobs if j.name.startswith("quantize-"))
+    for job in jobs:
+        if job.name.startswith("build-"):
+            job.after = tuple(dict.fromkeys((*job.after, *quantizers)))
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -403,6 +403,18 @@ def configure(trt: Any, builder: Any, parsed: ParsedNetwork, settings: BuildSett
     return Configured(config, cache, cache_path, level, dropped, pinned)
 
 
+def out_of_memory_hint(settings: BuildSettings) -> str:
+    """What to do when TensorRT ran out of GPU memory while timing tactics: the profile's
+    largest shape decides how much the engine needs, and any other process on the GPU takes
+    from it."""
+    largest = ", ".join(f"{name} {'x'.join(map(str, rng.max))}" for name, rng in settings.profile.items())
+    return (
+        f"TensorRT ran out of GPU memory while timing tactics at the profile's largest shape ({largest}); "
+        "end other work on this GPU (nvidia-smi lists it), or build with a smaller max batch/size (--batch, --size), "
+        "or a smaller --workspace-gib"
+    )
+
+
 def build_plan(builder: Any, parsed: ParsedNetwork, configured: Configured, logger: Any, settings: BuildSettings, *, tensorrt: str = "?") -> tuple[bytes, float]:
     """Build the serialized plan; returns it and the build's wall seconds. Merges the timing cache
     back into its file when one was given."""
@@ -417,6 +429,11 @@ def build_plan(builder: Any, parsed: ParsedNetwork, configured: Configured, logg
             # Seen on the H200 with TensorRT 8.6 (cuBLAS/cuDNN tactics off): the GroupNorm+SiLU
             # fused blocks have no FP16 kernel once pinned (docs/int8-engines.md).
             hint = f"TensorRT {tensorrt} has no FP16 kernel for a fused block under --float-layers fp16; build without --float-layers"
+        elif "OutOfMemory" in detail:
+            # Seen on the H200 with TensorRT 8.6: SD 1.5's INT8 engine (131 GiB of activations at
+            # batch 8 x 128x128) beside torch work on the same GPU; the "could not find any
+            # implementation" that follows is the tactics that did not fit, not a missing kernel.
+            hint = out_of_memory_hint(settings)
         elif "convertMyelinWeightsToFp32" in detail:
             # Seen on the H200 with TensorRT 8.6: SD 1.5's FP16 graph with FP32 Q/DQ islands
             # (`quantize --dtype fp16 --opset 17`): Myelin, which compiles the attention blocks,

@@ -180,7 +180,8 @@ def test_crossover_builds_wait_for_their_gate_and_timing_for_other_gpu_work(tmp_
 def test_crossover_builds_keep_one_timing_cache_per_engine(tmp_path):
     """With --timing-cache-dir every engine build reads and merges its own cache file (two
     builds at once would race on one), so a later run that brings the files back skips the
-    tactic timing; without it no build is given a cache, and only the steps the engines need run."""
+    tactic timing; without it no build is given a cache, and only the steps the engines need run.
+    Every build waits for every quantize job (their torch work holds GPU memory)."""
     import argparse
 
     from benchmarks import sd15_crossover as xo
@@ -188,7 +189,8 @@ def test_crossover_builds_keep_one_timing_cache_per_engine(tmp_path):
     base = dict(work=tmp_path / "w", engines="int8,w4a8", opt_level=1, timesteps=1, calib_steps=1, reconstruct_iters=2)
     jobs = {j.name: j for j in xo.plan_jobs(argparse.Namespace(**base, timing_cache_dir=tmp_path / "caches"))}
     assert set(jobs) == {"export-fp32", "quantize-fp32", "quantize-w4a8", "build-int8", "build-w4a8"}
-    assert jobs["build-w4a8"].after == ("quantize-w4a8",)
+    assert jobs["build-w4a8"].after == ("quantize-w4a8", "quantize-fp32")  # builds wait for all GPU quantize work
+    assert jobs["build-int8"].after == ("quantize-fp32", "quantize-w4a8")
     for which in ("int8", "w4a8"):
         argv = jobs[f"build-{which}"].argv
         assert argv[argv.index("--timing-cache") + 1] == str(tmp_path / "caches" / f"timing-{which}.cache")

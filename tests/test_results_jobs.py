@@ -1,4 +1,4 @@
-"""tools/results_jobs.py: the job helpers tdac_results, quest_results and reconstruction_results share."""
+"""tools/results_jobs.py: the job helpers tdac_results, quest_results and reconstruction_results share; and tools/ablation_results.py, built on them."""
 
 from __future__ import annotations
 
@@ -51,3 +51,29 @@ def test_tdac_difference_over_calibration_seeds_is_paired_by_seed():
     assert steady["uniform_spread"] == [0.020, 0.024]
     flipping = tdac_results.seed_paired(rows([0.020, 0.024]), rows([0.021, 0.023]))["step_rel_l2"]
     assert not flipping["significant"] and flipping["ci95"][0] < 0 < flipping["ci95"][1]
+
+
+def test_ablation_results_compares_each_one_setting_variant_with_its_preset(tmp_path):
+    """tools/ablation_results.py on the shipped shapes-ddpm (CPU, tiny settings): each variant's
+    table really differs from the preset in its one recipe setting, the harness compares it with
+    the preset over the same noise (a paired difference with its interval), and the report and
+    the harness folder are written."""
+    import json
+
+    import ablation_results
+
+    from qdiff.calib.table import CalibrationTable
+
+    rc = ablation_results.main(["--smoke", "--variants", "preset", "no-split", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert rc == 0
+    doc = json.loads((tmp_path / "out" / "ablations.json").read_text())
+    rows = {r["variant"]: r for r in doc["rows"]}
+    assert set(rows) == {"preset", "preset/weights-only", "preset/activations-only", "no-split"}
+    assert not rows["preset"]["vs_preset"]
+    diff = rows["no-split"]["vs_preset"]["step_rel_l2"]
+    assert diff["ci95"][0] <= diff["diff"] <= diff["ci95"][1]
+    tables = {v: CalibrationTable.load(tmp_path / "work" / "shapes-ddpm" / f"w8a8-{v}" / "calibration.json") for v in ("preset", "no-split")}
+    assert tables["preset"].recipe["split_shortcut"] is True and tables["no-split"].recipe["split_shortcut"] is False
+    md = (tmp_path / "out" / "ablations.md").read_text()
+    assert "| w8a8 | no-split | split |" in md and "decomposition: weights-only quantization has" in md
+    assert (tmp_path / "out" / "harness-shapes-ddpm-w8a8").is_dir()
