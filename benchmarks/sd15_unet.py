@@ -107,11 +107,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         return
     for placement in args.placements.split(","):
         if args.dtype == "fp16":  # both FP16 Q/DQ graphs come from the FP32 export (its overflow probe runs that graph)
+            suffix = "" if placement == "all" else f"-{placement}"
             q = api.quantize_onnx(onnx, table_path, placement=placement, dtype="fp16")
-            if placement == "all":  # and the opset-17 one TensorRT 8.6 can parse: FP32 Q/DQ islands in the FP16 graph
-                _record_graph(args.work, "int8-g16", Path(q.onnx_path))
-                q = api.quantize_onnx(onnx, table_path, placement=placement, dtype="fp16", opset=17)
-                _record_graph(args.work, "int8-g16c", Path(q.onnx_path))
+            _record_graph(args.work, f"int8-g16{suffix}", Path(q.onnx_path))
+            # and the opset-17 one TensorRT 8.6 can parse: FP32 Q/DQ islands in the FP16 graph
+            q = api.quantize_onnx(onnx, table_path, placement=placement, dtype="fp16", opset=17)
+            _record_graph(args.work, f"int8-g16c{suffix}", Path(q.onnx_path))
         else:
             q = api.quantize_onnx(onnx, table_path, placement=placement)
             if placement == "all":
@@ -160,6 +161,10 @@ ENGINES = {
     "fp16-g16": ("../onnx-fp16/denoiser.fp16.onnx", "fp16", None, "TensorRT FP16 from the FP16 graph"),
     "int8-g16": ("denoiser.w8a8.fp16.onnx", "int8", None, "qdiff W8A8 from the FP16 Q/DQ graph (opset 19)"),
     "int8-g16c": ("denoiser.w8a8.fp16-op17.onnx", "int8", None, "qdiff W8A8 from the FP16 graph with FP32 Q/DQ islands (opset 17)"),
+    # 8.6's Myelin asserts on INT8 weights inside the attention blocks of int8-g16c; with Q/DQ on
+    # the convolutions only, the attention blocks are plain FP16 graph, which Myelin fuses in the
+    # FP16 engine: the one INT8 engine on 8.6 whose attention may run as the FP16 engine's does.
+    "int8-g16c-conv": ("denoiser.w8a8-conv.fp16-op17.onnx", "int8", None, "qdiff W8A8 convolutions only, FP16 graph with FP32 Q/DQ islands (opset 17)"),
     # Issue 13: W4A8 (INT4-valued weights in INT8 storage, INT8 kernels) from a reconstructed table.
     "w4a8": ("denoiser.w4a8-adaround-brecq.onnx", "w4a8", None, "qdiff W4A8 (AdaRound-BRECQ weights, all Conv/Linear)"),
 }

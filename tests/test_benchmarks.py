@@ -251,3 +251,50 @@ def test_crossover_runs_merge_into_one_document_that_says_which_run_each_number_
     assert "| build | 1.0 | ok | run 6 |" in md
     bad = subprocess.run([sys.executable, str(script), "--merge", *files, "--label", "run 4", "--out", str(tmp_path / "n")], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "one distinct --label per run" in bad.stderr and not (tmp_path / "n").exists()
+
+
+def test_fp16_islands_graph_with_convolution_only_qdq_leaves_attention_plain_fp16(tmp_path):
+    """The `int8-g16c-conv` engine's graph (`quantize --dtype fp16 --placements all,conv`) on a tiny
+    SD-style UNet: opset 17 (8.6's parser), Q/DQ in front of every convolution and of no MatMul, so
+    the attention blocks that 8.6's Myelin compiles hold no INT8 weights, and FP16 tensors there;
+    the crossover plans it from the FP16 quantize step."""
+    import argparse
+    import sys
+
+    import onnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import tiny_cond_unet
+
+    from benchmarks import sd15_crossover as xo
+    from benchmarks.sd15_unet import _graph
+
+    tiny_cond_unet("sd").save_pretrained(tmp_path / "sd15-unet", safe_serialization=True)
+    main(["export", "--work", str(tmp_path)])
+    quant = ["--timesteps", "2", "--samples", "1", "--calib-steps", "2"]
+    main(["quantize", "--work", str(tmp_path), *quant, "--placements", "all"])
+    main(["quantize", "--work", str(tmp_path), *quant, "--placements", "all,conv", "--reuse-table", "--dtype", "fp16"])
+    graph = _graph(tmp_path, "int8-g16c-conv")
+    assert graph.exists() and graph != _graph(tmp_path, "int8-g16c")
+    model = onnx.load(str(graph))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 17
+    producer = {out: n for n in model.graph.node for out in n.output}
+
+    def fed_by_dq(node) -> bool:  # through the FP16 Cast that ends each FP32 island
+        for name in node.input:
+            src = producer.get(name)
+            while src is not None and src.op_type == "Cast":
+                src = producer.get(src.input[0])
+            if src is not None and src.op_type == "DequantizeLinear":
+                return True
+        return False
+
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert convs and matmuls
+    assert sum(fed_by_dq(n) for n in convs) >= len(convs) - 2  # conv_in / conv_out stay float by the recipe
+    assert not any(fed_by_dq(n) for n in matmuls)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    jobs = {j.name: j for j in xo.plan_jobs(argparse.Namespace(work=tmp_path, engines="int8-g16c-conv", opt_level=1, timesteps=1, calib_steps=1, reconstruct_iters=0, timing_cache_dir=None))}
+    argv = jobs["quantize-fp16"].argv
+    assert argv[argv.index("--placements") + 1] == "all,conv" and jobs["build-int8-g16c-conv"].after == ("quantize-fp16", "quantize-fp32")
