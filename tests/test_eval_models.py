@@ -179,3 +179,18 @@ def check_properties(folder: Path, out: Path) -> dict:
 def test_properties_give_one_ratio_per_skip_concat_of_the_real_unet(tiny, tmp_path):
     result = check_properties(tiny, tmp_path / "tiny")
     assert result["dataset"] == "shapes" and len(result["concat"]["layers"]) == 6
+
+
+def test_probe_variants_time_each_speed_setting_and_train_nothing(tmp_path, capsys):
+    """`--probe-variants eager channels-last`: each variant probes both models (steps/s > 0, the
+    channels_last one really trains in NHWC: the worker says so), the table lands in metrics.json,
+    and a probe writes no model folder."""
+    out, models = tmp_path / "out", tmp_path / "models"
+    rc = train_eval_models.main(["--smoke", "--device", "cpu", "--out", str(out), "--models-dir", str(models), "--probe-variants", "eager", "channels-last", "--probe-steps", "2"])
+    assert rc == 0
+    table = json.loads((out / "metrics.json").read_text())["probe_variants"]["variants"]
+    assert set(table) == {"eager", "channels-last"}
+    assert all(rate > 0 for row in table.values() for rate in row["it_s"].values()) and all(set(row["it_s"]) == {"ddpm", "cond"} for row in table.values())
+    printed = capsys.readouterr().out
+    assert printed.count("on cpu, channels_last") == 2 and "probe-variants: channels-last" in printed
+    assert not models.exists() or not any(models.iterdir())

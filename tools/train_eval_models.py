@@ -118,6 +118,7 @@ def build(kind: str, width: int, seed: int) -> tuple[torch.nn.Module, tdm.ClassT
 # Determinism
 # --------------------------------------------------------------------------- #
 DETERMINISM_MODES = ("strict", "warn", "off")
+PROBE_VARIANTS = ("eager", "channels-last", "compile", "compile+channels-last")
 
 
 def make_deterministic(strict: bool = True, mode: str | None = None) -> None:
@@ -159,12 +160,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     labels = torch.as_tensor(np.load(work / "train_y.npy")).to(device)
     scheduler = DDPMScheduler(**tdm.SCHEDULER_CONFIG)
     unet, tokens = build(kind, job["width"], job["seed"] + (1 if kind == "ddpm" else 2))
-    unet = unet.to(device)
+    channels_last = bool(job.get("channels_last"))
+    unet = unet.to(device, memory_format=torch.channels_last) if channels_last else unet.to(device)
     modules: list[torch.nn.Module] = [unet]
     # torch.compile fuses the UNet's elementwise work (GroupNorm, SiLU, residual adds), which at
     # batch 256 and 32x32 moves more bytes than the convolutions compute; the EMA, saving and
     # evaluation use `unet` itself (the compiled wrapper shares its parameters).
-    fwd = tdm.maybe_compile(unet, bool(job.get("compile")))
+    compiled = tdm.maybe_compile(unet, bool(job.get("compile")))
+    fwd = (lambda x, *a, **k: compiled(x.contiguous(memory_format=torch.channels_last), *a, **k)) if channels_last else compiled  # noqa: E731
     if tokens is not None:
         tokens = tokens.to(device)
         modules.append(tokens)
@@ -176,7 +179,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                           log_every=job["log_every"], grad_clip=job["grad_clip"], compile=bool(job.get("compile")),
                           seed=job["seed"] + (1 if kind == "ddpm" else 2))  # fmt: skip
     params = tdm.count_params(unet)
-    print(f"[{kind}] {type(unet).__name__}: {params:,} params, {cfg.steps} steps of batch {cfg.batch_size} on {device}", flush=True)
+    layout = ", channels_last" if channels_last else ""
+    print(f"[{kind}] {type(unet).__name__}: {params:,} params, {cfg.steps} steps of batch {cfg.batch_size} on {device}{layout}", flush=True)
     log = tdm.train_denoiser(kind, modules, denoise, images, labels, scheduler, cfg, device)
     log.update(params=params, name=name, deterministic_algorithms=torch.are_deterministic_algorithms_enabled())
     result: dict[str, Any] = {"kind": kind, "name": name, "train": log}
@@ -282,6 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nondeterministic-ok", action="store_true",
                    help="fallback if strict determinism stops on an op without a deterministic kernel: warn instead (weights then not bit-for-bit)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets for training: 1.56x / 1.24x steps/s (ddpm / cond, parallel, H200) after ~65 s of compiling (docs/eval-models.md)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="train in NHWC (channels_last) memory format: cuDNN's tensor-core convolutions take NHWC, so NCHW pays a transpose around each; untried on the H200 (measure with --probe-variants)")
+    p.add_argument("--probe-variants", nargs="+", choices=PROBE_VARIANTS, metavar="VARIANT",
+                   help=f"only probe: --probe-steps steps of each model per variant ({', '.join(PROBE_VARIANTS)}), print steps/s and samples/s, exit")
     p.add_argument("--determinism", choices=DETERMINISM_MODES, default=None,
                    help="strict (default; bit-for-bit), warn (= --nondeterministic-ok), off (cuDNN benchmarking, any kernel; not bit-for-bit)")
     p.add_argument("--probe-modes", type=int, default=0, metavar="N",
@@ -365,7 +373,7 @@ def job_for(args: argparse.Namespace, kind: str, work: Path, steps: int, *, prob
         "width": args.width, "seed": args.seed, "steps": steps, "batch_size": args.batch_size, "lr": args.lr,
         "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay, "label_dropout": args.label_dropout,
         "grad_clip": args.grad_clip, "log_every": max(1, min(args.log_every, steps // 2)) if probe else args.log_every,
-        "probe": probe, "compile": args.compile, "strict": not args.nondeterministic_ok, "determinism": args.determinism, "max_weight_bytes": args.max_weight_bytes, "classifier_dir": str(args.out / "scene-classifier"),
+        "probe": probe, "compile": args.compile, "channels_last": args.channels_last, "strict": not args.nondeterministic_ok, "determinism": args.determinism, "max_weight_bytes": args.max_weight_bytes, "classifier_dir": str(args.out / "scene-classifier"),
         "eval_n": args.eval_n if evaluate and not probe else 0, "ddim_steps": args.ddim_steps, "guidance_scale": args.guidance_scale,
     }  # fmt: skip
 
@@ -414,6 +422,26 @@ def probe(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]:
     for kind in MODEL_NAMES:
         print(f"probe: {kind} {rates[kind]:.2f} steps/s ({'parallel' if args.parallel else 'alone'}) -> {fit[kind]} steps in {args.budget_s:.0f} s", flush=True)
     return {"steps": steps, "it_s": rates, "steps_for_budget": fit, "budget_s": args.budget_s, "parallel": args.parallel}
+
+
+def probe_variants(args: argparse.Namespace, work: Path, steps: int, variants: list[str]) -> dict[str, Any]:
+    """`probe` per speed variant (eager / compile, NCHW / channels_last), one after another, at the
+    run's batch size: which setting buys the most training steps in a device call. The compile
+    variants include their compile time in the wall but not in the steady rate."""
+    chosen = (args.compile, args.channels_last)
+    table = {}
+    try:
+        for variant in variants:
+            parts = set(variant.split("+"))
+            args.compile, args.channels_last = "compile" in parts, "channels-last" in parts
+            t0 = time.perf_counter()
+            table[variant] = {"it_s": probe(args, work, steps)["it_s"], "wall_s": round(time.perf_counter() - t0, 1)}
+    finally:
+        args.compile, args.channels_last = chosen
+    for variant, row in table.items():
+        print(f"probe-variants: {variant:22s} " + "  ".join(f"{kind} {rate:.2f} steps/s ({rate * args.batch_size:,.0f} samples/s)" for kind, rate in row["it_s"].items())
+              + f"  wall {row['wall_s']} s", flush=True)
+    return {"steps": steps, "batch_size": args.batch_size, "parallel": args.parallel, "variants": table}
 
 
 def probe_modes(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]:
@@ -504,6 +532,9 @@ def _run(args: argparse.Namespace, work: Path, log: RunLog) -> int:
         return 0
     if args.probe_modes:
         log.update(probe_modes=probe_modes(args, work, args.probe_modes), status="done")
+        return 0
+    if args.probe_variants:
+        log.update(probe_variants=probe_variants(args, work, args.probe_steps, args.probe_variants), status="done")
         return 0
 
     if args.eval_n:
