@@ -107,8 +107,10 @@ class Run:
 
 
 class Job:
-    def __init__(self, name: str, argv: list[str], after: tuple[str, ...] = ()) -> None:
-        self.name, self.argv, self.after = name, argv, after
+    def __init__(self, name: str, argv: list[str], after: tuple[str, ...] = (), waits_for: tuple[str, ...] = ()) -> None:
+        # after: jobs that must succeed first; waits_for: jobs that must have ended, in any state
+        # (builds wait for the quantize jobs' GPU memory, not for their success)
+        self.name, self.argv, self.after, self.waits_for = name, argv, after, waits_for
         self.proc: subprocess.Popen | None = None
         self.started = 0.0
         self.state = "waiting"  # waiting / running / ok / failed / skipped / timeout
@@ -129,9 +131,11 @@ def run_jobs(run: Run, jobs: list[Job], deadline: float, max_builds: int = 0, bu
             if job.state == "waiting":
                 deps = [by_name[d].state for d in job.after]
                 building = sum(j.state == "running" and j.name.startswith("build-") for j in jobs)
-                if any(s in ("failed", "skipped", "timeout") for s in deps):
+                blocked = [d for d in job.after if by_name[d].state in ("failed", "skipped", "timeout")]
+                others_busy = any(by_name[d].state in ("waiting", "running") for d in job.waits_for if d in by_name)
+                if blocked:
                     job.state = "skipped"
-                    _step(run, job, f"skipped: needs {', '.join(job.after)}", 0.0)
+                    _step(run, job, f"skipped: needs {', '.join(blocked)}", 0.0)
                 elif now > deadline:
                     job.state = "timeout"
                     _step(run, job, "not started: the budget was spent", 0.0)
@@ -139,7 +143,7 @@ def run_jobs(run: Run, jobs: list[Job], deadline: float, max_builds: int = 0, bu
                     if not gate_logged:
                         run.log(f"builds wait for {builds_after}")
                         gate_logged = True
-                elif all(s == "ok" for s in deps) and not (job.name.startswith("build-") and 0 < max_builds <= building):
+                elif all(s == "ok" for s in deps) and not others_busy and not (job.name.startswith("build-") and 0 < max_builds <= building):
                     log = open(run.out / "logs" / f"{job.name}.log", "w")
                     job.proc = subprocess.Popen([sys.executable, SCRIPT, *job.argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
                     job.started, job.state = now, "running"
@@ -258,12 +262,15 @@ def bench_in_fresh_process(run: Run, args: argparse.Namespace, built: list[str])
     with "libnvinfer.so.8: cannot open shared object file"). The child appends its rows to the
     same document; a failure is recorded in it, not raised."""
     run.save()
-    argv = [sys.executable, str(Path(__file__).resolve()), "--work", str(args.work), "--out", str(run.out), "--warmup", str(args.warmup), "--iters", str(args.iters), "--bench-only", ",".join(built)]
-    done = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    print(done.stdout, end="", flush=True)
+    argv = [sys.executable, str(Path(__file__).resolve()), "--work", str(Path(args.work).resolve()), "--out", str(run.out.resolve()),
+            "--warmup", str(args.warmup), "--iters", str(args.iters), "--bench-only", ",".join(built)]
+    log_path = run.out / "logs" / "bench.log"  # written as it goes: `--wait` and a cut-off run see the rows
+    run.log(f"timing {', '.join(built)} in a fresh process (log {log_path})")
+    with open(log_path, "w") as log:
+        done = subprocess.run(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     run.doc = json.loads((run.out / "h200-sd15-crossover.json").read_text())
     if done.returncode != 0:
-        tail = [ln for ln in done.stdout.strip().splitlines() if ln.strip()][-3:]
+        tail = [ln for ln in log_path.read_text(errors="replace").strip().splitlines() if ln.strip()][-3:]
         run.doc["bench_error"] = f"timing exited {done.returncode}: " + " | ".join(tail)[-600:]
         run.log(run.doc["bench_error"])
     run.save()
@@ -278,7 +285,7 @@ def merge_runs(docs: list[dict[str, Any]], labels: list[str]) -> dict[str, Any]:
         raise SystemExit("--merge: give one distinct --label per run document")
     merged: dict[str, Any] = {"what": docs[-1]["what"], "gpu": docs[-1]["gpu"], "versions": docs[-1]["versions"], "date": ", ".join(dict.fromkeys(d["date"] for d in docs)), "runs": [], "steps": [], "engines": {}, "rows": [], "finished": True}
     for doc, label in zip(docs, labels):
-        keep = ("date", "method", "budget_s", "wall_s", "gpu", "versions", "note", "anchor", "bench_error", "gpu_shared_at_timing")
+        keep = ("date", "method", "budget_s", "wall_s", "gpu", "versions", "note", "anchor", "bench_error", "error", "gpu_shared_at_timing")
         merged["runs"].append({"label": label, **{k: doc[k] for k in keep if doc.get(k) not in (None, [], "")}})
         rename = {}
         for which, facts in doc["engines"].items():
@@ -312,6 +319,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
             rv, rg = r.get("versions", {}), r.get("gpu", {})
             extra = [_anchor_line(r["anchor"])] if r.get("anchor") else ["no GEMM anchor"]
             extra += [f"note: {r['note'].rstrip('.')}"] if r.get("note") else []
+            extra += [f"**the run ended with an error: {r['error']}**"] if r.get("error") else []
+            extra += [f"**timing failed: {r['bench_error']}**"] if r.get("bench_error") else []
             lines.append(f"- **{r['label']}** ({r['date']}): {r.get('method', '-')}. GPU {rg.get('gpu')} driver {rg.get('driver')}; " + ", ".join(f"{k} {val}" for k, val in rv.items()) + ". " + "; ".join(extra) + ".")
         lines.append("")
     else:
@@ -447,30 +456,33 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
     """The steps the run needs for `args.engines`: exports, quantizations and one build per
     engine, each with the steps it waits for."""
     wanted = args.engines.split(",")
-    w = ["--work", str(args.work)]
+    w = ["--work", str(Path(args.work).resolve())]  # the steps run with cwd = the repo root
     # one timing cache per engine (concurrent builds would race on one file): a finished build
     # leaves its tactic timings there, and a later run that brings the file back skips them
     cache = lambda which: ["--timing-cache", str(args.timing_cache_dir / f"timing-{which}.cache")] if args.timing_cache_dir else []  # noqa: E731
     build = lambda which, after: Job(f"build-{which}", ["build", *w, "--which", which, "--crossover-profile", "--opt-level", str(args.opt_level), *cache(which)], after)  # noqa: E731
-    quant = ["--timesteps", str(args.timesteps), "--samples", "2", "--calib-steps", str(args.calib_steps), "--placements", "all"]
+    quant = ["--timesteps", str(args.timesteps), "--samples", "2", "--calib-steps", str(args.calib_steps)]
+    # the FP16 Q/DQ graphs the wanted engines need: every layer, and/or the convolutions only
+    fp16_placements = ",".join(p for p, engines in (("all", ("int8-g16", "int8-g16c")), ("conv", ("int8-g16c-conv",))) if any(e in wanted for e in engines)) or "all"
     jobs = [
         Job("export-fp32", ["export", *w]),
         Job("export-fp16", ["export", *w, "--dtype", "fp16"]),
-        Job("quantize-fp32", ["quantize", *w, *quant], ("export-fp32",)),
-        Job("quantize-fp16", ["quantize", *w, *quant[:-1], "all,conv" if "int8-g16c-conv" in wanted else "all", "--reuse-table", "--dtype", "fp16"], ("quantize-fp32",)),
+        Job("quantize-fp32", ["quantize", *w, *quant, "--placements", "all"], ("export-fp32",)),
+        Job("quantize-fp16", ["quantize", *w, *quant, "--placements", fp16_placements, "--reuse-table", "--dtype", "fp16"], ("quantize-fp32",)),
     ]
     if "w4a8" in wanted:  # issue 13: a W4A8 table, a short reconstruction on the GPU, its Q/DQ graph
-        jobs.append(Job("quantize-w4a8", ["quantize", *w, *quant, "--recipe", "w4a8", "--reconstruct-iters", str(args.reconstruct_iters)], ("export-fp32",)))
+        jobs.append(Job("quantize-w4a8", ["quantize", *w, *quant, "--placements", "all", "--recipe", "w4a8", "--reconstruct-iters", str(args.reconstruct_iters)], ("export-fp32",)))
     needs = {"fp16": ("export-fp32",), "fp16-g16": ("export-fp16",), "int8": ("quantize-fp32",), "int8-g16": ("quantize-fp16",), "int8-g16c": ("quantize-fp16",), "int8-g16c-conv": ("quantize-fp16",), "w4a8": ("quantize-w4a8",)}
     jobs += [build(which, needs[which]) for which in wanted]
     jobs = _needed(jobs, [f"build-{which}" for which in wanted])
-    # every build also waits for every quantize job: those hold GPU memory (calibration and
-    # reconstruction in torch), and an SD 1.5 INT8 build, whose activations at the profile max
-    # are 131 GiB, ran out of memory in its tactic timing beside the W4A8 stage (run 6)
+    # every build also waits for every quantize job to END (whether it succeeded or not): those
+    # hold GPU memory (calibration and reconstruction in torch), and an SD 1.5 INT8 build, whose
+    # activations at the profile max are 131 GiB, ran out of memory in its tactic timing beside
+    # the W4A8 stage (run 6)
     quantizers = tuple(j.name for j in jobs if j.name.startswith("quantize-"))
     for job in jobs:
         if job.name.startswith("build-"):
-            job.after = tuple(dict.fromkeys((*job.after, *quantizers)))
+            job.waits_for = tuple(q for q in quantizers if q not in job.after)
     return jobs
 
 
@@ -499,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", action="append", default=[], help="the name of each --merge run, in order")
     p.add_argument("--note", action="append", default=[], help="a note for the merged document (repeatable): what the runs' numbers mean together")
     args = p.parse_args(argv)
+    if (args.label or args.note) and not args.merge:
+        p.error("--label and --note name the runs of --merge; give --merge RUN_JSON ...")
     if args.merge:
         doc = merge_runs([json.loads(f.read_text()) for f in args.merge], args.label)
         doc["notes"] = args.note

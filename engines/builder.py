@@ -410,8 +410,8 @@ def out_of_memory_hint(settings: BuildSettings) -> str:
     largest = ", ".join(f"{name} {'x'.join(map(str, rng.max))}" for name, rng in settings.profile.items())
     return (
         f"TensorRT ran out of GPU memory while timing tactics at the profile's largest shape ({largest}); "
-        "end other work on this GPU (nvidia-smi lists it), or build with a smaller max batch/size (--batch, --size), "
-        "or a smaller --workspace-gib"
+        "end other work on this GPU (nvidia-smi lists it), or give the profile a smaller largest shape "
+        "(qdiff build: --batch / --size / --shape), or cap the builder's workspace (--workspace-gib)"
     )
 
 
@@ -425,15 +425,15 @@ def build_plan(builder: Any, parsed: ParsedNetwork, configured: Configured, logg
     if serialized is None:
         detail = "; ".join(logger.errors[-5:]) or "TensorRT gave no reason"
         hint = "rerun with --verbose for TensorRT's log"
-        if configured.pinned is not None and "Could not find any implementation" in detail:
-            # Seen on the H200 with TensorRT 8.6 (cuBLAS/cuDNN tactics off): the GroupNorm+SiLU
-            # fused blocks have no FP16 kernel once pinned (docs/int8-engines.md).
-            hint = f"TensorRT {tensorrt} has no FP16 kernel for a fused block under --float-layers fp16; build without --float-layers"
-        elif "OutOfMemory" in detail:
+        if any("OutOfMemory" in e for e in logger.errors):  # all of them: the "could not find" lines that follow can push it out of the last five
             # Seen on the H200 with TensorRT 8.6: SD 1.5's INT8 engine (131 GiB of activations at
             # batch 8 x 128x128) beside torch work on the same GPU; the "could not find any
             # implementation" that follows is the tactics that did not fit, not a missing kernel.
             hint = out_of_memory_hint(settings)
+        elif configured.pinned is not None and "Could not find any implementation" in detail:
+            # Seen on the H200 with TensorRT 8.6 (cuBLAS/cuDNN tactics off): the GroupNorm+SiLU
+            # fused blocks have no FP16 kernel once pinned (docs/int8-engines.md).
+            hint = f"TensorRT {tensorrt} has no FP16 kernel for a fused block under --float-layers fp16; build without --float-layers"
         elif "convertMyelinWeightsToFp32" in detail:
             # Seen on the H200 with TensorRT 8.6: SD 1.5's FP16 graph with FP32 Q/DQ islands
             # (`quantize --dtype fp16 --opset 17`): Myelin, which compiles the attention blocks,

@@ -163,6 +163,22 @@ def test_crossover_builds_wait_for_their_gate_and_timing_for_other_gpu_work(tmp_
     assert started["export-fp32"] - t0 < 2.5  # not gated
     assert started["build-fp16"] - t0 >= 3.0  # gated until the file appeared
 
+    # a build waits for the other quantize job to END, and runs when that one failed
+    def fail_slowly(argv, **kw):
+        started[argv[-1]] = _time.monotonic()
+        code = "import sys, time; time.sleep(1.5); sys.exit(1)" if argv[-1] == "quantize-w4a8" else "import time; time.sleep(0.2)"
+        return real_popen([sys.executable, "-c", code], **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(xo.subprocess, "Popen", fail_slowly)
+        t0 = _time.monotonic()
+        jobs = [xo.Job("quantize-fp32", ["quantize-fp32"]), xo.Job("quantize-w4a8", ["quantize-w4a8"]),
+                xo.Job("build-int8", ["build-int8"], ("quantize-fp32",), waits_for=("quantize-w4a8",)), xo.Job("build-w4a8", ["build-w4a8"], ("quantize-w4a8",))]
+        done = xo.run_jobs(run, jobs, deadline=t0 + 30)
+    assert done["quantize-w4a8"].state == "failed" and done["build-w4a8"].state == "skipped"
+    assert done["build-int8"].state == "ok" and started["build-int8"] - t0 >= 1.5  # after the failed job ended, not skipped for it
+    assert any(st["step"] == "build-w4a8" and st["result"] == "skipped: needs quantize-w4a8" for st in run.doc["steps"])
+
     sleeper = real_popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         pids = tmp_path / "others.pids"
@@ -181,7 +197,8 @@ def test_crossover_builds_keep_one_timing_cache_per_engine(tmp_path):
     """With --timing-cache-dir every engine build reads and merges its own cache file (two
     builds at once would race on one), so a later run that brings the files back skips the
     tactic timing; without it no build is given a cache, and only the steps the engines need run.
-    Every build waits for every quantize job (their torch work holds GPU memory)."""
+    Every build waits for every quantize job to end (their torch work holds GPU memory), but
+    needs only its own to succeed."""
     import argparse
 
     from benchmarks import sd15_crossover as xo
@@ -189,8 +206,8 @@ def test_crossover_builds_keep_one_timing_cache_per_engine(tmp_path):
     base = dict(work=tmp_path / "w", engines="int8,w4a8", opt_level=1, timesteps=1, calib_steps=1, reconstruct_iters=2)
     jobs = {j.name: j for j in xo.plan_jobs(argparse.Namespace(**base, timing_cache_dir=tmp_path / "caches"))}
     assert set(jobs) == {"export-fp32", "quantize-fp32", "quantize-w4a8", "build-int8", "build-w4a8"}
-    assert jobs["build-w4a8"].after == ("quantize-w4a8", "quantize-fp32")  # builds wait for all GPU quantize work
-    assert jobs["build-int8"].after == ("quantize-fp32", "quantize-w4a8")
+    assert jobs["build-w4a8"].after == ("quantize-w4a8",) and jobs["build-w4a8"].waits_for == ("quantize-fp32",)  # ended, in any state
+    assert jobs["build-int8"].after == ("quantize-fp32",) and jobs["build-int8"].waits_for == ("quantize-w4a8",)
     for which in ("int8", "w4a8"):
         argv = jobs[f"build-{which}"].argv
         assert argv[argv.index("--timing-cache") + 1] == str(tmp_path / "caches" / f"timing-{which}.cache")
@@ -297,4 +314,5 @@ def test_fp16_islands_graph_with_convolution_only_qdq_leaves_attention_plain_fp1
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
     jobs = {j.name: j for j in xo.plan_jobs(argparse.Namespace(work=tmp_path, engines="int8-g16c-conv", opt_level=1, timesteps=1, calib_steps=1, reconstruct_iters=0, timing_cache_dir=None))}
     argv = jobs["quantize-fp16"].argv
-    assert argv[argv.index("--placements") + 1] == "all,conv" and jobs["build-int8-g16c-conv"].after == ("quantize-fp16", "quantize-fp32")
+    assert argv[argv.index("--placements") + 1] == "conv" and jobs["build-int8-g16c-conv"].after == ("quantize-fp16",)
+    assert jobs["build-int8-g16c-conv"].waits_for == ("quantize-fp32",)

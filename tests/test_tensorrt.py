@@ -286,7 +286,7 @@ def test_fp16_graph_with_fp32_qdq_islands_is_refused_by_tensorrt_8_with_what_to_
     what to build instead, and no engine file; should a later 8.x build it, this test fails and
     docs/int8-engines.md must say so."""
     if _tensorrt_major() >= 9:
-        pytest.skip("TensorRT 8.x behaviour; from 10 the opset-19 FP16 Q/DQ graph is the strongly typed path")
+        pytest.skip("TensorRT 8.x behaviour (its parser and Myelin); from 9 the opset-19 FP16 Q/DQ graph is the path")
     q17 = api.quantize_onnx(uncond_artifacts["fp32"], uncond_artifacts["qdq"].parent / api.TABLE_NAME, dtype="fp16", opset=17)
     with pytest.raises(EngineBuildError) as failed:
         api.build_engine(q17.onnx_path, tmp_path / "e17", precision="int8", batch=(1, 2, 4), size=(8, 16, 32))

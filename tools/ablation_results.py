@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/qdiff-ablations"))
     parser.add_argument("--smoke", action="store_true", help="tiny settings on the CPU: checks the whole path, numbers not meaningful")
     args = parser.parse_args(argv)
+    names = [m.name for m in args.models]
+    if len(set(names)) != len(names):  # tables, work folders and harness folders are named by it
+        parser.error(f"--models: two folders share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); give each model folder its own name")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     os.environ.setdefault("QDIFF_QUIET", "1")
     calibration = dict(SMOKE_CALIBRATION if args.smoke else RUN_CALIBRATION)
