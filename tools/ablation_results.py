@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from results_jobs import RUN_CALIBRATION, calibrate_job, fmt_difference, fmt_interval, pool_map, worker_threads
+from results_jobs import RUN_CALIBRATION, add_harness_arguments, calibrate_job, fmt_difference, fmt_interval, harness_settings, pool_map, shrink_harness_for_smoke, worker_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = (ROOT / "qdiff" / "models" / "shapes-ddpm", ROOT / "qdiff" / "models" / "shapes-cond")
@@ -133,12 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-decomposition", action="store_true", help="skip the preset's weights-only and activations-only rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the harness runs")
     parser.add_argument("--calib-device", default="cpu", help="where the calibrations run (cpu, cuda, cuda:N)")
-    parser.add_argument("--images", type=int, default=1000, help="harness images per seed set")
-    parser.add_argument("--seed-sets", type=int, default=3)
-    parser.add_argument("--step-images", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=250, help="harness images per UNet call")
-    parser.add_argument("--bootstrap", type=int, default=1000)
+    add_harness_arguments(parser, seed_sets=3)
     parser.add_argument("--workers", type=int, default=8, help="calibration processes (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "ablations-harness")
     parser.add_argument("--work", type=Path, default=Path("/tmp/qdiff-ablations"))
@@ -153,12 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.device, args.calib_device, args.models, args.presets, args.workers = "cpu", "cpu", args.models[:1], args.presets[:1], 1
         args.variants = [v for v in args.variants if v in SMOKE_VARIANTS]
-        args.images, args.seed_sets, args.step_images, args.steps, args.batch_size, args.bootstrap = 3, 1, 2, 4, 4, 20
+        shrink_harness_for_smoke(args)
     variants = ["preset", *[v for v in args.variants if v != "preset"]]
-    from qdiff.eval_harness import HarnessSettings, decomposition_candidates, fake_quant_candidate, run_harness
+    from qdiff.eval_harness import decomposition_candidates, fake_quant_candidate, run_harness
 
-    harness = HarnessSettings(images=args.images, seed_sets=args.seed_sets, steps=args.steps, step_images=args.step_images, device=args.device,
-                              batch_size=args.batch_size, bootstrap=args.bootstrap, shape_fd=not args.smoke)
+    harness = harness_settings(args, shape_fd=not args.smoke)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timing: list[str] = []

@@ -112,6 +112,29 @@ def pool_map(fn: Callable[[Job], Job], jobs: list[Job], workers: int, what: str,
     return done
 
 
+def add_harness_arguments(parser: Any, *, seed_sets: int) -> None:
+    """The evaluation harness's options, named alike in every results tool that shares them."""
+    parser.add_argument("--images", type=int, default=1000, help="harness images per seed set")
+    parser.add_argument("--seed-sets", type=int, default=seed_sets)
+    parser.add_argument("--step-images", type=int, default=256, help="images per seed set whose FP32 trajectory gives the per-step error")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--batch-size", type=int, default=250, help="harness images per UNet call")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the intervals")
+
+
+def shrink_harness_for_smoke(args: Any) -> None:
+    """The harness options of a --smoke run: every code path in seconds, numbers meaningless."""
+    args.images, args.seed_sets, args.step_images, args.steps, args.batch_size, args.bootstrap = 3, 1, 2, 3, 4, 20
+
+
+def harness_settings(args: Any, *, shape_fd: bool) -> Any:
+    """`qdiff.eval_harness.HarnessSettings` from add_harness_arguments' options and args.device."""
+    from qdiff.eval_harness import HarnessSettings
+
+    return HarnessSettings(images=args.images, seed_sets=args.seed_sets, steps=args.steps, step_images=args.step_images, device=args.device,
+                           batch_size=args.batch_size, bootstrap=args.bootstrap, shape_fd=shape_fd)
+
+
 def fmt_interval(metric: dict[str, Any] | None, spec: str = ".4f") -> str:
     """`mean [lo, hi]` of a harness metric ({"mean", "ci95"}) in format `spec`, "-" when absent."""
     if not metric:

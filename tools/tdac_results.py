@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from results_jobs import RUN_CALIBRATION, calibrate_job, fmt_difference, fmt_interval, pool_map, reconstruct_job, worker_threads
+from results_jobs import RUN_CALIBRATION, add_harness_arguments, calibrate_job, fmt_difference, fmt_interval, harness_settings, pool_map, shrink_harness_for_smoke, reconstruct_job, worker_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = (ROOT / "qdiff" / "models" / "shapes-ddpm", ROOT / "qdiff" / "models" / "shapes-cond")
@@ -131,15 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tdac-lambda", type=float, help="TDAC lambda (default: the recipe's, 1.2)")
     parser.add_argument("--tdac-r", help="TDAC radius: auto or a number (default: the recipe's, auto)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--images", type=int, default=1000, help="harness images per seed set")
-    parser.add_argument("--seed-sets", type=int, default=1)
+    add_harness_arguments(parser, seed_sets=1)
     parser.add_argument("--calibration-seeds", type=int, default=1,
                         help="calibrate each configuration with this many trajectory seeds (0..N-1): the harness intervals cover image sampling only, "
                              "so with N >= 2 the report adds tdac - uniform paired by calibration seed with a t interval over the seeds (default: %(default)s)")
-    parser.add_argument("--step-images", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=250, help="harness images per UNet call")
-    parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=8, help="processes for calibration (CPU) and reconstruction (device) (default: %(default)s)")
     parser.add_argument("--sensitivity", action="store_true", help="also the per-layer-group sensitivity table (tools/sensitivity_results.py) per model and preset")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "tdac")
@@ -155,12 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         calibration["tdac_r"] = args.tdac_r if args.tdac_r == "auto" else float(args.tdac_r)
     if args.smoke:
         args.device, args.models, args.presets, args.iterations, args.workers = "cpu", args.models[:1], args.presets[:1], 2, 1
-        args.images, args.step_images, args.steps, args.batch_size, args.bootstrap = 3, 2, 3, 4, 20
-    from qdiff.eval_harness import HarnessSettings, fake_quant_candidate, run_harness
+        shrink_harness_for_smoke(args)
+    from qdiff.eval_harness import fake_quant_candidate, run_harness
     from qdiff.plots import plot_tdac
 
-    harness = HarnessSettings(images=args.images, seed_sets=args.seed_sets, steps=args.steps, step_images=args.step_images, device=args.device,
-                              batch_size=args.batch_size, bootstrap=args.bootstrap, shape_fd=not args.smoke)
+    harness = harness_settings(args, shape_fd=not args.smoke)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timing: list[str] = []
