@@ -424,20 +424,29 @@ def probe(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]:
     return {"steps": steps, "it_s": rates, "steps_for_budget": fit, "budget_s": args.budget_s, "parallel": args.parallel}
 
 
+def probe_each(args: argparse.Namespace, work: Path, steps: int, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`probe` once per named setting (options of `args` to set for it), one after another, with
+    `args` restored afterwards; per name the steps/s of each model and the probe's wall seconds."""
+    names = {attr for changes in settings.values() for attr in changes}
+    chosen = {attr: getattr(args, attr) for attr in names}
+    table = {}
+    try:
+        for name, changes in settings.items():
+            for attr, value in changes.items():
+                setattr(args, attr, value)
+            t0 = time.perf_counter()
+            table[name] = {"it_s": probe(args, work, steps)["it_s"], "wall_s": round(time.perf_counter() - t0, 1)}
+    finally:
+        for attr, value in chosen.items():
+            setattr(args, attr, value)
+    return table
+
+
 def probe_variants(args: argparse.Namespace, work: Path, steps: int, variants: list[str]) -> dict[str, Any]:
     """`probe` per speed variant (eager / compile, NCHW / channels_last), one after another, at the
     run's batch size: which setting buys the most training steps in a device call. The compile
     variants include their compile time in the wall but not in the steady rate."""
-    chosen = (args.compile, args.channels_last)
-    table = {}
-    try:
-        for variant in variants:
-            parts = set(variant.split("+"))
-            args.compile, args.channels_last = "compile" in parts, "channels-last" in parts
-            t0 = time.perf_counter()
-            table[variant] = {"it_s": probe(args, work, steps)["it_s"], "wall_s": round(time.perf_counter() - t0, 1)}
-    finally:
-        args.compile, args.channels_last = chosen
+    table = probe_each(args, work, steps, {v: {"compile": "compile" in v.split("+"), "channels_last": "channels-last" in v.split("+")} for v in variants})
     for variant, row in table.items():
         print(f"probe-variants: {variant:22s} " + "  ".join(f"{kind} {rate:.2f} steps/s ({rate * args.batch_size:,.0f} samples/s)" for kind, rate in row["it_s"].items())
               + f"  wall {row['wall_s']} s", flush=True)
@@ -446,14 +455,7 @@ def probe_variants(args: argparse.Namespace, work: Path, steps: int, variants: l
 
 def probe_modes(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]:
     """`probe` under each determinism mode, one after another: what bit-for-bit costs in steps/s."""
-    chosen = args.determinism
-    table = {}
-    try:
-        for mode in DETERMINISM_MODES:
-            args.determinism = mode
-            table[mode] = probe(args, work, steps)["it_s"]
-    finally:
-        args.determinism = chosen
+    table = {mode: row["it_s"] for mode, row in probe_each(args, work, steps, {m: {"determinism": m} for m in DETERMINISM_MODES}).items()}
     for mode, rates in table.items():
         print(f"probe-modes: {mode:6s} " + "  ".join(f"{kind} {rate:.2f} steps/s" for kind, rate in rates.items()), flush=True)
     return {"steps": steps, "parallel": args.parallel, "it_s": table}
