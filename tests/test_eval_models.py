@@ -212,3 +212,18 @@ def test_channels_last_training_saves_models_that_load_like_the_nchw_ones(tmp_pa
         assert value.shape == runs["nchw"][key].shape and value.is_contiguous(), key
     close = [torch.allclose(runs["nchw"][k].float(), runs["nhwc"][k].float(), atol=5e-2) for k in runs["nchw"]]
     assert sum(close) >= 0.9 * len(close)  # the same training in another layout: the same weights up to rounding order
+
+
+def test_the_reproduce_line_names_every_option_that_changes_the_weights():
+    """metrics.json's `reproduce` is what a later run passes back to get the same bits: it must name
+    --compile / --channels-last (other kernels, other rounding) and changed training settings, and
+    parse back to the same settings."""
+    args = train_eval_models.parse_args(["--out", "o", "--compile", "--parallel", "--lr", "3e-4", "--seed", "2"])
+    line = train_eval_models.reproduce_flags(args, {"ddpm": 12000, "cond": 9000})
+    assert "--compile" in line and "--channels-last" not in line and "--parallel" not in line
+    back = train_eval_models.parse_args(["--out", "o", *line.split()])
+    assert back.steps == "ddpm=12000,cond=9000"
+    for name in ("seed", "width", "train_size", "batch_size", "lr", "compile", "channels_last", "warmup_steps"):
+        assert getattr(back, name) == getattr(args, name), name
+    plain = train_eval_models.reproduce_flags(train_eval_models.parse_args(["--out", "o"]), {"ddpm": 10, "cond": 20})
+    assert plain == "--steps ddpm=10,cond=20 --seed 0 --width 64 --train-size 100000 --batch-size 256"

@@ -467,6 +467,22 @@ def fitting_steps(rate: float, budget_s: float) -> int:
     return steps // 100 * 100 if steps >= 1000 else steps
 
 
+def reproduce_flags(args: argparse.Namespace, steps: dict[str, int]) -> str:
+    """The options that decide the trained weights, as they go on the command line: the schedule
+    and data, and the speed settings that change which kernels run (``--compile`` and
+    ``--channels-last`` train the same model with other rounding, so other bits). ``--parallel``
+    is not among them: each model trains in its own process either way."""
+    flags = f"--steps {steps_text(steps)} --seed {args.seed} --width {args.width} --train-size {args.train_size} --batch-size {args.batch_size}"
+    defaults = parse_args(["--out", "unused"])
+    for name in ("lr", "warmup_steps", "ema_decay", "label_dropout", "grad_clip"):
+        if getattr(args, name) != getattr(defaults, name):
+            flags += f" --{name.replace('_', '-')} {getattr(args, name)}"
+    flags += " --compile" * bool(args.compile) + " --channels-last" * bool(args.channels_last)
+    if args.determinism not in (None, "strict"):
+        flags += f" --determinism {args.determinism} (not bit-for-bit)"
+    return flags
+
+
 def check_determinism(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]:
     """Train ``steps`` steps twice into separate folders; the fp16 files must hash the same."""
     hashes = []
@@ -546,9 +562,8 @@ def _run(args: argparse.Namespace, work: Path, log: RunLog) -> int:
         found = probe(args, work, args.probe_steps)
         steps = found["steps_for_budget"]
         log.update(probe=found)
-    print(f"steps: {steps_text(steps)} (reproduce with --steps {steps_text(steps)})", flush=True)
-    log.update(steps=steps, reproduce=f"--steps {steps_text(steps)} --seed {args.seed} --width {args.width} --train-size {args.train_size} --batch-size {args.batch_size}"
-               + ("" if args.determinism in (None, "strict") else f" --determinism {args.determinism} (not bit-for-bit)"))
+    print(f"steps: {steps_text(steps)} (reproduce with {reproduce_flags(args, steps)})", flush=True)
+    log.update(steps=steps, reproduce=reproduce_flags(args, steps))
 
     results = run_jobs(args, [job_for(args, kind, work, steps[kind]) for kind in MODEL_NAMES], "train")
     for kind, result in results.items():
