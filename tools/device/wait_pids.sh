@@ -5,7 +5,7 @@ alive() { for p in $(cat /tmp/others.pids 2>/dev/null); do kill -0 "$p" 2>/dev/n
 while alive && [ $SECONDS -lt $end ]; do sleep 10; done
 for f in /tmp/logs/*.log; do echo "--- $f"; grep -v LD_PRELOAD "$f" | tail -n 8; done
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-cd /tmp && tar czf "$OUT/results.tgz" rr logs train 2>/dev/null
+cd /tmp && tar czf "$OUT/results.tgz" rr logs train q 2>/dev/null
 for f in /tmp/pack/eval-models.*; do [ -f "$f" ] && cp "$f" "$OUT/"; done  # train_eval.sh's model parts, once packed
 ls -la "$OUT"
 alive && exit 3 || exit 0
