@@ -78,11 +78,13 @@ def fake_quant_candidate(
     *,
     weights: ReconstructedWeights | str | Path | None = None,
     mode: Literal["full", "weights", "activations"] = "full",
+    layers: Sequence[str] | None = None,
     meta: dict | None = None,
 ) -> Candidate:
     """The PyTorch fake-quant model of a calibration table (the function its Q/DQ graph computes),
     optionally with reconstructed weights; `mode` "weights"/"activations" quantizes only that side
-    (the decomposition rows)."""
+    (the decomposition rows); `layers` quantizes only those of the table's layers (the others
+    stay float: the table placed on another tool's INT8 layers, as `quantize_onnx(exclude=)`)."""
     from qdiff.calib.fake_quant import build_fake_quant_model
     from qdiff.calib.reconstruct.artifact import ReconstructedWeights
     from qdiff.calib.table import CalibrationTable
@@ -94,11 +96,41 @@ def fake_quant_candidate(
     info = {"recipe": table_obj.recipe.get("name"), "mode": mode, "table": str(table) if not isinstance(table, CalibrationTable) else None}
     if weights_obj is not None:
         info.update({"weights": weights_obj.source, "method": weights_obj.method})
+    if layers is not None:
+        info["layers"] = len(layers)
 
     def make(unet: torch.nn.Module) -> torch.nn.Module:
-        return build_fake_quant_model(unet, table_obj, weights=weights_obj, only=None if mode == "full" else mode)
+        return build_fake_quant_model(unet, table_obj, weights=weights_obj, only=None if mode == "full" else mode, layers=layers)
 
     return Candidate(label, make, {**info, **(meta or {})})
+
+
+class _OnnxGraphUnet(torch.nn.Module):
+    """An ONNX denoiser graph behind the diffusers UNet's call signature, so the harness samples it
+    like any candidate; ONNX Runtime runs it on the CPU (its output comes back on the caller's
+    device)."""
+
+    def __init__(self, path: Path, threads: int | None, optimize: bool) -> None:
+        from qdiff.runtime.backends import OnnxRuntimeDenoiser
+
+        super().__init__()
+        self.graph = OnnxRuntimeDenoiser(path, threads=threads, optimize=optimize)
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=False):
+        return (self.graph(sample, timestep, encoder_hidden_states, **(added_cond_kwargs or {})),)
+
+
+def onnx_graph_candidate(label: str, graph: str | Path, *, threads: int | None = None, optimize: bool = False, meta: dict | None = None) -> Candidate:
+    """Any denoiser graph with qdiff's interface (FP32, or Q/DQ from qdiff or a peer quantizer) as a
+    candidate, run by ONNX Runtime on the CPU with exact Q/DQ arithmetic. For graphs that have no
+    PyTorch twin (ONNX Runtime's own quantizer); slower than a PyTorch candidate on a GPU, so
+    such rows usually run at a smaller n. `optimize=False` (the default) runs node by node, the
+    arithmetic the fake-quant references are checked against; ORT's graph optimizations reorder
+    float work around Q/DQ and move rounding-boundary values."""
+    path = Path(graph)
+    if not path.is_file():
+        raise EvaluationError(f"candidate {label!r}: no ONNX graph at {path}", hint="quantize first (the peer tools write it), or fix the path")
+    return Candidate(label, lambda unet: _OnnxGraphUnet(path, threads, optimize), {"kind": "onnx-graph", "graph": str(path), "ort_optimize": optimize, **(meta or {})})
 
 
 def decomposition_candidates(label: str, table: CalibrationTable | str | Path, *, weights: ReconstructedWeights | str | Path | None = None, meta: dict | None = None) -> list[Candidate]:

@@ -77,3 +77,32 @@ def test_ablation_results_compares_each_one_setting_variant_with_its_preset(tmp_
     md = (tmp_path / "out" / "ablations.md").read_text()
     assert "| w8a8 | no-split | split |" in md and "decomposition: weights-only quantization has" in md
     assert (tmp_path / "out" / "harness-shapes-ddpm-w8a8").is_dir()
+
+
+def test_peer_results_ranks_the_peers_against_qdiff_in_the_harness(tmp_path):
+    """tools/peer_results.py on the shipped shapes-ddpm (CPU, tiny settings): qdiff's row is the
+    baseline of ModelOpt's rows and of qdiff's table on ModelOpt's layers (paired differences with
+    intervals); ONNX Runtime's quantizer runs as a graph row against qdiff's own graph."""
+    import json
+
+    import pytest
+
+    pytest.importorskip("modelopt.torch.quantization")
+    import peer_results
+
+    rc = peer_results.main(["--smoke", "--ort-methods", "minmax", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert rc == 0
+    rows = {(r["run"], r["candidate"]): r for r in json.loads((tmp_path / "out" / "peers.json").read_text())["rows"]}
+    assert set(rows) == {("pytorch", "qdiff"), ("pytorch", "qdiff-on-modelopt-layers"), ("pytorch", "modelopt"), ("pytorch", "modelopt-maxcal"),
+                         ("onnxruntime graphs", "qdiff-graph"), ("onnxruntime graphs", "ort-minmax")}
+    assert not rows[("pytorch", "qdiff")]["vs_baseline"] and rows[("pytorch", "modelopt")]["baseline"] == "qdiff"
+    diff = rows[("pytorch", "modelopt")]["vs_baseline"]["step_rel_l2"]
+    assert diff["ci95"][0] <= diff["diff"] <= diff["ci95"][1]
+    assert rows[("pytorch", "qdiff-on-modelopt-layers")]["layers"] > 0
+    assert rows[("onnxruntime graphs", "ort-minmax")]["baseline"] == "qdiff-graph"
+    # the same table through its graph and through its PyTorch twin, same noise: the same error up to rounding flips
+    graph, twin = rows[("onnxruntime graphs", "qdiff-graph")], rows[("pytorch", "qdiff")]
+    assert graph["metrics"]["step_rel_l2"]["mean"] == pytest.approx(twin["metrics"]["step_rel_l2"]["mean"], rel=0.05)
+    md = (tmp_path / "out" / "peers.md").read_text()
+    assert "| `modelopt` | ModelOpt INT8 recipe" in md and "### onnxruntime graphs" in md
+    assert (tmp_path / "out" / "harness-shapes-ddpm" / "harness.json").is_file() and (tmp_path / "out" / "harness-shapes-ddpm-ort" / "harness.json").is_file()

@@ -507,6 +507,72 @@ def calibration_calls(bundle, recipe: Recipe, conditioning, device: str | torch.
 # ----------------------------------------------------------------------------- the peer
 
 
+def modelopt_quantized_unet(
+    bundle,
+    recipe: Recipe,
+    settings: ModelOptInt8Settings,
+    device: torch.device,
+    *,
+    conditioning=None,
+    calibration_inputs: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
+    unet: torch.nn.Module | None = None,
+) -> tuple[torch.nn.Module, list[dict[str, Any]], dict[str, str]]:
+    """ModelOpt's INT8 recipe applied to a copy of the UNet (or to `unet` itself, in place) and
+    calibrated on the recipe's calls: the PyTorch module with ModelOpt's fake quantizers, which
+    is what its Q/DQ graph computes. Returns it (on `device`), the calls fed (one entry per call)
+    and, per layer left float, the reason. `quantize_with_modelopt` exports it; the evaluation
+    harness runs it directly (`qdiff.peers.candidates`)."""
+    from qdiff.calib.trajectories import calibration_step_indices, count_calibration_calls
+
+    _, mtq = _import_modelopt()
+    source = bundle.unet.eval()
+    quantized = (unet if unet is not None else copy.deepcopy(source)).to(device).eval()
+    steps = calibration_step_indices(recipe.calibration_steps, recipe.num_timesteps, recipe.timestep_window)
+    count = count_calibration_calls(recipe)
+    config, reasons = modelopt_config(quantized, settings, total_step=len(steps))
+    fed: list[dict[str, Any]] = []
+
+    if calibration_inputs is not None:
+
+        def calls_source():
+            given = calibration_inputs() if callable(calibration_inputs) else calibration_inputs
+            return iter(_checked_calls(given, recipe))
+    else:
+
+        def calls_source():
+            return calibration_calls(bundle, recipe, conditioning, device)
+
+    def forward_loop(model: torch.nn.Module) -> None:
+        if fed:
+            raise QuantizationError("ModelOpt ran the calibration loop twice; the step calibrator counts calls and needs exactly one pass")
+        from qdiff.runtime.backends import DeviceDenoiser
+
+        denoiser = DeviceDenoiser(model, device)
+        for call in calls_source():
+            batch = call.sample.shape[0]
+            t = torch.as_tensor(call.timestep_input, dtype=torch.float32).reshape(-1)
+            t = t.expand(batch) if t.numel() == 1 else t
+            with torch.no_grad():
+                denoiser(call.sample, t, **call.conditioning)
+            fed.append({"step": call.step, "timestep": call.timestep, "rows": int(batch)})
+
+    try:
+        with exact_float(device), _quiet():  # TF32 off on CUDA: FP32 math, as qdiff's calibration
+            mtq.quantize(quantized, config, forward_loop)
+            # quantize.py: disable the filtered quantizers after calibration (a no-op here: the
+            # config never enabled them, but it is the example's last word on what stays float).
+            mtq.disable_quantizer(quantized, lambda name: settings.is_float(name) is not None)
+    except (QuantizationError, BackendUnavailableError):
+        raise
+    except Exception as exc:
+        raise QuantizationError(f"ModelOpt's mtq.quantize failed on {bundle.label}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        source.to("cpu")
+    if len(fed) != count:
+        raise QuantizationError(f"ModelOpt's calibration loop saw {len(fed)} of the {count} calibration calls")
+    return quantized, fed, reasons
+
+
 def quantize_with_modelopt(
     model,
     onnx_out: str | Path,
@@ -537,7 +603,7 @@ def quantize_with_modelopt(
     that quantizes several variants compute the calls once (`calibration_calls`); they are
     checked against the recipe's steps.
     """
-    from qdiff.calib.trajectories import calibration_step_indices, count_calibration_calls
+    from qdiff.calib.trajectories import calibration_step_indices
     from qdiff.core.conditioning import conditioning_key, resolve_conditioning
     from qdiff.export.onnx_export import export_unet
     from qdiff.export.onnx_io import load_onnx, publish_onnx, save_onnx
@@ -587,7 +653,6 @@ def quantize_with_modelopt(
 
     started = time.perf_counter()
     steps = calibration_step_indices(recipe.calibration_steps, recipe.num_timesteps, recipe.timestep_window)
-    count = count_calibration_calls(recipe)
     log(
         f"peer: ModelOpt {modelopt.__version__} INT8 (quant level {settings.quant_level:g}, {settings.algorithm}"
         + (f" alpha {settings.alpha}" if settings.algorithm == "smoothquant" else "")
@@ -596,49 +661,7 @@ def quantize_with_modelopt(
         + f") on {bundle.label}, calibrated on {dev.type} with {recipe.samples_per_timestep} trajectories x {len(steps)} timesteps of a "
         f"{recipe.calibration_steps}-step {recipe.scheduler} loop"
     )
-    unet = bundle.unet.eval()
-    quantized = copy.deepcopy(unet).to(dev).eval()
-    config, reasons = modelopt_config(quantized, settings, total_step=len(steps))
-    fed: list[dict[str, Any]] = []
-
-    if calibration_inputs is not None:
-
-        def calls_source():
-            given = calibration_inputs() if callable(calibration_inputs) else calibration_inputs
-            return iter(_checked_calls(given, recipe))
-    else:
-
-        def calls_source():
-            return calibration_calls(bundle, recipe, conditioning, dev)
-
-    def forward_loop(model: torch.nn.Module) -> None:
-        if fed:
-            raise QuantizationError("ModelOpt ran the calibration loop twice; the step calibrator counts calls and needs exactly one pass")
-        from qdiff.runtime.backends import DeviceDenoiser
-
-        denoiser = DeviceDenoiser(model, dev)
-        for call in calls_source():
-            batch = call.sample.shape[0]
-            t = torch.as_tensor(call.timestep_input, dtype=torch.float32).reshape(-1)
-            t = t.expand(batch) if t.numel() == 1 else t
-            with torch.no_grad():
-                denoiser(call.sample, t, **call.conditioning)
-            fed.append({"step": call.step, "timestep": call.timestep, "rows": int(batch)})
-
-    try:
-        with exact_float(dev), _quiet():  # TF32 off on CUDA: FP32 math, as qdiff's calibration
-            mtq.quantize(quantized, config, forward_loop)
-            # quantize.py: disable the filtered quantizers after calibration (a no-op here: the
-            # config never enabled them, but it is the example's last word on what stays float).
-            mtq.disable_quantizer(quantized, lambda name: settings.is_float(name) is not None)
-    except (QuantizationError, BackendUnavailableError):
-        raise
-    except Exception as exc:
-        raise QuantizationError(f"ModelOpt's mtq.quantize failed on {bundle.label}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        unet.to("cpu")
-    if len(fed) != count:
-        raise QuantizationError(f"ModelOpt's calibration loop saw {len(fed)} of the {count} calibration calls")
+    quantized, fed, reasons = modelopt_quantized_unet(bundle, recipe, settings, dev, conditioning=conditioning, calibration_inputs=calibration_inputs)
     amax = _calibration_facts(quantized)
     quantized.to("cpu")
     if dev.type == "cuda":
