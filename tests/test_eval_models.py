@@ -227,3 +227,21 @@ def test_the_reproduce_line_names_every_option_that_changes_the_weights():
         assert getattr(back, name) == getattr(args, name), name
     plain = train_eval_models.reproduce_flags(train_eval_models.parse_args(["--out", "o"]), {"ddpm": 10, "cond": 20})
     assert plain == "--steps ddpm=10,cond=20 --seed 0 --width 64 --train-size 100000 --batch-size 256"
+
+
+def test_expect_compares_the_weights_with_an_earlier_runs_hashes(capsys):
+    """`--expect METRICS_JSON`: IDENTICAL only when every fp16 file hashes the same; a changed file
+    is named, and differing options are shown (other options, other weights by design)."""
+    run = {"reproduce": "--steps ddpm=10,cond=20", "ddpm": {"sha256": {"unet/w.safetensors": "a" * 64}},
+           "cond": {"sha256": {"unet/w.safetensors": "b" * 64, "conditioning/c.safetensors": "c" * 64}}}
+    same = train_eval_models.compare_with_expected(run, json.loads(json.dumps(run)), "earlier.json")
+    assert same["verdict"] == "IDENTICAL" and len(same["files"]) == 3
+    other = json.loads(json.dumps(run))
+    other["cond"]["sha256"]["unet/w.safetensors"] = "d" * 64
+    other["reproduce"] = "--steps ddpm=10,cond=20 --compile"
+    differs = train_eval_models.compare_with_expected(run, other, "earlier.json")
+    assert differs["verdict"] == "DIFFERENT" and not differs["files"]["scenes-cond/unet/w.safetensors"]["same"]
+    assert differs["files"]["scenes-ddpm/unet/w.safetensors"]["same"]
+    printed = capsys.readouterr().out
+    assert "reproduction: DIFFERENT to earlier.json (2/3 files)" in printed and "<- differs" in printed and "options differ" in printed
+    assert train_eval_models.compare_with_expected({}, run, "x")["verdict"] == "DIFFERENT"  # nothing trained is not a reproduction

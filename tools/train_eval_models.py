@@ -283,6 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe", type=int, default=0, metavar="N", help="only probe: N steps of each model, print steps/s and steps for --budget-s")
     p.add_argument("--probe-steps", type=int, default=60, help="steps of the in-run probe of --steps auto")
     p.add_argument("--check-determinism", type=int, default=0, metavar="N", help="train N steps twice, compare the weight hashes, exit")
+    p.add_argument("--expect", type=Path, default=None, metavar="METRICS_JSON",
+                   help="an earlier run's metrics.json (docs/eval-models/metrics.json): compare this run's fp16 sha256s with it, record and print the verdict")
     p.add_argument("--nondeterministic-ok", action="store_true",
                    help="fallback if strict determinism stops on an op without a deterministic kernel: warn instead (weights then not bit-for-bit)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNets for training: 1.56x / 1.24x steps/s (ddpm / cond, parallel, H200) after ~65 s of compiling (docs/eval-models.md)")
@@ -571,6 +573,8 @@ def _run(args: argparse.Namespace, work: Path, log: RunLog) -> int:
         log.update(**{kind: result})
     tdm.plot_loss_curves(args.out / "loss_curves.png", {MODEL_NAMES[k]: v for k, v in log.train["models"].items()}, title="evaluation models (scenes): training loss")
 
+    if args.expect is not None:
+        log.update(reproduction=compare_with_expected(log.metrics, json.loads(args.expect.read_text()), str(args.expect)))
     if args.pack:
         manifest = pack_tool.pack_models([args.models_dir / MODEL_NAMES[k] for k in MODEL_NAMES], args.pack)
         log.update(pack={"manifest": str(manifest), "parts": json.loads(manifest.read_text())["parts"]})
@@ -578,6 +582,26 @@ def _run(args: argparse.Namespace, work: Path, log: RunLog) -> int:
     log.update(status="done")
     print_summary(log.metrics)
     return 0
+
+
+def compare_with_expected(metrics: dict[str, Any], expected: dict[str, Any], source: str) -> dict[str, Any]:
+    """Per fp16 file, this run's sha256 against an earlier run's (the bit-for-bit claim of
+    docs/eval-models.md is this comparison coming out IDENTICAL on a second run); the earlier
+    run's reproduce line is printed beside this one's, since different options mean different
+    weights by design."""
+    files = {}
+    for kind in MODEL_NAMES:
+        for rel, digest in metrics.get(kind, {}).get("sha256", {}).items():
+            want = expected.get(kind, {}).get("sha256", {}).get(rel)
+            files[f"{MODEL_NAMES[kind]}/{rel}"] = {"sha256": digest, "expected": want, "same": digest == want}
+    same = bool(files) and all(f["same"] for f in files.values())
+    verdict = "IDENTICAL" if same else "DIFFERENT"
+    print(f"reproduction: {verdict} to {source} ({sum(f['same'] for f in files.values())}/{len(files)} files)", flush=True)
+    for name, f in files.items():
+        print(f"  {name}: {f['sha256'][:16]} vs {(f['expected'] or 'absent')[:16]}{'' if f['same'] else '  <- differs'}")
+    if not same and metrics.get("reproduce") != expected.get("reproduce"):
+        print(f"  (options differ: this run {metrics.get('reproduce')!r}, that run {expected.get('reproduce')!r})")
+    return {"against": source, "verdict": verdict, "files": files, "expected_reproduce": expected.get("reproduce"), "expected_environment": expected.get("environment")}
 
 
 def print_summary(m: dict[str, Any]) -> None:
