@@ -18,11 +18,9 @@ from qdiff.eval_harness import HarnessSettings, fake_quant_candidate, onnx_graph
 from qdiff.export.onnx_export import example_inputs  # noqa: E402
 from qdiff.models import load_model  # noqa: E402
 from qdiff.peers import quantize_with_modelopt  # noqa: E402
-from qdiff.peers.candidates import layers_outside, modelopt_candidate  # noqa: E402
+from qdiff.peers.candidates import modelopt_candidate, modelopt_int8_layers  # noqa: E402
 from qdiff.peers.modelopt_int8 import calibration_calls  # noqa: E402
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser  # noqa: E402
-
-MODELOPT_FLOAT = ("conv_in", "conv_out", "*conv_shortcut*", "*time_emb_proj*", "time_embedding*")
 
 
 def tiny_recipe() -> Recipe:
@@ -67,7 +65,7 @@ def test_peers_in_the_harness_graph_rows_match_their_pytorch_twins(setup, tmp_pa
     """qdiff's Q/DQ graph under ONNX Runtime scores like qdiff's fake-quant model; the table on
     ModelOpt's INT8 layers quantizes fewer layers and is a different row; ModelOpt's module runs."""
     table = setup["table"]
-    on_modelopt_layers = layers_outside(list(table.table.layers), MODELOPT_FLOAT)
+    on_modelopt_layers = modelopt_int8_layers(list(table.table.layers))
     assert 0 < len(on_modelopt_layers) < len(table.table.layers)
     assert not any("conv_shortcut" in n or "time_emb_proj" in n or n in ("conv_in", "conv_out") for n in on_modelopt_layers)
     candidates = [

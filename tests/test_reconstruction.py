@@ -23,6 +23,7 @@ from qdiff.export.onnx_export import example_inputs
 from qdiff.export.validate import error_stats
 from qdiff.models import load_model
 from qdiff.runtime.backends import OnnxRuntimeDenoiser, TorchDenoiser
+from tests.conftest import layerwise_fake_quant_errors
 
 RECIPE = Recipe(name="w4a8", weight_bits=4, weight_calibrator="mse", split_shortcut=True, num_timesteps=4, samples_per_timestep=4, calibration_steps=8, batch_size=4)
 SETTINGS = ReconstructionSettings(method="adaround-brecq", iterations=60, batch_size=4, device="cpu", seed=3)
@@ -108,27 +109,33 @@ def _model_dir(result):
 
 
 def test_qdq_graph_from_reconstruction_equals_fake_quant_reference(reconstructed, calibrated):
-    """Same integers, same scales: the graph under ORT (no fused integer kernels) and the fake-quant
-    reference agree to float round-off on most inputs, as in test_qdq's equality test."""
+    """Same integers, same scales: every quantized layer of the graph, cut out and fed the tensor
+    its fake-quant twin sees, agrees at round-off (on any CPU; conftest.layerwise_fake_quant_errors
+    says why whole-model equality depends on the CPU's float kernels: a ~1e-7 difference before an
+    activation quantizer now and then flips an INT8 step, which a tiny W4 model amplifies). Whole
+    model: the graph stays closer to its own reference than that reference is to the
+    round-to-nearest twin on every input."""
     _, onnx_path, _ = calibrated
     q = quantize_onnx(onnx_path, reconstructed.table_path, reconstruction=reconstructed.weights_path)
     assert q.onnx_path.name == "denoiser.w4a8-adaround-brecq.onnx"
     bundle = load_model(_model_dir(reconstructed))
     table = CalibrationTable.load(reconstructed.table_path)
     weights = ReconstructedWeights.load(reconstructed.weights_path)
+    layers = layerwise_fake_quant_errors(bundle, table, q.onnx_path, weights=weights)
+    assert len(layers) == q.report.to_json()["quantized_layers"]
+    worst = max(layers, key=layers.get)
+    assert layers[worst] < 1e-5, (worst, layers[worst])
+    rtn_layers = layerwise_fake_quant_errors(bundle, table, q.onnx_path)  # the RTN reference against the same graph
+    assert max(rtn_layers.values()) > 1e-3  # reconstruction changed integers: the check has teeth
     reference = TorchDenoiser(build_fake_quant_model(bundle.unet, table, weights=weights))
     rtn = TorchDenoiser(build_fake_quant_model(bundle.unet, table))
     session = OnnxRuntimeDenoiser(q.onnx_path, optimize=False)
-    exact = 0
     for seed in range(1, 5):
         inputs = example_inputs(bundle.unet, batch=2, seed=seed)
         sample, t = inputs.pop("sample"), inputs.pop("timestep")
         ref = reference(sample, t)
-        got = error_stats(session(sample, t), ref)
-        other = error_stats(rtn(sample, t), ref)
-        exact += got.rel_l2 < 1e-5
-        assert got.rel_l2 < 0.5 * other.rel_l2, (str(got), str(other))  # closer to its own weights than to RTN's
-    assert exact >= 3
+        got, other = error_stats(session(sample, t), ref), error_stats(rtn(sample, t), ref)
+        assert got.rel_l2 < other.rel_l2, (str(got), str(other))  # closer to its own weights than to RTN's
     # every weight initializer that feeds a weight QuantizeLinear sits on the W4 grid
     model = onnx.load(str(q.onnx_path))
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}

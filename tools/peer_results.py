@@ -44,8 +44,6 @@ from results_jobs import RUN_CALIBRATION, add_harness_arguments, fmt_difference,
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MODELS = (ROOT / "qdiff" / "models" / "shapes-ddpm", ROOT / "qdiff" / "models" / "shapes-cond")
-# ModelOpt's float layers as qdiff module-name patterns (fnmatch), as tools/peer_modelopt.py places them.
-MODELOPT_FLOAT_PATTERNS = ("conv_in", "conv_out", "*conv_shortcut*", "*time_emb_proj*", "time_embedding*")
 MODELOPT_VARIANTS = {
     "modelopt": ("ModelOpt INT8 recipe (SmoothQuant 0.8, Conv inputs min-mean)", {}),
     "modelopt-maxcal": ("ModelOpt INT8, Conv inputs by the library's MaxCalibrator", {"conv_calibrator": "max"}),
@@ -58,9 +56,9 @@ METRICS = ("step_rel_l2", "psnr", "ssim", "shape_fd", "class_accuracy")
 SMOKE_CALIBRATION = {"num_timesteps": 2, "samples_per_timestep": 2, "calibration_steps": 4, "batch_size": 2}
 
 
-def rows_of(result, model: str, run: str) -> list[dict[str, Any]]:
+def rows_of(result, model: str, run: str, descriptions: dict[str, str]) -> list[dict[str, Any]]:
     """One row per candidate of a harness result: its metrics and its paired difference to the baseline."""
-    return [{"model": model, "run": run, "candidate": label, "description": DESCRIPTIONS.get(label, label),
+    return [{"model": model, "run": run, "candidate": label, "description": descriptions.get(label, label),
              "metrics": {m: v for m, v in row["metrics"].items() if m in METRICS},
              "vs_baseline": {m: v for m, v in result.comparisons.get(label, {}).items() if m in METRICS},
              "baseline": result.baseline, "layers": row["meta"].get("layers"), "seconds": row["seconds"],
@@ -114,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from qdiff.eval_harness import fake_quant_candidate, onnx_graph_candidate, run_harness
     from qdiff.models import load_model
     from qdiff.peers import ORT_METHODS, quantize_with_onnxruntime
-    from qdiff.peers.candidates import layers_outside, modelopt_candidate
+    from qdiff.peers.candidates import modelopt_candidate, modelopt_int8_layers
     from qdiff.peers.modelopt_int8 import calibration_calls
 
     unknown = sorted(set(args.ort_methods) - set(ORT_METHODS))
@@ -147,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             return cache["calls"]
 
         candidates = [fake_quant_candidate(QDIFF, table.table_path),
-                      fake_quant_candidate(QDIFF_ON_MODELOPT_LAYERS, table.table_path, layers=layers_outside(list(table.table.layers), MODELOPT_FLOAT_PATTERNS))]
+                      fake_quant_candidate(QDIFF_ON_MODELOPT_LAYERS, table.table_path, layers=modelopt_int8_layers(list(table.table.layers)))]
         candidates += [modelopt_candidate(key, bundle, recipe, settings=MODELOPT_VARIANTS[key][1], device=args.calib_device, calibration_inputs=calls) for key in args.modelopt_variants]
         result = run_harness(bundle, candidates, harness, baseline=QDIFF, out_dir=args.out / f"harness-{model.name}")
-        rows += rows_of(result, model.name, "pytorch")
+        rows += rows_of(result, model.name, "pytorch", DESCRIPTIONS)
         timing.append(f"{model.name}: calibration + {len(candidates)} PyTorch candidates in {time.perf_counter() - t0:.0f} s")
         print(timing[-1], flush=True)
         write_report(rows, args.out, settings)
@@ -162,10 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             for method in args.ort_methods:
                 peer = quantize_with_onnxruntime(bundle, fp32, work / f"ort-{method}" / "denoiser.onnx", "w8a8", method=method, **calibration)
                 graphs.append(onnx_graph_candidate(f"ort-{method}", peer.onnx_path, threads=args.ort_threads, meta={"method": method}))
-                DESCRIPTIONS[f"ort-{method}"] = f"ONNX Runtime quantize_static, {method} calibration (graph under ONNX Runtime)"
             ort_harness = harness_settings(argparse.Namespace(**{**vars(args), "images": args.ort_images, "step_images": min(args.step_images, args.ort_images), "device": "cpu"}), shape_fd=not args.smoke)
             result = run_harness(bundle, graphs, ort_harness, baseline="qdiff-graph", out_dir=args.out / f"harness-{model.name}-ort")
-            rows += rows_of(result, model.name, "onnxruntime graphs")
+            rows += rows_of(result, model.name, "onnxruntime graphs", {**DESCRIPTIONS, **{f"ort-{m}": f"ONNX Runtime quantize_static, {m} calibration (graph under ONNX Runtime)" for m in ORT_METHODS}})
             timing.append(f"{model.name}: {len(graphs)} ONNX Runtime graph rows in {time.perf_counter() - t0:.0f} s")
             print(timing[-1], flush=True)
             write_report(rows, args.out, settings)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qdiff.calib.recipe import Recipe, load_recipe
+from qdiff.core.errors import QuantizationError
 from qdiff.eval_harness import Candidate
 from qdiff.peers.modelopt_int8 import ModelOptInt8Settings, modelopt_quantized_unet
 
@@ -50,10 +51,13 @@ def modelopt_candidate(
     return Candidate(label, make, {"kind": "modelopt-int8", "modelopt": settings.to_json(), "recipe": recipe.name, **(meta or {})})
 
 
-def layers_outside(table_layers: Sequence[str], float_patterns: Sequence[str]) -> list[str]:
-    """The table's layers that no fnmatch pattern keeps float: qdiff's table placed on another
-    tool's INT8 layers (`fake_quant_candidate(..., layers=)`, as `quantize_onnx(exclude=)` places it
-    in the graph)."""
-    from fnmatch import fnmatch
-
-    return [name for name in table_layers if not any(fnmatch(name, p) for p in float_patterns)]
+def modelopt_int8_layers(table_layers: Sequence[str], settings: ModelOptInt8Settings | dict[str, Any] | None = None) -> list[str]:
+    """The table's layers that ModelOpt's recipe quantizes too (its filter, `settings.is_float`,
+    keeps conv_in/conv_out, the residual shortcuts and the timestep MLPs float): qdiff's table
+    placed on ModelOpt's INT8 layers (`fake_quant_candidate(..., layers=)`), the quantizers
+    compared on equal layers. Quant level 3 (the recipe's) quantizes every Linear, so the filter
+    is the whole rule."""
+    settings = ModelOptInt8Settings.coerce(settings)
+    if settings.quant_level < 3.0:
+        raise QuantizationError(f"modelopt_int8_layers follows quant level 3 only (asked: {settings.quant_level:g})", hint="place the table by hand for other levels")
+    return [name for name in table_layers if settings.is_float(name) is None]
