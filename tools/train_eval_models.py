@@ -519,6 +519,8 @@ def train_classifier(args: argparse.Namespace, work: Path, log: RunLog) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.expect is not None and not args.expect.is_file():
+        raise SystemExit(f"--expect {args.expect}: no such file (an earlier run's metrics.json, e.g. docs/eval-models/metrics.json)")
     if args.worker is not None:
         run_job(json.loads(args.worker.read_text()))
         return 0
@@ -557,6 +559,8 @@ def _run(args: argparse.Namespace, work: Path, log: RunLog) -> int:
         log.update(probe_variants=probe_variants(args, work, args.probe_steps, args.probe_variants), status="done")
         return 0
 
+    # read now, not after ~20 minutes of training: on the GPU machine each call re-copies the tree
+    expected = json.loads(args.expect.read_text()) if args.expect is not None else None
     if args.eval_n:
         train_classifier(args, work, log)
     steps = parse_steps(args.steps)
@@ -573,8 +577,8 @@ def _run(args: argparse.Namespace, work: Path, log: RunLog) -> int:
         log.update(**{kind: result})
     tdm.plot_loss_curves(args.out / "loss_curves.png", {MODEL_NAMES[k]: v for k, v in log.train["models"].items()}, title="evaluation models (scenes): training loss")
 
-    if args.expect is not None:
-        log.update(reproduction=compare_with_expected(log.metrics, json.loads(args.expect.read_text()), str(args.expect)))
+    if expected is not None:
+        log.update(reproduction=compare_with_expected(log.metrics, expected, str(args.expect)))
     if args.pack:
         manifest = pack_tool.pack_models([args.models_dir / MODEL_NAMES[k] for k in MODEL_NAMES], args.pack)
         log.update(pack={"manifest": str(manifest), "parts": json.loads(manifest.read_text())["parts"]})
