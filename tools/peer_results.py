@@ -31,6 +31,7 @@ CPU check of the whole path (numbers not meaningful):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             for method in args.ort_methods:
                 peer = quantize_with_onnxruntime(bundle, fp32, work / f"ort-{method}" / "denoiser.onnx", "w8a8", method=method, **calibration)
                 graphs.append(onnx_graph_candidate(f"ort-{method}", peer.onnx_path, threads=args.ort_threads, meta={"method": method}))
-            ort_harness = harness_settings(argparse.Namespace(**{**vars(args), "images": args.ort_images, "step_images": min(args.step_images, args.ort_images), "device": "cpu"}), shape_fd=not args.smoke)
+            ort_harness = dataclasses.replace(harness, images=args.ort_images, step_images=min(args.step_images, args.ort_images), device="cpu")
             result = run_harness(bundle, graphs, ort_harness, baseline="qdiff-graph", out_dir=args.out / f"harness-{model.name}-ort")
             rows += rows_of(result, model.name, "onnxruntime graphs", {**DESCRIPTIONS, **{f"ort-{m}": f"ONNX Runtime quantize_static, {m} calibration (graph under ONNX Runtime)" for m in ORT_METHODS}})
             timing.append(f"{model.name}: {len(graphs)} ONNX Runtime graph rows in {time.perf_counter() - t0:.0f} s")
