@@ -227,6 +227,9 @@ def test_the_reproduce_line_names_every_option_that_changes_the_weights():
         assert getattr(back, name) == getattr(args, name), name
     plain = train_eval_models.reproduce_flags(train_eval_models.parse_args(["--out", "o"]), {"ddpm": 10, "cond": 20})
     assert plain == "--steps ddpm=10,cond=20 --seed 0 --width 64 --train-size 100000 --batch-size 256"
+    warn = train_eval_models.parse_args(["--out", "o", "--nondeterministic-ok"])  # warn mode: not bit-for-bit, and said so
+    line = train_eval_models.reproduce_flags(warn, {"ddpm": 10, "cond": 20})
+    assert line.endswith("--determinism warn") and train_eval_models.parse_args(["--out", "o", *line.split()]).determinism == "warn"
 
 
 def test_expect_compares_the_weights_with_an_earlier_runs_hashes(capsys):
@@ -245,3 +248,6 @@ def test_expect_compares_the_weights_with_an_earlier_runs_hashes(capsys):
     printed = capsys.readouterr().out
     assert "reproduction: DIFFERENT to earlier.json (2/3 files)" in printed and "<- differs" in printed and "options differ" in printed
     assert train_eval_models.compare_with_expected({}, run, "x")["verdict"] == "DIFFERENT"  # nothing trained is not a reproduction
+    fewer = json.loads(json.dumps(run))
+    del fewer["cond"]["sha256"]["conditioning/c.safetensors"]  # a file the earlier run had and this one lacks
+    assert train_eval_models.compare_with_expected(fewer, run, "x")["files"]["scenes-cond/conditioning/c.safetensors"]["same"] is False

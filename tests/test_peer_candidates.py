@@ -65,7 +65,7 @@ def test_peers_in_the_harness_graph_rows_match_their_pytorch_twins(setup, tmp_pa
     """qdiff's Q/DQ graph under ONNX Runtime scores like qdiff's fake-quant model; the table on
     ModelOpt's INT8 layers quantizes fewer layers and is a different row; ModelOpt's module runs."""
     table = setup["table"]
-    on_modelopt_layers = modelopt_int8_layers(list(table.table.layers))
+    on_modelopt_layers = modelopt_int8_layers(setup["bundle"].unet, list(table.table.layers))
     assert 0 < len(on_modelopt_layers) < len(table.table.layers)
     assert not any("conv_shortcut" in n or "time_emb_proj" in n or n in ("conv_in", "conv_out") for n in on_modelopt_layers)
     candidates = [
@@ -81,9 +81,19 @@ def test_peers_in_the_harness_graph_rows_match_their_pytorch_twins(setup, tmp_pa
     # per call (the step error, on the FP32 trajectory) the graph and its twin agree to 0.1%; over a
     # sampling loop the rare rounding-boundary flips compound (0.4 dB on this random-weight model)
     assert step["qdiff-graph"] == pytest.approx(step["qdiff"], rel=1e-3) and psnr["qdiff-graph"] == pytest.approx(psnr["qdiff"], abs=1.0)
-    assert step["qdiff-modelopt-layers"] != pytest.approx(step["qdiff"], rel=1e-3)
+    # fewer layers quantized (the shortcuts, timestep MLPs, conv_in/out float): less error, and a paired difference
+    assert step["qdiff-modelopt-layers"] < step["qdiff"]
+    assert result.comparisons["qdiff-modelopt-layers"]["step_rel_l2"]["diff"] < 0
+    assert step["modelopt"] != pytest.approx(step["qdiff"], rel=1e-2) and step["modelopt"] != pytest.approx(step["qdiff-modelopt-layers"], rel=1e-2)
     assert all(0 < v < 0.5 for v in step.values()) and result.complete
     assert result.rows["qdiff-graph"]["meta"]["kind"] == "onnx-graph" and result.rows["qdiff-modelopt-layers"]["meta"]["layers"] == len(on_modelopt_layers)
+
+
+def test_modelopt_candidate_refuses_other_recipes_before_the_harness_runs(class_cond_model_dir):
+    from qdiff.core.errors import QuantizationError
+
+    with pytest.raises(QuantizationError, match="W8A8 only; recipe 'w4a8'"):
+        modelopt_candidate("modelopt", class_cond_model_dir, "w4a8")
 
 
 def test_a_missing_graph_is_refused_by_name(tmp_path):

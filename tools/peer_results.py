@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             return cache["calls"]
 
         candidates = [fake_quant_candidate(QDIFF, table.table_path),
-                      fake_quant_candidate(QDIFF_ON_MODELOPT_LAYERS, table.table_path, layers=modelopt_int8_layers(list(table.table.layers)))]
+                      fake_quant_candidate(QDIFF_ON_MODELOPT_LAYERS, table.table_path, layers=modelopt_int8_layers(bundle.unet, list(table.table.layers)))]
         candidates += [modelopt_candidate(key, bundle, recipe, settings=MODELOPT_VARIANTS[key][1], device=args.calib_device, calibration_inputs=calls) for key in args.modelopt_variants]
         result = run_harness(bundle, candidates, harness, baseline=QDIFF, out_dir=args.out / f"harness-{model.name}")
         rows += rows_of(result, model.name, "pytorch", DESCRIPTIONS)

@@ -480,9 +480,14 @@ def reproduce_flags(args: argparse.Namespace, steps: dict[str, int]) -> str:
         if getattr(args, name) != getattr(defaults, name):
             flags += f" --{name.replace('_', '-')} {getattr(args, name)}"
     flags += " --compile" * bool(args.compile) + " --channels-last" * bool(args.channels_last)
-    if args.determinism not in (None, "strict"):
-        flags += f" --determinism {args.determinism} (not bit-for-bit)"
+    if determinism_mode(args) != "strict":  # then not bit-for-bit (metrics.json: bit_for_bit)
+        flags += f" --determinism {determinism_mode(args)}"
     return flags
+
+
+def determinism_mode(args: argparse.Namespace) -> str:
+    """The mode a run trains under: --determinism, else warn with --nondeterministic-ok, else strict."""
+    return args.determinism or ("warn" if args.nondeterministic_ok else "strict")
 
 
 def check_determinism(args: argparse.Namespace, work: Path, steps: int) -> dict[str, Any]:
@@ -569,7 +574,7 @@ def _run(args: argparse.Namespace, work: Path, log: RunLog) -> int:
         steps = found["steps_for_budget"]
         log.update(probe=found)
     print(f"steps: {steps_text(steps)} (reproduce with {reproduce_flags(args, steps)})", flush=True)
-    log.update(steps=steps, reproduce=reproduce_flags(args, steps))
+    log.update(steps=steps, reproduce=reproduce_flags(args, steps), bit_for_bit=determinism_mode(args) == "strict")
 
     results = run_jobs(args, [job_for(args, kind, work, steps[kind]) for kind in MODEL_NAMES], "train")
     for kind, result in results.items():
@@ -595,14 +600,14 @@ def compare_with_expected(metrics: dict[str, Any], expected: dict[str, Any], sou
     weights by design."""
     files = {}
     for kind in MODEL_NAMES:
-        for rel, digest in metrics.get(kind, {}).get("sha256", {}).items():
-            want = expected.get(kind, {}).get("sha256", {}).get(rel)
-            files[f"{MODEL_NAMES[kind]}/{rel}"] = {"sha256": digest, "expected": want, "same": digest == want}
+        have, want = metrics.get(kind, {}).get("sha256", {}), expected.get(kind, {}).get("sha256", {})
+        for rel in sorted(set(have) | set(want)):  # a file only one run has is a difference too
+            files[f"{MODEL_NAMES[kind]}/{rel}"] = {"sha256": have.get(rel), "expected": want.get(rel), "same": have.get(rel) is not None and have.get(rel) == want.get(rel)}
     same = bool(files) and all(f["same"] for f in files.values())
     verdict = "IDENTICAL" if same else "DIFFERENT"
     print(f"reproduction: {verdict} to {source} ({sum(f['same'] for f in files.values())}/{len(files)} files)", flush=True)
     for name, f in files.items():
-        print(f"  {name}: {f['sha256'][:16]} vs {(f['expected'] or 'absent')[:16]}{'' if f['same'] else '  <- differs'}")
+        print(f"  {name}: {(f['sha256'] or 'absent')[:16]} vs {(f['expected'] or 'absent')[:16]}{'' if f['same'] else '  <- differs'}")
     if not same and metrics.get("reproduce") != expected.get("reproduce"):
         print(f"  (options differ: this run {metrics.get('reproduce')!r}, that run {expected.get('reproduce')!r})")
     return {"against": source, "verdict": verdict, "files": files, "expected_reproduce": expected.get("reproduce"), "expected_environment": expected.get("environment")}

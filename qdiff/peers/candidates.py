@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from qdiff.calib.recipe import Recipe, load_recipe
-from qdiff.core.errors import QuantizationError
 from qdiff.eval_harness import Candidate
 from qdiff.peers.modelopt_int8 import ModelOptInt8Settings, modelopt_quantized_unet
 
@@ -38,10 +37,13 @@ def modelopt_candidate(
     from qdiff.core.conditioning import resolve_conditioning
     from qdiff.models import as_bundle
 
-    bundle = as_bundle(model)
+    from qdiff.peers.modelopt_int8 import _check_w8a8, _resolve_device
+
     recipe = load_recipe(recipe, **recipe_overrides)
+    _check_w8a8(recipe)  # here, not when the harness reaches the candidate
+    dev = _resolve_device(device)
+    bundle = as_bundle(model)
     settings = ModelOptInt8Settings.coerce(settings)
-    dev = torch.device(device)
 
     def make(unet: torch.nn.Module) -> torch.nn.Module:
         conditioning = resolve_conditioning(bundle, recipe.samples_per_timestep, seed=recipe.seed)
@@ -51,13 +53,14 @@ def modelopt_candidate(
     return Candidate(label, make, {"kind": "modelopt-int8", "modelopt": settings.to_json(), "recipe": recipe.name, **(meta or {})})
 
 
-def modelopt_int8_layers(table_layers: Sequence[str], settings: ModelOptInt8Settings | dict[str, Any] | None = None) -> list[str]:
-    """The table's layers that ModelOpt's recipe quantizes too (its filter, `settings.is_float`,
-    keeps conv_in/conv_out, the residual shortcuts and the timestep MLPs float): qdiff's table
-    placed on ModelOpt's INT8 layers (`fake_quant_candidate(..., layers=)`), the quantizers
-    compared on equal layers. Quant level 3 (the recipe's) quantizes every Linear, so the filter
-    is the whole rule."""
-    settings = ModelOptInt8Settings.coerce(settings)
-    if settings.quant_level < 3.0:
-        raise QuantizationError(f"modelopt_int8_layers follows quant level 3 only (asked: {settings.quant_level:g})", hint="place the table by hand for other levels")
-    return [name for name in table_layers if settings.is_float(name) is None]
+def modelopt_int8_layers(unet: torch.nn.Module, table_layers: Sequence[str], settings: ModelOptInt8Settings | dict[str, Any] | None = None) -> list[str]:
+    """The table's layers that ModelOpt's recipe quantizes too, read off the recipe's own
+    `mtq.quantize` config for this UNet (`modelopt_config`: Conv2d and Linear only, its filter
+    keeping conv_in/conv_out, the residual shortcuts and the timestep MLPs float, quant level's
+    Linear rule): qdiff's table placed on ModelOpt's INT8 layers (`fake_quant_candidate(...,
+    layers=)`), the two quantizers compared on equal layers."""
+    from qdiff.peers.modelopt_int8 import modelopt_config
+
+    config, _ = modelopt_config(unet, ModelOptInt8Settings.coerce(settings), total_step=1)
+    theirs = {key[: -len(".weight_quantizer")] for key in config["quant_cfg"] if key.endswith(".weight_quantizer")}
+    return [name for name in table_layers if name in theirs]

@@ -507,6 +507,14 @@ def calibration_calls(bundle, recipe: Recipe, conditioning, device: str | torch.
 # ----------------------------------------------------------------------------- the peer
 
 
+def _check_w8a8(recipe: Recipe) -> None:
+    if recipe.weight_bits != 8 or recipe.activation_bits != 8:
+        raise QuantizationError(
+            f"the ModelOpt peer quantizes W8A8 only; recipe {recipe.name!r} asks for W{recipe.weight_bits}A{recipe.activation_bits}",
+            hint="use the w8a8 recipe (ModelOpt's INT4 recipes are weight-only LLM recipes, not this peer)",
+        )
+
+
 def modelopt_quantized_unet(
     bundle,
     recipe: Recipe,
@@ -524,6 +532,8 @@ def modelopt_quantized_unet(
     harness runs it directly (`qdiff.peers.candidates`)."""
     from qdiff.calib.trajectories import calibration_step_indices, count_calibration_calls
 
+    _check_w8a8(recipe)
+    device = _resolve_device(device)
     _, mtq = _import_modelopt()
     source = bundle.unet.eval()
     quantized = (unet if unet is not None else copy.deepcopy(source)).to(device).eval()
@@ -611,11 +621,7 @@ def quantize_with_modelopt(
 
     # Fail fast, before loading anything.
     recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)
-    if recipe.weight_bits != 8 or recipe.activation_bits != 8:
-        raise QuantizationError(
-            f"the ModelOpt peer quantizes W8A8 only; recipe {recipe.name!r} asks for W{recipe.weight_bits}A{recipe.activation_bits}",
-            hint="use the w8a8 recipe (ModelOpt's INT4 recipes are weight-only LLM recipes, not this peer)",
-        )
+    _check_w8a8(recipe)
     settings = ModelOptInt8Settings.coerce(settings)
     dev = _resolve_device(device)
     target = Path(onnx_out)
