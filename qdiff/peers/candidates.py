@@ -17,7 +17,7 @@ import torch
 
 from qdiff.calib.recipe import Recipe, load_recipe
 from qdiff.eval_harness import Candidate
-from qdiff.peers.modelopt_int8 import ModelOptInt8Settings, modelopt_quantized_unet
+from qdiff.peers.modelopt_int8 import ModelOptInt8Settings, check_w8a8, modelopt_quantized_unet, resolve_device
 
 
 def modelopt_candidate(
@@ -37,11 +37,9 @@ def modelopt_candidate(
     from qdiff.core.conditioning import resolve_conditioning
     from qdiff.models import as_bundle
 
-    from qdiff.peers.modelopt_int8 import _check_w8a8, _resolve_device
-
     recipe = load_recipe(recipe, **recipe_overrides)
-    _check_w8a8(recipe)  # here, not when the harness reaches the candidate
-    dev = _resolve_device(device)
+    check_w8a8(recipe)  # here, not when the harness reaches the candidate
+    dev = resolve_device(device)
     bundle = as_bundle(model)
     settings = ModelOptInt8Settings.coerce(settings)
 

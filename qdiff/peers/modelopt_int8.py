@@ -381,7 +381,8 @@ class _Named:  # graph_index.module_name reads `.name`
 # ----------------------------------------------------------------------------- calibration
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device ModelOpt can calibrate on here (cpu, or cuda with a GPU), or a clear refusal."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -507,7 +508,8 @@ def calibration_calls(bundle, recipe: Recipe, conditioning, device: str | torch.
 # ----------------------------------------------------------------------------- the peer
 
 
-def _check_w8a8(recipe: Recipe) -> None:
+def check_w8a8(recipe: Recipe) -> None:
+    """The peer's one precision: refuse any other recipe by name, before anything is loaded."""
     if recipe.weight_bits != 8 or recipe.activation_bits != 8:
         raise QuantizationError(
             f"the ModelOpt peer quantizes W8A8 only; recipe {recipe.name!r} asks for W{recipe.weight_bits}A{recipe.activation_bits}",
@@ -532,8 +534,8 @@ def modelopt_quantized_unet(
     harness runs it directly (`qdiff.peers.candidates`)."""
     from qdiff.calib.trajectories import calibration_step_indices, count_calibration_calls
 
-    _check_w8a8(recipe)
-    device = _resolve_device(device)
+    check_w8a8(recipe)
+    device = resolve_device(device)
     _, mtq = _import_modelopt()
     source = bundle.unet.eval()
     quantized = (unet if unet is not None else copy.deepcopy(source)).to(device).eval()
@@ -621,9 +623,9 @@ def quantize_with_modelopt(
 
     # Fail fast, before loading anything.
     recipe = load_recipe(recipe, scheduler=scheduler, **recipe_overrides)
-    _check_w8a8(recipe)
+    check_w8a8(recipe)
     settings = ModelOptInt8Settings.coerce(settings)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     target = Path(onnx_out)
     if target.suffix != ".onnx":
         target = target / ONNX_NAME
