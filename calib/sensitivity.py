@@ -104,6 +104,7 @@ def group_sensitivity(
     combinations: dict[str, Sequence[str]] | None = None,
     weights: Any = None,
     progress: Callable[[str], None] | None = None,
+    on_row: Callable[[SensitivityResult], None] | None = None,
 ) -> SensitivityResult:
     """Measure `model`'s fake-quant twin with only each group quantized and with all but it.
 
@@ -112,6 +113,8 @@ def group_sensitivity(
     A group's layers outside the table are left float (they were never calibrated; the row
     says how many were quantized). `combinations` adds rows for unions of groups, such as the
     three ModelOpt keeps float. `weights` (reconstructed) are passed to the fake-quant build.
+    `on_row` sees the result after the reference and after every row (a caller writes partial
+    reports, so a run stopped halfway keeps what it measured).
     """
     base_set = set(table.layers) if base is None else set(base) & set(table.layers)
     if not base_set:
@@ -123,6 +126,8 @@ def group_sensitivity(
         return _summary(measure(build_fake_quant_model(model, table, weights=weights, layers=layers)))
 
     result = SensitivityResult(all_quantized=run(base_set, "all"))
+    if on_row:
+        on_row(result)
     entries = [(g, [g]) for g in groups] + list((combinations or {}).items())
     for label, members in entries:
         unknown = [m for m in members if m not in groups]
@@ -145,6 +150,8 @@ def group_sensitivity(
             "all_but_max": all_but["max"],
             "float_gain": result.all_quantized["mean"] - all_but["mean"],
         })
+        if on_row:
+            on_row(result)
     return result
 
 

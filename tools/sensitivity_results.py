@@ -10,7 +10,8 @@ Extra rows: the three groups ModelOpt keeps float together (time_embedding + tim
 conv_shortcut), which docs/results/peer-modelopt.md measured at 0.0236 -> 0.0192 on shapes-ddpm
 (W8A8, max calibrator, `qdiff run` calibration).
 
-Writes <out>/sensitivity.json (rows as they finish), sensitivity.md and one bar plot per model
+Writes <out>/sensitivity.json and sensitivity.md after every row (a stopped run keeps its rows,
+marked partial), and one bar plot per model
 and preset. Regenerate on the GPU (about 2-4 minutes for both shipped models and presets):
 
     python3 tools/sensitivity_results.py --device cuda --out docs/results/sensitivity
@@ -41,8 +42,10 @@ COMBINATIONS = {"modelopt float set (time_embedding+time_emb_proj+conv_shortcut)
 HELD_OUT_SEED = 100_000  # trajectory seeds far from calibration's and the harness's first sets
 
 
-def model_sensitivity(model: Path, preset: str, *, device: str, images: int, steps: int, calibration: dict[str, Any], calibrator: str | None, work: Path, log=print) -> dict[str, Any]:
-    """The sensitivity table of one model and preset (JSON-ready)."""
+def model_sensitivity(model: Path, preset: str, *, device: str, images: int, steps: int, calibration: dict[str, Any], calibrator: str | None, work: Path, log=print,
+                      on_partial=None) -> dict[str, Any]:
+    """The sensitivity table of one model and preset (JSON-ready); `on_partial` gets the entry
+    as it grows (``complete`` False) after every measured row."""
     from qdiff.api import calibrate
     from qdiff.calib.recipe import load_recipe
     from qdiff.calib.sensitivity import group_sensitivity, layer_groups
@@ -72,20 +75,25 @@ def model_sensitivity(model: Path, preset: str, *, device: str, images: int, ste
         quantized.cpu()
         return errors
 
-    result = group_sensitivity(bundle.unet, table, groups, measure, base=base, combinations=COMBINATIONS, progress=lambda msg: log(f"  {bundle.label} {preset}: {msg}"))
-    return {
-        "model": bundle.label,
-        "model_path": str(model),
-        "preset": preset,
-        "calibrator": calibrator or preset_recipe.activation_calibrator,
-        "calibration": calibration,
-        "images": images,
-        "steps": steps,
-        "groups": {g: names for g, names in groups.items()},
-        "base_layers": len(base),
-        **result.to_json(),
-        "seconds": round(time.perf_counter() - started, 1),
-    }
+    def entry(result, complete: bool) -> dict[str, Any]:
+        return {
+            "model": bundle.label,
+            "model_path": str(model),
+            "preset": preset,
+            "calibrator": calibrator or preset_recipe.activation_calibrator,
+            "calibration": calibration,
+            "images": images,
+            "steps": steps,
+            "groups": {g: names for g, names in groups.items()},
+            "base_layers": len(base),
+            **result.to_json(),
+            "seconds": round(time.perf_counter() - started, 1),
+            "complete": complete,
+        }
+
+    result = group_sensitivity(bundle.unet, table, groups, measure, base=base, combinations=COMBINATIONS, progress=lambda msg: log(f"  {bundle.label} {preset}: {msg}"),
+                               on_row=(lambda partial: on_partial(entry(partial, False))) if on_partial else None)
+    return entry(result, True)
 
 
 def write_outputs(entries: list[dict[str, Any]], out: Path, settings: dict[str, Any]) -> None:
@@ -110,9 +118,11 @@ def write_outputs(entries: list[dict[str, Any]], out: Path, settings: dict[str, 
         result = SensitivityResult(e["all_quantized"], e["rows"])
         header, rows = markdown_rows(result)
         name = f"sensitivity-{e['model']}-{e['preset']}-{e['calibrator']}.png"
-        plot_group_sensitivity([r for r in e["rows"]], out / name, title=f"{e['model']} {e['preset']} ({e['calibrator']}): mean step rel-L2 by layer group")
+        if e["rows"]:  # a partial entry right after its reference has nothing to plot yet
+            plot_group_sensitivity([r for r in e["rows"]], out / name, title=f"{e['model']} {e['preset']} ({e['calibrator']}): mean step rel-L2 by layer group")
+        partial = "" if e.get("complete", True) else f" **Partial: {len(e['rows'])} rows measured so far (the run is going on or was stopped).**"
         md += [f"## {e['model']}, {e['preset']}, {e['calibrator']} calibrator", "",
-               f"{e['images']} images x {e['steps']} steps; calibration {e['calibration']}; {e['base_layers']} layers quantized in 'all'; {e['seconds']} s.", "",
+               f"{e['images']} images x {e['steps']} steps; calibration {e['calibration']}; {e['base_layers']} layers quantized in 'all'; {e['seconds']} s.{partial}", "",
                markdown_table(header, rows), "", f"![sensitivity]({name})", ""]
     write_text_atomic(out / "sensitivity.md", "\n".join(md))
 
@@ -140,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         for preset in args.presets:
             print(f"sensitivity: {model.name} {preset} ...", flush=True)
-            entries.append(model_sensitivity(model, preset, device=args.device, images=args.images, steps=args.steps, calibration=calibration, calibrator=args.calibrator, work=args.work))
+            entries.append(model_sensitivity(model, preset, device=args.device, images=args.images, steps=args.steps, calibration=calibration, calibrator=args.calibrator, work=args.work,
+                                             on_partial=lambda partial: write_outputs(entries + [partial], args.out, settings)))
             write_outputs(entries, args.out, settings)
             e = entries[-1]
             top = sorted(e["rows"], key=lambda r: -r["float_gain"])[:3]
