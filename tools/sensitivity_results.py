@@ -11,8 +11,7 @@ conv_shortcut), which docs/results/peer-modelopt.md measured at 0.0236 -> 0.0192
 (W8A8, max calibrator, `qdiff run` calibration).
 
 Writes <out>/sensitivity.json and sensitivity.md after every row (a stopped run keeps its rows,
-marked partial), and one bar plot per model
-and preset. Regenerate on the GPU (about 2-4 minutes for both shipped models and presets):
+marked partial), and one bar plot per model and preset. Regenerate on the GPU (about 2-4 minutes for both shipped models and presets):
 
     python3 tools/sensitivity_results.py --device cuda --out docs/results/sensitivity
 
