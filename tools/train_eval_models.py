@@ -153,7 +153,7 @@ def make_deterministic(strict: bool = True, mode: str | None = None) -> None:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train (or probe) one model as ``job`` says; writes ``<name>.result.json`` to the job's folder."""
     device = torch.device(job["device"])
-    make_deterministic(mode=job.get("determinism") or ("strict" if job.get("strict", True) else "warn"))
+    make_deterministic(mode=job["determinism"])
     kind, name = job["kind"], MODEL_NAMES[job["kind"]]
     work = Path(job["work_dir"])
     images = torch.as_tensor(np.load(work / "train_x.npy")).permute(0, 3, 1, 2).contiguous().to(device)
@@ -375,7 +375,7 @@ def job_for(args: argparse.Namespace, kind: str, work: Path, steps: int, *, prob
         "width": args.width, "seed": args.seed, "steps": steps, "batch_size": args.batch_size, "lr": args.lr,
         "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay, "label_dropout": args.label_dropout,
         "grad_clip": args.grad_clip, "log_every": max(1, min(args.log_every, steps // 2)) if probe else args.log_every,
-        "probe": probe, "compile": args.compile, "channels_last": args.channels_last, "strict": not args.nondeterministic_ok, "determinism": args.determinism, "max_weight_bytes": args.max_weight_bytes, "classifier_dir": str(args.out / "scene-classifier"),
+        "probe": probe, "compile": args.compile, "channels_last": args.channels_last, "determinism": determinism_mode(args), "max_weight_bytes": args.max_weight_bytes, "classifier_dir": str(args.out / "scene-classifier"),
         "eval_n": args.eval_n if evaluate and not probe else 0, "ddim_steps": args.ddim_steps, "guidance_scale": args.guidance_scale,
     }  # fmt: skip
 
@@ -480,8 +480,9 @@ def reproduce_flags(args: argparse.Namespace, steps: dict[str, int]) -> str:
         if getattr(args, name) != getattr(defaults, name):
             flags += f" --{name.replace('_', '-')} {getattr(args, name)}"
     flags += " --compile" * bool(args.compile) + " --channels-last" * bool(args.channels_last)
-    if determinism_mode(args) != "strict":  # then not bit-for-bit (metrics.json: bit_for_bit)
-        flags += f" --determinism {determinism_mode(args)}"
+    mode = determinism_mode(args)
+    if mode != "strict":  # then not bit-for-bit (metrics.json: bit_for_bit)
+        flags += f" --determinism {mode}"
     return flags
 
 
@@ -573,8 +574,9 @@ def _run(args: argparse.Namespace, work: Path, log: RunLog) -> int:
         found = probe(args, work, args.probe_steps)
         steps = found["steps_for_budget"]
         log.update(probe=found)
-    print(f"steps: {steps_text(steps)} (reproduce with {reproduce_flags(args, steps)})", flush=True)
-    log.update(steps=steps, reproduce=reproduce_flags(args, steps), bit_for_bit=determinism_mode(args) == "strict")
+    reproduce = reproduce_flags(args, steps)
+    print(f"steps: {steps_text(steps)} (reproduce with {reproduce})", flush=True)
+    log.update(steps=steps, reproduce=reproduce, bit_for_bit=determinism_mode(args) == "strict")
 
     results = run_jobs(args, [job_for(args, kind, work, steps[kind]) for kind in MODEL_NAMES], "train")
     for kind, result in results.items():
